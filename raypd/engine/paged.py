@@ -1,0 +1,123 @@
+"""Paged forward pass: one function serves prefill chunks and decode steps.
+
+Every row of a batch attends to two things:
+  1. its *context*: K/V already in the page pool, gathered through the row's page table
+     (keys at positions < ctx_len), and
+  2. the *chunk*: the K/V of the tokens computed in this call (causal within a segment).
+The chunk's K/V are then scattered into the pool at slots the host computed
+(`write_pages`, `write_offsets`); padded tokens write into the null page 0.
+
+Decode is B slots x T=1 with context = each slot's earlier tokens. Prefill is one row of T
+packed tokens: several fresh prompts separated by segment ids, or one prompt continuing from
+cached pages (segment 0 is the only segment that sees context).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models import llama
+from models.config import ModelConfig
+from raypd.engine.sampling import SamplingArrays, sample
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, P, G, K, H]
+    v: jax.Array  # [L, P, G, K, H]
+
+
+@struct.dataclass
+class Batch:
+    """Host-built inputs of one forward call."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32; -1 for padding
+    segments: jax.Array  # [B, T] int32; -1 for padding
+    write_pages: jax.Array  # [B, T] int32; page each token's K/V goes to (0 for padding)
+    write_offsets: jax.Array  # [B, T] int32; offset inside that page
+    ctx_pages: jax.Array  # [B, Pc] int32; page table of the context (0-padded)
+    ctx_lens: jax.Array  # [B] int32; number of context tokens visible to segment 0
+    sample_index: jax.Array  # [B, R] int32; chunk index of each token to sample from
+
+
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, sharding=None) -> KVCache:
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=sharding)
+    return KVCache(k=zeros(), v=zeros())
+
+
+def _mask(b: Batch, page_size: int, cfg: ModelConfig) -> jax.Array:
+    """[B, T, Pc*G + T]: which keys (context, then chunk) each query may see."""
+    q_pos, q_seg = b.positions, b.segments
+    valid_q = q_seg >= 0
+    Pc = b.ctx_pages.shape[1]
+    ctx_pos = jnp.arange(Pc * page_size, dtype=jnp.int32)[None, :]  # [1, Sc]
+    ctx = (ctx_pos[:, None, :] < b.ctx_lens[:, None, None]) & (q_seg == 0)[:, :, None]
+    chunk = (q_seg[:, :, None] == q_seg[:, None, :]) & (q_pos[:, None, :] <= q_pos[:, :, None])
+    if cfg.sliding_window is not None:
+        ctx &= ctx_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
+        chunk &= q_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
+    return jnp.concatenate([ctx, chunk], axis=-1) & valid_q[:, :, None]
+
+
+def forward(params: llama.Params, cache: KVCache, b: Batch, cfg: ModelConfig):
+    """-> (hidden states at b.sample_index [B, R, D], updated cache)."""
+    B, T = b.tokens.shape
+    G = cache.k.shape[2]
+    mask = _mask(b, G, cfg)
+    positions = jnp.maximum(b.positions, 0)
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        lp, i = xs
+        q, k, v = llama.qkv(lp, x, positions, cfg)  # q [B,T,K,Q,H]; k, v [B,T,K,H]
+        ctx_k = ck[i][b.ctx_pages].reshape(B, -1, *k.shape[2:])  # [B, Pc*G, K, H]
+        ctx_v = cv[i][b.ctx_pages].reshape(B, -1, *v.shape[2:])
+        keys = jnp.concatenate([ctx_k, k], axis=1)
+        values = jnp.concatenate([ctx_v, v], axis=1)
+        x = llama.attn_out(lp, x, llama.attend(q, keys, values, mask))
+        x = llama.mlp(lp, x, cfg)
+        ck = ck.at[i, b.write_pages, b.write_offsets].set(k)
+        cv = cv.at[i, b.write_pages, b.write_offsets].set(v)
+        return (x, ck, cv), None
+
+    x = llama.embed(params, b.tokens)
+    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
+                                (params.layers, jnp.arange(cfg.num_layers)))
+    picked = jnp.take_along_axis(x, b.sample_index[:, :, None], axis=1)  # [B, R, D]
+    return picked, KVCache(k=k, v=v)
+
+
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
+def step(params: llama.Params, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig):
+    """Forward + sampling. The cache is donated: the caller must use the returned one.
+
+    -> (cache, tokens [B*R], logprobs [B*R])
+    """
+    hidden, cache = forward(params, cache, b, cfg)
+    B, R, D = hidden.shape
+    logits = llama.unembed(params, hidden.reshape(1, B * R, D), cfg)[0]  # [B*R, V]
+    tokens, logprobs = sample(logits, s)
+    return cache, tokens, logprobs
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def write_pages(cache: KVCache, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+    """Scatter whole pages into the pool. pages [n], k/v [L, n, G, K, H]. The cache is donated."""
+    return KVCache(k=cache.k.at[:, pages].set(k.astype(cache.k.dtype)),
+                   v=cache.v.at[:, pages].set(v.astype(cache.v.dtype)))
+
+
+@jax.jit
+def read_pages(cache: KVCache, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gather whole pages from the pool. pages [n] -> k, v [L, n, G, K, H]."""
+    return cache.k[:, pages], cache.v[:, pages]

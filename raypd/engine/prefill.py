@@ -1,0 +1,167 @@
+"""Prefill engine: prompts -> K/V in pages + the first sampled token.
+
+`add` queues a request (optionally continuing from cached prefix pages); each `step` runs one
+chunk: up to the largest prefill bucket of tokens, packing several fresh prompts into one row
+(segment ids keep them apart) behind at most one prompt that continues from earlier K/V
+(a cached prefix or its own previous chunk). A prompt longer than the largest bucket is
+prefilled chunk by chunk. `prefill` runs steps until the given requests are done.
+
+Pages stay held after prefill until `release`, so the K/V can be read out (`read_kv`) for a
+transfer, or adopted by a decode engine sharing the pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import numpy as np
+
+from raypd.engine.api import KVPayload, PrefillOutput, Request
+from raypd.engine.pages import OutOfPages
+from raypd.engine.runner import ModelRunner, bucket
+
+
+@dataclasses.dataclass
+class _Pending:
+    request: Request
+    pages: list[int]
+    done: int  # prompt tokens whose K/V is in the pages
+    num_cached: int
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._queue: deque[_Pending] = deque()
+        self._held: dict[str, list[int]] = {}
+
+    @property
+    def allocator(self):
+        return self.runner.allocator
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._queue)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return sum(len(p.request.prompt_ids) - p.done for p in self._queue)
+
+    def max_cached_pages(self, prompt_len: int) -> int:
+        """A cached prefix may cover at most this many whole pages (one token must be computed)."""
+        return (prompt_len - 1) // self.runner.page_size
+
+    def add(self, request: Request, prefix_pages: list[int] = (), reserve_tokens: int = 0) -> None:
+        """Queue a request. `prefix_pages` hold K/V of its first len(prefix_pages) * G tokens
+        (a reference is taken on them); `reserve_tokens` sizes the page list beyond the prompt."""
+        n = len(request.prompt_ids)
+        if n > self.runner.max_seq_len:
+            raise ValueError(f"prompt has {n} tokens; max_seq_len is {self.runner.max_seq_len}")
+        prefix = list(prefix_pages)[: self.max_cached_pages(n)]
+        need = self.allocator.pages_for(max(n, reserve_tokens)) - len(prefix)
+        if not self.allocator.can_allocate(need):
+            raise OutOfPages(f"request {request.request_id}: needs {need} pages, "
+                             f"{self.allocator.num_free} free")
+        self.allocator.incref(prefix)
+        pages = prefix + self.allocator.allocate(need)
+        cached = len(prefix) * self.runner.page_size
+        self._held[request.request_id] = pages
+        self._queue.append(_Pending(request, pages, cached, cached))
+
+    def prefill(self, requests: list[Request], prefixes: dict[str, list[int]] | None = None) -> list[PrefillOutput]:
+        for r in requests:
+            self.add(r, (prefixes or {}).get(r.request_id, ()))
+        outs: list[PrefillOutput] = []
+        while self._queue:
+            outs.extend(self.step())
+        return outs
+
+    def step(self) -> list[PrefillOutput]:
+        """Run one packed chunk; return the requests whose prompt finished in it."""
+        if not self._queue:
+            return []
+        pieces = self._take_pieces()
+        return self._run(pieces)
+
+    def _take_pieces(self) -> list[tuple[_Pending, int, int]]:
+        """Pick (pending, start, end) pieces for one chunk, in queue order."""
+        budget, max_segs = self.runner.prefill_buckets[-1], self.runner.config.max_prefill_segments
+        pieces, used = [], 0
+        while self._queue and len(pieces) < max_segs:
+            p = self._queue[0]
+            n = len(p.request.prompt_ids)
+            if p.done > 0 and pieces:  # a continuing prompt must lead its chunk
+                break
+            take = min(n - p.done, budget - used)
+            if take <= 0 or (take < n - p.done and pieces):  # don't split a prompt behind others
+                break
+            pieces.append((p, p.done, p.done + take))
+            used += take
+            if p.done + take == n:
+                self._queue.popleft()
+            else:  # a long prompt: its next chunk runs in a later step
+                break
+        for p, _, end in pieces:
+            p.done = end
+        return pieces
+
+    def _run(self, pieces) -> list[PrefillOutput]:
+        r = self.runner
+        G, R = r.page_size, r.config.max_prefill_segments
+        total = sum(end - start for _, start, end in pieces)
+        T = bucket(total, r.prefill_buckets)
+        first_start = pieces[0][1]
+        Pc = 0 if first_start == 0 else bucket(r.allocator.pages_for(first_start), r.page_buckets)
+        batch, sampling = r.empty_batch(1, T, R, Pc)
+        if Pc:
+            ctx = pieces[0][0].pages[:Pc]
+            batch["ctx_pages"][0, : len(ctx)] = ctx
+            batch["ctx_lens"][0] = first_start
+        at = 0
+        for seg, (p, start, end) in enumerate(pieces):
+            n = end - start
+            pos = np.arange(start, end)
+            sl = slice(at, at + n)
+            batch["tokens"][0, sl] = p.request.prompt_ids[start:end]
+            batch["positions"][0, sl] = pos
+            batch["segments"][0, sl] = seg
+            batch["write_pages"][0, sl] = np.asarray(p.pages)[pos // G]
+            batch["write_offsets"][0, sl] = pos % G
+            batch["sample_index"][0, seg] = at + n - 1
+            sp = p.request.params
+            sampling["temperature"][seg] = sp.temperature
+            sampling["top_k"][seg] = sp.top_k
+            sampling["top_p"][seg] = sp.top_p
+            sampling["seed"][seg] = request_seed(p.request)
+            sampling["position"][seg] = end
+            at += n
+        tokens, logprobs = r.run(batch, sampling)
+        outs = []
+        for seg, (p, start, end) in enumerate(pieces):
+            if end == len(p.request.prompt_ids):
+                outs.append(PrefillOutput(p.request.request_id, end, int(tokens[seg]),
+                                          float(logprobs[seg]), list(p.pages), p.num_cached))
+        return outs
+
+    def read_kv(self, out: PrefillOutput) -> KVPayload:
+        n = self.allocator.pages_for(out.prompt_len)
+        k, v = self.runner.read_pages(out.pages[:n])
+        return KVPayload(k=k, v=v, num_tokens=out.prompt_len)
+
+    def release(self, request_id: str) -> None:
+        """Free the request's pages (and drop it from the queue if it was still pending)."""
+        pages = self._held.pop(request_id, None)
+        if pages is None:
+            return
+        self._queue = deque(p for p in self._queue if p.request.request_id != request_id)
+        self.allocator.free(pages)
+
+
+def request_seed(request: Request) -> int:
+    """The request's sampling seed; without one, a stable hash of its id."""
+    if request.params.seed is not None:
+        return int(request.params.seed)
+    import zlib
+
+    return zlib.crc32(request.request_id.encode())

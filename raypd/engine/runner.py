@@ -1,0 +1,134 @@
+"""ModelRunner: the weights, one page pool and the compiled step, for one device mesh.
+
+The runner turns host-built numpy batches into one jitted call (cache donated) and brings
+back the sampled tokens and their logprobs in a single device-to-host transfer. Shapes are
+bucketed so a serving engine compiles a fixed set of programs once, at warm-up:
+  - chunk lengths T from `prefill_buckets` (prefill) or 1 (decode),
+  - batch rows B: 1 for prefill, powers of two up to `max_slots` for decode,
+  - context pages Pc: 0 (no context) or a power of two up to the pages of `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import Model
+from models.sharding import kv_sharding, make_mesh, replicated, shard_params
+from raypd.engine import paged
+from raypd.engine.pages import PageAllocator
+from raypd.engine.sampling import SamplingArrays
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16  # G
+    kv_memory_bytes: int = 256 << 20  # page pool budget (K and V together)
+    num_pages: int | None = None  # overrides kv_memory_bytes when set
+    max_slots: int = 32  # decode batch capacity
+    max_seq_len: int = 2048  # prompt + generated tokens
+    prefill_buckets: tuple[int, ...] = (32, 128, 512)  # chunk lengths compiled for prefill
+    max_prefill_segments: int = 8  # prompts packed into one prefill chunk
+    tp: int = 1  # tensor-parallel degree (devices of the mesh)
+
+    def __post_init__(self):
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
+            raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
+
+
+def _pow2_upto(n: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return tuple(out + [n])
+
+
+def bucket(value: int, buckets) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), devices=None):
+        self.model = model
+        self.cfg = model.config
+        self.config = config
+        self.max_seq_len = min(config.max_seq_len, self.cfg.max_position_embeddings)
+        self.mesh = make_mesh(config.tp, devices)
+        self.params = shard_params(model.params, self.cfg, self.mesh)
+        G = config.page_size
+        num_pages = config.num_pages or max(
+            2, config.kv_memory_bytes // paged.kv_bytes_per_page(self.cfg, G))
+        self.allocator = PageAllocator(num_pages, G)
+        self.cache = paged.init_cache(self.cfg, num_pages, G, kv_sharding(self.mesh))
+        self._replicated = replicated(self.mesh)
+        self.max_pages_per_seq = self.allocator.pages_for(self.max_seq_len)
+        self.page_buckets = _pow2_upto(self.max_pages_per_seq)
+        self.batch_buckets = _pow2_upto(config.max_slots)
+        self.prefill_buckets = tuple(b for b in config.prefill_buckets if b <= self.max_seq_len) \
+            or (self.max_seq_len,)
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray]):
+        """One forward + sample. -> (tokens [B*R], logprobs [B*R]) as numpy."""
+        put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
+        b = paged.Batch(**{k: put(v) for k, v in batch.items()})
+        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
+        self.cache, tokens, logprobs = paged.step(self.params, self.cache, b, s, self.cfg)
+        return jax.device_get((tokens, logprobs))
+
+    def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
+        self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
+
+    def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        k, v = paged.read_pages(self.cache, jnp.asarray(pages, jnp.int32))
+        return jax.device_get((k, v))
+
+    # ---------------------------------------------------------------- batch building
+
+    def empty_batch(self, B: int, T: int, R: int, Pc: int) -> tuple[dict, dict]:
+        batch = dict(
+            tokens=np.zeros((B, T), np.int32),
+            positions=np.full((B, T), -1, np.int32),
+            segments=np.full((B, T), -1, np.int32),
+            write_pages=np.zeros((B, T), np.int32),
+            write_offsets=np.zeros((B, T), np.int32),
+            ctx_pages=np.zeros((B, Pc), np.int32),
+            ctx_lens=np.zeros((B,), np.int32),
+            sample_index=np.zeros((B, R), np.int32),
+        )
+        N = B * R
+        sampling = dict(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
+                        top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
+                        position=np.zeros(N, np.int32))
+        return batch, sampling
+
+    def warmup(self) -> int:
+        """Compile every bucketed shape once. Returns the number of shapes run."""
+        count = 0
+        R = self.config.max_prefill_segments
+        for T in self.prefill_buckets:
+            for Pc in (0,) + self.page_buckets:
+                self.run(*self.empty_batch(1, T, R, Pc))
+                count += 1
+        for B in self.batch_buckets:
+            for Pc in self.page_buckets:
+                self.run(*self.empty_batch(B, 1, 1, Pc))
+                count += 1
+        return count
