@@ -1,7 +1,7 @@
 """Hugging Face safetensors <-> raypd Params, checking every tensor's name and shape as it maps.
 
 HF stores projections as [out, in] matrices with heads flattened; raypd groups query heads by
-their kv head (see models/llama.py). `load_hf_params` reads one or many `*.safetensors` files
+their kv head (see models/llama.py). `read_hf_tensors` reads one or many `*.safetensors` files
 (following `model.safetensors.index.json` when present) and fails on the first tensor whose
 name is unknown or whose shape does not match the config, naming the tensor and both shapes.
 """
@@ -70,33 +70,43 @@ def _index_files(path: Path) -> list[Path]:
 
 
 def read_hf_tensors(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Read and check every tensor of an HF checkpoint directory (as float32 numpy arrays)."""
+    """Read every tensor of an HF checkpoint directory as float32 numpy arrays.
+
+    All headers are checked (names, shapes, dtypes, nothing missing) before any tensor data is
+    read, so a mismatched checkpoint fails in milliseconds whatever its size."""
     path = Path(path)
     expected = hf_tensor_shapes(cfg)
-    files = _index_files(path)
-    total = sum(f.stat().st_size for f in files)
-    tensors: dict[str, np.ndarray] = {}
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}",
-              disable=total < (256 << 20)) as bar:
-        for f in files:
-            header, data_start = _header(f)
-            for name, info in header.items():
-                if name == "__metadata__" or name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name not in expected:
-                    raise ValueError(f"{f.name}: unexpected tensor {name!r} for a "
-                                     f"{cfg.architecture} config")
-                shape = tuple(info["shape"])
-                if shape != expected[name]:
-                    raise ValueError(f"{f.name}: tensor {name!r} has shape {shape}, "
-                                     f"config expects {expected[name]}")
-                tensors[name] = _read_float32(f, name, header, data_start)
-                bar.update(info["data_offsets"][1] - info["data_offsets"][0])
-    missing = sorted(set(expected) - set(tensors))
+    headers = [(f, *_header(f)) for f in _index_files(path)]
+    seen: set[str] = set()
+    for f, header, _ in headers:
+        for name, info in header.items():
+            if name == "__metadata__" or name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name not in expected:
+                raise ValueError(f"{f.name}: unexpected tensor {name!r} for a {cfg.architecture} config")
+            shape = tuple(info["shape"])
+            if shape != expected[name]:
+                raise ValueError(f"{f.name}: tensor {name!r} has shape {shape}, "
+                                 f"config expects {expected[name]}")
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{f.name}: tensor {name!r} has unsupported dtype {info['dtype']} "
+                                 f"(supported: {sorted(_ST_DTYPES)})")
+            seen.add(name)
+    missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
+
+    from tqdm import tqdm
+
+    tensors: dict[str, np.ndarray] = {}
+    total = sum(f.stat().st_size for f, _, _ in headers)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}",
+              disable=total < (256 << 20)) as bar:
+        for f, header, data_start in headers:
+            for name in seen.intersection(header):
+                tensors[name] = _read_float32(f, name, header, data_start)
+                begin, end = header[name]["data_offsets"]
+                bar.update(end - begin)
     return tensors
 
 

@@ -1,0 +1,79 @@
+"""The `raypd` command line. Outer ring: parse arguments, call into `models` / `raypd`, report.
+
+Each subcommand is two functions, `add_<name>(subparsers)` declaring its arguments and
+`<name>(args) -> int` running it; `SUBCOMMANDS` registers them. Heavy imports (jax) happen
+inside the runners so that `raypd --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def add_convert(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a Hugging Face checkpoint to a raypd (orbax) checkpoint",
+        description="Load a Hugging Face directory (config.json + safetensors), check every tensor, "
+                    "and save it as a raypd checkpoint (raypd_config.json + orbax params/ + "
+                    "tokenizer.json when present). `raypd` and models.load read the result directly.")
+    p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="Hugging Face model directory")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output directory (must be new or empty)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter dtype to store (default: the checkpoint's torch_dtype)")
+    p.set_defaults(run=convert)
+
+
+def convert(args: argparse.Namespace) -> int:
+    import models
+    from models import checkpoint
+
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        raise SystemExit(f"raypd convert: {args.out_dir} exists and is not empty")
+    model = models.load(args.hf_dir, dtype=args.dtype)
+    cfg = model.config
+    tokenizer_file = args.hf_dir / "tokenizer.json"
+    if model.tokenizer is not None and tuple(model.tokenizer.eos_ids) != cfg.eos_token_ids:
+        # generation_config.json overrode config.json's eos ids; keep the override in the config.
+        cfg = cfg.replace(eos_token_ids=tuple(model.tokenizer.eos_ids))
+    checkpoint.save(args.out_dir, model.params, cfg,
+                    tokenizer_file=tokenizer_file if tokenizer_file.exists() else None)
+    log.info("wrote %s: %s, %.1fM parameters, %s", args.out_dir, cfg.architecture,
+             cfg.num_params() / 1e6, cfg.dtype)
+    print(json.dumps({"out_dir": str(args.out_dir), "architecture": cfg.architecture,
+                      "num_params": cfg.num_params(), "dtype": cfg.dtype}))
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+SUBCOMMANDS = (add_convert,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raypd", description="Prefill/decode-disaggregated LLM "
+                                     "serving for JAX on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`raypd convert`: HF directory in, raypd checkpoint out, same logits when loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_tokenizer_json
+
+import models
+from models import checkpoint
+from models.weights import save_hf
+from raypd import cli
+
+
+def test_convert_round_trip(tmp_path, capsys):
+    preset = models.load("tiny-random")
+    hf_dir, out_dir = tmp_path / "hf", tmp_path / "out"
+    save_hf(hf_dir, preset.params, preset.config)
+
+    assert cli.main(["convert", str(hf_dir), str(out_dir), "--dtype", "bfloat16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dtype"] == "bfloat16"
+    assert checkpoint.is_checkpoint(out_dir)
+    loaded = models.load(out_dir)
+    assert loaded.config == preset.config.replace(dtype="bfloat16")
+    expected = np.asarray(preset.params.embed).astype("bfloat16").astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded.params.embed, np.float32), expected)
+
+
+def test_convert_copies_tokenizer_and_keeps_generation_eos(tmp_path):
+    preset = models.load("tiny-random")
+    hf_dir, out_dir = tmp_path / "hf", tmp_path / "out"
+    save_hf(hf_dir, preset.params, preset.config)
+    write_tokenizer_json(hf_dir)
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+
+    assert cli.main(["convert", str(hf_dir), str(out_dir)]) == 0
+    loaded = models.load(out_dir)
+    assert (out_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert loaded.config.eos_token_ids == (2, 3) and loaded.tokenizer.eos_ids == (2, 3)
+    ids = [1, 4, 5, 6]
+    np.testing.assert_array_equal(loaded.logits(ids), preset.logits(ids))
+
+
+def test_convert_refuses_non_empty_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(SystemExit, match="not empty"):
+        cli.main(["convert", str(tmp_path), str(tmp_path / "out")])
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    assert "convert" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", "--help"])
+    assert e.value.code == 0 and "HF_DIR" in capsys.readouterr().out
