@@ -1,0 +1,164 @@
+"""The Python client: `raypd.generate` and `raypd.stream`.
+
+backend="local" runs in-process on the colocated engine (no Ray). Every argument is checked
+before any device work, and a bad one raises ValueError naming the parameter and its range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import time
+from typing import Iterator, Sequence
+
+import models
+from raypd.engine.api import Request, SamplingParams, TokenOutput
+from raypd.engine.colocated import ColocatedEngine
+from raypd.engine.runner import EngineConfig, ModelRunner
+
+BACKENDS = ("local",)
+_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str  # "" when the model has no tokenizer
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float] | None  # logprob of each generated token, when asked
+    metrics: dict  # ttft_s, tpot_s, e2e_s, prompt_tokens, completion_tokens
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    token_id: int
+    text: str  # text delta
+    logprob: float
+    finish_reason: str | None
+
+
+class LocalBackend:
+    """A colocated engine on this process's devices, for one model."""
+
+    def __init__(self, model: models.Model, config: EngineConfig | None = None):
+        self.model = model
+        config = config or EngineConfig(max_seq_len=min(2048, model.config.max_position_embeddings))
+        self.engine = ColocatedEngine(ModelRunner(model, config), model.tokenizer)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.runner.max_seq_len
+
+    def run(self, requests: list[Request]) -> Iterator[TokenOutput]:
+        for r in requests:
+            self.engine.add_request(r)
+        pending = {r.request_id for r in requests}
+        try:
+            while pending:
+                for o in self.engine.step():
+                    if o.request_id in pending:
+                        if o.is_finished:
+                            pending.discard(o.request_id)
+                        yield o
+        finally:
+            for rid in pending:  # a caller that stops early aborts what is left
+                self.engine.abort(rid)
+
+
+@functools.lru_cache(maxsize=2)
+def _backend(model_source: str | None) -> LocalBackend:
+    return LocalBackend(models.load(model_source))
+
+
+def get_backend(model=None, backend: str = "local") -> LocalBackend:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(model, LocalBackend):
+        return model
+    if isinstance(model, models.Model):
+        return LocalBackend(model)
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"model must be a name, a path, a models.Model or None, got {type(model).__name__}")
+    return _backend(model)
+
+
+def encode_prompt(prompt, model: models.Model, max_seq_len: int, max_tokens: int, field: str = "prompt") -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError(f"{field} must not be empty")
+        if model.tokenizer is None:
+            raise ValueError(f"{field}: this model has no tokenizer; pass token ids instead of text")
+        ids = model.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError(f"{field} encodes to no tokens")
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = models.check_token_ids(prompt, model.config.vocab_size, field)
+    else:
+        raise ValueError(f"{field} must be a string or a list of token ids")
+    if len(ids) + max_tokens > max_seq_len:
+        raise ValueError(f"{field}: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) must be "
+                         f"<= the context length {max_seq_len}")
+    return ids
+
+
+def _requests(prompts, backend: LocalBackend, params: SamplingParams) -> list[Request]:
+    return [Request(f"local-{next(_ids)}", encode_prompt(p, backend.model, backend.max_seq_len,
+                                                          params.max_tokens, f"prompts[{i}]"), params)
+            for i, p in enumerate(prompts)]
+
+
+def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
+             logprobs: bool = False, backend: str = "local") -> list[Completion]:
+    """Complete each prompt (a string or a list of token ids). Returns one Completion per prompt."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
+                            ignore_eos=ignore_eos, logprobs=logprobs)
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    b = get_backend(model, backend)
+    if params.stop and b.model.tokenizer is None:
+        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+    reqs = _requests(prompts, b, params)
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    tokens: dict[str, list[TokenOutput]] = {r.request_id: [] for r in reqs}
+    for o in b.run(reqs):
+        first.setdefault(o.request_id, time.perf_counter())
+        tokens[o.request_id].append(o)
+    end = time.perf_counter()
+    seqs = []
+    for r in reqs:
+        outs = tokens[r.request_id]
+        n = len(outs)
+        ttft = first[r.request_id] - start
+        seqs.append(Completion(
+            text="".join(o.text for o in outs),
+            token_ids=[o.token_id for o in outs],
+            finish_reason=outs[-1].finish_reason,
+            logprobs=[o.logprob for o in outs] if logprobs else None,
+            metrics=dict(ttft_s=ttft, tpot_s=(end - start - ttft) / (n - 1) if n > 1 else 0.0,
+                         e2e_s=end - start, prompt_tokens=len(r.prompt_ids), completion_tokens=n)))
+    return seqs
+
+
+def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+           top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
+           backend: str = "local") -> Iterator[StreamChunk]:
+    """Yield a StreamChunk per generated token of one prompt, as it is produced."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
+                            ignore_eos=ignore_eos)
+    b = get_backend(model, backend)
+    if params.stop and b.model.tokenizer is None:
+        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+    reqs = _requests([prompt], b, params)
+
+    def chunks():
+        for o in b.run(reqs):
+            yield StreamChunk(o.token_id, o.text, o.logprob, o.finish_reason)
+
+    return chunks()
