@@ -148,7 +148,7 @@ def test_tensor_parallel_gives_identical_tokens(model, tp):
     base_runner, tp_runner = runner_for(model), runner_for(model, tp=tp)
     base = run_colocated(ColocatedEngine(base_runner), reqs())
     sharded = run_colocated(ColocatedEngine(tp_runner), reqs())
-    assert len(tp_runner.cache.k.sharding.device_set) == tp
+    assert len(tp_runner.cache.k[0].sharding.device_set) == tp
     for rid in base:
         assert [o.token_id for o in sharded[rid]] == [o.token_id for o in base[rid]]
     assert_no_leak(base_runner, tp_runner)

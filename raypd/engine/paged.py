@@ -4,7 +4,7 @@ Every row of a batch attends to two things:
   1. its *context*: K/V already in the page pool, gathered through the row's page table
      (keys at positions < ctx_len), and
   2. the *chunk*: the K/V of the tokens computed in this call (causal within a segment).
-The chunk's K/V are then scattered into the pool at slots the host computed
+The chunk's K/V are scattered into the pool at slots the host computed
 (`write_pages`, `write_offsets`); padded tokens write into the null page 0.
 
 Decode is B slots x T=1 with context = each slot's earlier tokens. Prefill is one row of T
@@ -27,8 +27,26 @@ from raypd.engine.sampling import SamplingArrays, sample
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, P, G, K, H]
-    v: jax.Array  # [L, P, G, K, H]
+    """One array per layer, so each layer's scatter updates its donated buffer in place."""
+
+    k: tuple[jax.Array, ...]  # L x [P, G, K, H]
+    v: tuple[jax.Array, ...]  # L x [P, G, K, H]
+
+
+@struct.dataclass
+class EngineParams:
+    """Params with the layers unstacked (a list), for the unrolled paged forward."""
+
+    embed: jax.Array  # [V, D]
+    layers: tuple[llama.LayerParams, ...]  # L x LayerParams with the L axis removed
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]
+
+
+def unstack(params: llama.Params) -> EngineParams:
+    L = params.layers.attn_norm.shape[0]
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], params.layers) for i in range(L))
+    return EngineParams(params.embed, layers, params.final_norm, params.lm_head)
 
 
 @struct.dataclass
@@ -50,9 +68,11 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
 
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, sharding=None) -> KVCache:
-    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    """Allocate (and touch) the whole pool once, up front."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=sharding)
-    return KVCache(k=zeros(), v=zeros())
+    return KVCache(k=tuple(zeros() for _ in range(cfg.num_layers)),
+                   v=tuple(zeros() for _ in range(cfg.num_layers)))
 
 
 def _mask(b: Batch, page_size: int, cfg: ModelConfig) -> jax.Array:
@@ -69,36 +89,39 @@ def _mask(b: Batch, page_size: int, cfg: ModelConfig) -> jax.Array:
     return jnp.concatenate([ctx, chunk], axis=-1) & valid_q[:, :, None]
 
 
-def forward(params: llama.Params, cache: KVCache, b: Batch, cfg: ModelConfig):
-    """-> (hidden states at b.sample_index [B, R, D], updated cache)."""
-    B, T = b.tokens.shape
-    G = cache.k.shape[2]
+def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
+    """-> (hidden states at b.sample_index [B, R, D], updated cache).
+
+    Layers are unrolled (not scanned): with a scan the pool would be a loop carry that XLA's
+    CPU backend copies per layer; unrolled, each layer's pool buffer is updated in place.
+    """
+    B = b.tokens.shape[0]
+    G = cache.k[0].shape[1]
     mask = _mask(b, G, cfg)
     positions = jnp.maximum(b.positions, 0)
-
-    def layer(carry, xs):
-        x, ck, cv = carry
-        lp, i = xs
+    x = llama.embed(params, b.tokens)
+    new_k, new_v = [], []
+    for lp, ck, cv in zip(params.layers, cache.k, cache.v):
         q, k, v = llama.qkv(lp, x, positions, cfg)  # q [B,T,K,Q,H]; k, v [B,T,K,H]
-        ctx_k = ck[i][b.ctx_pages].reshape(B, -1, *k.shape[2:])  # [B, Pc*G, K, H]
-        ctx_v = cv[i][b.ctx_pages].reshape(B, -1, *v.shape[2:])
+        # Write first, then gather the context from the written pool: the gather then depends
+        # on the scatter, so XLA updates the donated pool in place instead of copying it.
+        # (The context is positions < ctx_len, which this call's writes never touch.)
+        ck = ck.at[b.write_pages, b.write_offsets].set(k)
+        cv = cv.at[b.write_pages, b.write_offsets].set(v)
+        ctx_k = ck[b.ctx_pages].reshape(B, -1, *k.shape[2:])  # [B, Pc*G, K, H]
+        ctx_v = cv[b.ctx_pages].reshape(B, -1, *v.shape[2:])
         keys = jnp.concatenate([ctx_k, k], axis=1)
         values = jnp.concatenate([ctx_v, v], axis=1)
         x = llama.attn_out(lp, x, llama.attend(q, keys, values, mask))
         x = llama.mlp(lp, x, cfg)
-        ck = ck.at[i, b.write_pages, b.write_offsets].set(k)
-        cv = cv.at[i, b.write_pages, b.write_offsets].set(v)
-        return (x, ck, cv), None
-
-    x = llama.embed(params, b.tokens)
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
-                                (params.layers, jnp.arange(cfg.num_layers)))
+        new_k.append(ck)
+        new_v.append(cv)
     picked = jnp.take_along_axis(x, b.sample_index[:, :, None], axis=1)  # [B, R, D]
-    return picked, KVCache(k=k, v=v)
+    return picked, KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
 @functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
-def step(params: llama.Params, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig):
+def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig):
     """Forward + sampling. The cache is donated: the caller must use the returned one.
 
     -> (cache, tokens [B*R], logprobs [B*R])
@@ -113,11 +136,11 @@ def step(params: llama.Params, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 @functools.partial(jax.jit, donate_argnums=0)
 def write_pages(cache: KVCache, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
     """Scatter whole pages into the pool. pages [n], k/v [L, n, G, K, H]. The cache is donated."""
-    return KVCache(k=cache.k.at[:, pages].set(k.astype(cache.k.dtype)),
-                   v=cache.v.at[:, pages].set(v.astype(cache.v.dtype)))
+    return KVCache(k=tuple(c.at[pages].set(k[i].astype(c.dtype)) for i, c in enumerate(cache.k)),
+                   v=tuple(c.at[pages].set(v[i].astype(c.dtype)) for i, c in enumerate(cache.v)))
 
 
 @jax.jit
 def read_pages(cache: KVCache, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gather whole pages from the pool. pages [n] -> k, v [L, n, G, K, H]."""
-    return cache.k[:, pages], cache.v[:, pages]
+    return jnp.stack([c[pages] for c in cache.k]), jnp.stack([c[pages] for c in cache.v])

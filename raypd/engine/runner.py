@@ -68,7 +68,7 @@ class ModelRunner:
         self.config = config
         self.max_seq_len = min(config.max_seq_len, self.cfg.max_position_embeddings)
         self.mesh = make_mesh(config.tp, devices)
-        self.params = shard_params(model.params, self.cfg, self.mesh)
+        self.params = paged.unstack(shard_params(model.params, self.cfg, self.mesh))
         G = config.page_size
         num_pages = config.num_pages or max(
             2, config.kv_memory_bytes // paged.kv_bytes_per_page(self.cfg, G))
