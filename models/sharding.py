@@ -44,8 +44,8 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
 
 
 def kv_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of one layer's KV page pool [P, G, K, H]: kv heads over "tp"."""
-    return NamedSharding(mesh, PartitionSpec(None, None, TP_AXIS, None))
+    """Sharding of one layer's KV page pool [K, P, G, H]: kv heads over "tp"."""
+    return NamedSharding(mesh, PartitionSpec(TP_AXIS, None, None, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -29,8 +29,8 @@ from raypd.engine.sampling import SamplingArrays, sample
 class KVCache:
     """One array per layer, so each layer's scatter updates its donated buffer in place."""
 
-    k: tuple[jax.Array, ...]  # L x [P, G, K, H]
-    v: tuple[jax.Array, ...]  # L x [P, G, K, H]
+    k: tuple[jax.Array, ...]  # L x [K, P, G, H]
+    v: tuple[jax.Array, ...]  # L x [K, P, G, H]
 
 
 @struct.dataclass
@@ -69,16 +69,16 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, sharding=None) -> KVCache:
     """Allocate (and touch) the whole pool once, up front."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=sharding)
     return KVCache(k=tuple(zeros() for _ in range(cfg.num_layers)),
                    v=tuple(zeros() for _ in range(cfg.num_layers)))
 
 
-def _mask(b: Batch, page_size: int, cfg: ModelConfig) -> jax.Array:
-    """[B, T, Pc*G + T]: which keys (context, then chunk) each query may see."""
+def _masks(b: Batch, page_size: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Which keys each query may see: context [B, T, Pc*G] and chunk [B, T, T]."""
     q_pos, q_seg = b.positions, b.segments
-    valid_q = q_seg >= 0
+    valid_q = (q_seg >= 0)[:, :, None]
     Pc = b.ctx_pages.shape[1]
     ctx_pos = jnp.arange(Pc * page_size, dtype=jnp.int32)[None, :]  # [1, Sc]
     ctx = (ctx_pos[:, None, :] < b.ctx_lens[:, None, None]) & (q_seg == 0)[:, :, None]
@@ -86,7 +86,26 @@ def _mask(b: Batch, page_size: int, cfg: ModelConfig) -> jax.Array:
     if cfg.sliding_window is not None:
         ctx &= ctx_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
         chunk &= q_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
-    return jnp.concatenate([ctx, chunk], axis=-1) & valid_q[:, :, None]
+    return ctx & valid_q, chunk & valid_q
+
+
+def _attend(q, ctx_k, ctx_v, k, v, ctx_mask, chunk_mask):
+    """Softmax over [context keys, chunk keys] without concatenating the K/V themselves
+    (only the much smaller score tensors are joined).
+
+    q [B, T, K, Q, H]; ctx_k/ctx_v [K, B, Sc, H] (the pool's layout); k/v [B, T, K, H]
+    -> [B, T, K, Q, H].
+    """
+    scale = q.shape[-1] ** -0.5
+    f32 = jnp.float32
+    s_ctx = jnp.einsum("btkqh,kbsh->bkqts", q, ctx_k, preferred_element_type=f32) * scale
+    s_chunk = jnp.einsum("btkqh,bukh->bkqtu", q, k, preferred_element_type=f32) * scale
+    scores = jnp.concatenate([jnp.where(ctx_mask[:, None, None], s_ctx, llama.MASK_VALUE),
+                              jnp.where(chunk_mask[:, None, None], s_chunk, llama.MASK_VALUE)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    Sc = ctx_k.shape[2]
+    return (jnp.einsum("bkqts,kbsh->btkqh", probs[..., :Sc], ctx_v)
+            + jnp.einsum("bkqtu,bukh->btkqh", probs[..., Sc:], v))
 
 
 def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
@@ -96,8 +115,8 @@ def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
     CPU backend copies per layer; unrolled, each layer's pool buffer is updated in place.
     """
     B = b.tokens.shape[0]
-    G = cache.k[0].shape[1]
-    mask = _mask(b, G, cfg)
+    G = cache.k[0].shape[2]
+    ctx_mask, chunk_mask = _masks(b, G, cfg)
     positions = jnp.maximum(b.positions, 0)
     x = llama.embed(params, b.tokens)
     new_k, new_v = [], []
@@ -106,13 +125,11 @@ def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
         # Write first, then gather the context from the written pool: the gather then depends
         # on the scatter, so XLA updates the donated pool in place instead of copying it.
         # (The context is positions < ctx_len, which this call's writes never touch.)
-        ck = ck.at[b.write_pages, b.write_offsets].set(k)
-        cv = cv.at[b.write_pages, b.write_offsets].set(v)
-        ctx_k = ck[b.ctx_pages].reshape(B, -1, *k.shape[2:])  # [B, Pc*G, K, H]
-        ctx_v = cv[b.ctx_pages].reshape(B, -1, *v.shape[2:])
-        keys = jnp.concatenate([ctx_k, k], axis=1)
-        values = jnp.concatenate([ctx_v, v], axis=1)
-        x = llama.attn_out(lp, x, llama.attend(q, keys, values, mask))
+        ck = ck.at[:, b.write_pages, b.write_offsets].set(k.transpose(2, 0, 1, 3))
+        cv = cv.at[:, b.write_pages, b.write_offsets].set(v.transpose(2, 0, 1, 3))
+        ctx_k = ck[:, b.ctx_pages].reshape(ck.shape[0], B, -1, ck.shape[-1])  # [K, B, Pc*G, H]
+        ctx_v = cv[:, b.ctx_pages].reshape(cv.shape[0], B, -1, cv.shape[-1])
+        x = llama.attn_out(lp, x, _attend(q, ctx_k, ctx_v, k, v, ctx_mask, chunk_mask))
         x = llama.mlp(lp, x, cfg)
         new_k.append(ck)
         new_v.append(cv)
@@ -136,11 +153,13 @@ def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 @functools.partial(jax.jit, donate_argnums=0)
 def write_pages(cache: KVCache, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
     """Scatter whole pages into the pool. pages [n], k/v [L, n, G, K, H]. The cache is donated."""
-    return KVCache(k=tuple(c.at[pages].set(k[i].astype(c.dtype)) for i, c in enumerate(cache.k)),
-                   v=tuple(c.at[pages].set(v[i].astype(c.dtype)) for i, c in enumerate(cache.v)))
+    put = lambda c, x: c.at[:, pages].set(x.transpose(3, 0, 1, 2).astype(c.dtype))  # noqa: E731
+    return KVCache(k=tuple(put(c, k[i]) for i, c in enumerate(cache.k)),
+                   v=tuple(put(c, v[i]) for i, c in enumerate(cache.v)))
 
 
 @jax.jit
 def read_pages(cache: KVCache, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gather whole pages from the pool. pages [n] -> k, v [L, n, G, K, H]."""
-    return jnp.stack([c[pages] for c in cache.k]), jnp.stack([c[pages] for c in cache.v])
+    get = lambda c: c[:, pages].transpose(1, 2, 0, 3)  # noqa: E731  [K, n, G, H] -> [n, G, K, H]
+    return jnp.stack([get(c) for c in cache.k]), jnp.stack([get(c) for c in cache.v])
