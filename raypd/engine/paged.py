@@ -153,7 +153,7 @@ def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 @functools.partial(jax.jit, donate_argnums=0)
 def write_pages(cache: KVCache, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
     """Scatter whole pages into the pool. pages [n], k/v [L, n, G, K, H]. The cache is donated."""
-    put = lambda c, x: c.at[:, pages].set(x.transpose(3, 0, 1, 2).astype(c.dtype))  # noqa: E731
+    put = lambda c, x: c.at[:, pages].set(x.transpose(2, 0, 1, 3).astype(c.dtype))  # noqa: E731
     return KVCache(k=tuple(put(c, k[i]) for i, c in enumerate(cache.k)),
                    v=tuple(put(c, v[i]) for i, c in enumerate(cache.v)))
 
