@@ -53,9 +53,49 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="complete prompts once, in-process, and print them",
+        description="Complete each PROMPT with raypd.generate (backend 'local': the colocated engine "
+                    "on this machine's devices) and print the completions with TTFT/TPOT.")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(run=generate)
+
+
+def generate(args: argparse.Namespace) -> int:
+    import raypd
+
+    try:
+        completions = raypd.generate(args.prompts, model=args.model, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                     seed=args.seed, stop=args.stop)
+    except ValueError as e:
+        raise SystemExit(f"raypd generate: {e}") from None
+    for prompt, c in zip(args.prompts, completions):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason, "metrics": c.metrics}))
+        else:
+            m = c.metrics
+            print(f"{prompt}{c.text}\n[TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
+                  f"finish={c.finish_reason}]")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = (add_convert,)
+SUBCOMMANDS = (add_convert, add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
-"""A minimal demo: greedy continuation of a prompt with teacher-forced `Model.logits` (no cache).
+"""The README's main job: complete a few prompts with the embedded default model and print
+each completion with its time to first token (TTFT) and time per output token (TPOT).
 
-Placeholder until the engine demo lands. Loads the shipped default model, or the
-"tiny-random" preset when no default model has been shipped yet (its output is noise).
+It runs the in-process engines (`raypd.generate`, backend "local": chunked prefill and
+continuous-batching decode over a paged KV cache on this machine's devices).
 """
 
 from __future__ import annotations
@@ -9,39 +10,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self):", "for i in range("]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raypd.demo", description=__doc__)
-    parser.add_argument("--model", default=None, help="preset, shipped model or directory "
-                        "(default: the shipped default model, else tiny-random)")
-    parser.add_argument("--prompt", default="def fibonacci(n):")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a few Python openings")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
 
     import models
+    import raypd
 
-    name = args.model
-    if name is None:
-        shipped = (models.DATA_DIR / models.DEFAULT_MODEL).is_dir()
-        name = models.DEFAULT_MODEL if shipped else "tiny-random"
-    model = models.load(name)
-    if model.tokenizer is None:
-        raise SystemExit(f"model {name!r} has no tokenizer")
-    tok = model.tokenizer
-    ids = tok.encode(args.prompt, add_bos=tok.bos_id is not None)
-    new: list[int] = []
-    total_len = len(ids) + args.max_new_tokens
-    for _ in range(args.max_new_tokens):
-        # Pad to one fixed length so logits compiles once; causal attention makes the padding
-        # after the last real token invisible to it.
-        seq = ids + new
-        next_id = int(model.logits(seq + [0] * (total_len - len(seq)))[len(seq) - 1].argmax())
-        if next_id in tok.eos_ids:
-            break
-        new.append(next_id)
-    print(f"model: {name}")
-    print(f"prompt: {args.prompt!r}")
-    print(f"continuation: {tok.decode(new)!r}")
+    name = args.model or models.DEFAULT_MODEL
+    prompts = args.prompt or PROMPTS
+    print(f"model: {name}; {len(prompts)} prompts, max_tokens={args.max_tokens}, "
+          f"temperature={args.temperature}", flush=True)
+    raypd.generate(prompts[:1], model=name, max_tokens=2)  # compile outside the timed run
+    completions = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, temperature=args.temperature)
+    for prompt, c in zip(prompts, completions):
+        m = c.metrics
+        print(f"\n--- {prompt!r}  [TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
+              f"{m['completion_tokens']} tokens, finish={c.finish_reason}]")
+        print(prompt + c.text)
     return 0
 
 

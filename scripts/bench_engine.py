@@ -43,9 +43,10 @@ def machine_ceilings() -> dict:
     import jax
     import jax.numpy as jnp
 
-    a = np.ones(256 << 20 >> 3, np.float64)  # 256 MiB
-    b = np.empty_like(a)
-    copy_s = timed(lambda: np.copyto(b, a), 5)
+    a = jnp.ones(256 << 20 >> 2, jnp.float32)  # 256 MiB on the default device
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(a).block_until_ready()
+    copy_s = timed(lambda: copy(a).block_until_ready(), 5)
     bandwidth = 2 * a.nbytes / copy_s  # read + write
     n = 2048
     x = jnp.ones((n, n), jnp.float32)
@@ -56,11 +57,12 @@ def machine_ceilings() -> dict:
 
 
 def model_costs(cfg) -> dict:
+    itemsize = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     matmul_params = L * (D * (N + 2 * K) * H + N * H * D + 3 * D * F) + D * V
-    return {"matmul_params": matmul_params, "weight_bytes": 4 * (matmul_params + (0 if cfg.tie_word_embeddings else V * D)),
-            "kv_bytes_per_token": 2 * L * K * H * 4}
+    return {"matmul_params": matmul_params, "weight_bytes": itemsize * matmul_params,
+            "kv_bytes_per_token": 2 * L * K * H * itemsize}
 
 
 def raypd_points(model, prefill_lens, batches, prompt_len, steps) -> dict:

@@ -58,3 +58,11 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", "--help"])
     assert e.value.code == 0 and "HF_DIR" in capsys.readouterr().out
+
+
+def test_generate_json_and_bad_input(capsys):
+    assert cli.main(["generate", "hello", "--model", "tiny-random", "--max-tokens", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["prompt"] == "hello" and len(row["token_ids"]) <= 3 and "ttft_s" in row["metrics"]
+    with pytest.raises(SystemExit, match="temperature"):
+        cli.main(["generate", "hello", "--model", "tiny-random", "--temperature", "-1"])
