@@ -1,0 +1,77 @@
+"""Tying transports to the engines: prefill pages -> transport -> new decode pages.
+
+  send_prefill (prefill process): encode the request's pages (`kv_codec.encode`: gather, and
+    for "int8" quantize + accuracy guard, in one jitted call) and `transport.send` them. The
+    prefill engine may `release` the request's pages as soon as this returns.
+  recv_into (decode process): `transport.recv`, check the payload fits this engine's model and
+    pages, allocate pages, write the K/V into them (dequantize + scatter for "int8") on this
+    engine's mesh, whatever the sender's TP was, and `DecodeEngine.insert` the request. On any
+    error before the insert, the decode engine's pages and slots are as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from raypd.engine import kv_codec
+from raypd.engine.api import PrefillOutput, Request, TokenOutput
+from raypd.engine.decode import DecodeEngine
+from raypd.engine.pages import OutOfPages
+from raypd.engine.prefill import PrefillEngine
+from raypd.transfer.base import KVTransport, TransferHandle
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def send_prefill(prefill: PrefillEngine, out: PrefillOutput, transport: KVTransport,
+                 compression: str = "int8") -> TransferHandle:
+    """Called by the prefill process after `prefill`, before `prefill.release`."""
+    kv_codec.check_compression(compression)
+    n = prefill.allocator.pages_for(out.prompt_len)
+    enc = kv_codec.encode(prefill.runner.cache, out.pages[:n], out.prompt_len, compression)
+    return transport.send(out.request_id, enc)
+
+
+def check_payload(decode: DecodeEngine, out: PrefillOutput, enc: kv_codec.EncodedKV) -> None:
+    """Raise ValueError unless `enc` is the K/V of `out` in this decode engine's shapes."""
+    r = decode.runner
+    cfg = r.cfg
+    if enc.num_tokens != out.prompt_len:
+        raise ValueError(f"request {out.request_id}: payload holds {enc.num_tokens} tokens, "
+                         f"the prompt has {out.prompt_len}")
+    kv_codec.check_fits(enc, cfg.num_layers, r.page_size, cfg.num_kv_heads, cfg.head_dim,
+                        r.allocator.pages_for)
+
+
+def write_payload(decode: DecodeEngine, enc: kv_codec.EncodedKV) -> list[int]:
+    """Allocate pages and write `enc` into them on the decode runner's mesh. -> the pages
+    (one reference held by the caller)."""
+    r = decode.runner
+    on_mesh = NamedSharding(r.mesh, PartitionSpec())
+    enc = enc.replace(**{n: jax.device_put(a, on_mesh) for n, a in enc.arrays().items()})
+    pages = r.allocator.allocate(enc.num_pages)
+    try:
+        r.cache = kv_codec.decode_into(r.cache, pages, enc)
+    except BaseException:
+        r.allocator.free(pages)
+        raise
+    return pages
+
+
+def recv_into(decode: DecodeEngine, request: Request, out: PrefillOutput, handle: TransferHandle,
+              transport: KVTransport, timeout_s: float = DEFAULT_TIMEOUT_S) -> TokenOutput:
+    """Called by the decode process: receive the K/V and start decoding the request.
+    -> the first token's output (as `DecodeEngine.insert`). The caller releases the handle."""
+    if not decode.can_insert(out.prompt_len, request.params.max_tokens):
+        raise OutOfPages(f"request {request.request_id}: no free slot or pages for "
+                         f"{out.prompt_len} + {request.params.max_tokens} tokens")
+    enc = transport.recv(handle, timeout_s)
+    check_payload(decode, out, enc)
+    pages = write_payload(decode, enc)
+    try:  # insert takes its own reference on the pages; ours is dropped either way
+        return decode.insert(request, dataclasses.replace(out, pages=pages), None)
+    finally:
+        decode.allocator.free(pages)
