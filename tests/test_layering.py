@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-INNER_RING = ("models", "raypd/engine")
+INNER_RING = ("models", "raypd/engine", "scheduler")
 FORBIDDEN = {"ray", "grpc", "threading", "asyncio"}
 
 
