@@ -130,8 +130,12 @@ def test_paged_attention_equals_dense(model):
         b["ctx_pages"][0, : min(Pc, 3)] = pages[:Pc]
         b["ctx_lens"][0] = start
         b["sample_index"][0] = np.arange(n)
-        hidden, runner.cache = jax.jit(paged.forward, static_argnums=3)(
-            runner.params, runner.cache, paged.Batch(**{k: jnp.asarray(v) for k, v in b.items()}), CFG)
+        bb = paged.Batch(**{k: jnp.asarray(v) for k, v in b.items()})
+        x, ks, vs = jax.jit(paged.run_layers, static_argnums=5)(
+            runner.params.layers, runner.cache.k, runner.cache.v, jnp.take(runner.params.embed, bb.tokens, axis=0),
+            bb, CFG)
+        runner.cache = paged.KVCache(k=ks, v=vs)
+        hidden = x[:, :n]
         return np.asarray(unembed(runner.params, hidden, CFG))[0]
 
     got = np.concatenate([chunk(0, 24, 0), chunk(24, 40, 2)])
@@ -268,3 +272,38 @@ def test_abort_frees_pages(model):
     eng.abort("a"), eng.abort("b")
     assert eng.num_unfinished == 0
     assert_no_leak(runner)
+
+
+def test_layer_group_streaming_gives_the_same_tokens_and_pages(model):
+    """Prefill as one program per layer group: each group's callback sees its layers' pages
+    already written, and tokens and pages equal the single-program prefill."""
+    one, grouped = runner_for(model), runner_for(model, layer_groups=2)
+    assert grouped.layer_groups == ((0, 1), (1, 2))
+    prompts = prompts_of((20, 100), seed=10)
+    reqs = [Request(str(i), p, greedy(1)) for i, p in enumerate(prompts)]
+    ref = PrefillEngine(one).prefill(reqs)
+    pre = PrefillEngine(grouped)
+    seen = []
+
+    def on_layers(lo, hi, pieces):
+        for rid, pages, start, end in pieces:
+            k, _ = grouped.read_layer_pages(pages[: grouped.allocator.pages_for(end)], lo, hi)
+            tokens = k.reshape(hi - lo, -1, *k.shape[3:])[:, start:end]  # [layers, end-start, K, H]
+            assert (np.abs(tokens).sum(axis=(2, 3)) > 0).all(), "this chunk's K is in the pages"
+            seen.append((lo, hi))
+
+    for r in reqs:
+        pre.add(r)
+    outs = []
+    while pre.num_pending:
+        outs += pre.step(on_layers)
+    assert [(o.request_id, o.first_token) for o in outs] == [(o.request_id, o.first_token) for o in ref]
+    assert set(seen) == {(0, 1), (1, 2)}
+    for a, b in zip(ref, outs):
+        ka, va = one.read_pages(a.pages)
+        kb, vb = grouped.read_pages(b.pages)
+        np.testing.assert_array_equal(ka, kb)
+        np.testing.assert_array_equal(va, vb)
+        one.allocator.free(a.pages)
+        pre.release(b.request_id)
+    assert_no_leak(one, grouped)

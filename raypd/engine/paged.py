@@ -108,19 +108,18 @@ def _attend(q, ctx_k, ctx_v, k, v, ctx_mask, chunk_mask):
             + jnp.einsum("bkqtu,bukh->btkqh", probs[..., Sc:], v))
 
 
-def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
-    """-> (hidden states at b.sample_index [B, R, D], updated cache).
+def run_layers(layers, cache_k, cache_v, x: jax.Array, b: Batch, cfg: ModelConfig):
+    """Run a contiguous group of layers. x [B, T, D] -> (x, new cache_k, new cache_v).
 
     Layers are unrolled (not scanned): with a scan the pool would be a loop carry that XLA's
     CPU backend copies per layer; unrolled, each layer's pool buffer is updated in place.
     """
     B = b.tokens.shape[0]
-    G = cache.k[0].shape[2]
+    G = cache_k[0].shape[2]
     ctx_mask, chunk_mask = _masks(b, G, cfg)
     positions = jnp.maximum(b.positions, 0)
-    x = llama.embed(params, b.tokens)
     new_k, new_v = [], []
-    for lp, ck, cv in zip(params.layers, cache.k, cache.v):
+    for lp, ck, cv in zip(layers, cache_k, cache_v):
         q, k, v = llama.qkv(lp, x, positions, cfg)  # q [B,T,K,Q,H]; k, v [B,T,K,H]
         # Write first, then gather the context from the written pool: the gather then depends
         # on the scatter, so XLA updates the donated pool in place instead of copying it.
@@ -133,21 +132,33 @@ def forward(params: EngineParams, cache: KVCache, b: Batch, cfg: ModelConfig):
         x = llama.mlp(lp, x, cfg)
         new_k.append(ck)
         new_v.append(cv)
+    return x, tuple(new_k), tuple(new_v)
+
+
+def _head(params: EngineParams, x: jax.Array, b: Batch, s: SamplingArrays, cfg: ModelConfig):
+    """Hidden states at b.sample_index -> (tokens [B*R], logprobs [B*R])."""
     picked = jnp.take_along_axis(x, b.sample_index[:, :, None], axis=1)  # [B, R, D]
-    return picked, KVCache(k=tuple(new_k), v=tuple(new_v))
+    B, R, D = picked.shape
+    logits = llama.unembed(params, picked.reshape(1, B * R, D), cfg)[0]  # [B*R, V]
+    return sample(logits, s)
 
 
 @functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
 def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig):
-    """Forward + sampling. The cache is donated: the caller must use the returned one.
+    """Forward + sampling in one program. The cache is donated: use the returned one.
 
     -> (cache, tokens [B*R], logprobs [B*R])
     """
-    hidden, cache = forward(params, cache, b, cfg)
-    B, R, D = hidden.shape
-    logits = llama.unembed(params, hidden.reshape(1, B * R, D), cfg)[0]  # [B*R, V]
-    tokens, logprobs = sample(logits, s)
-    return cache, tokens, logprobs
+    x, k, v = run_layers(params.layers, cache.k, cache.v, llama.embed(params, b.tokens), b, cfg)
+    tokens, logprobs = _head(params, x, b, s, cfg)
+    return KVCache(k=k, v=v), tokens, logprobs
+
+
+# The same step as separate programs per layer group, for streaming K/V out while later layers
+# still compute: embed_step, then layers_step per group (its pools donated), then head_step.
+embed_step = jax.jit(lambda params, b: llama.embed(params, b.tokens))
+layers_step = jax.jit(run_layers, static_argnums=5, donate_argnums=(1, 2))
+head_step = jax.jit(_head, static_argnums=4)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -77,12 +77,18 @@ class PrefillEngine:
             outs.extend(self.step())
         return outs
 
-    def step(self) -> list[PrefillOutput]:
-        """Run one packed chunk; return the requests whose prompt finished in it."""
+    def step(self, on_layers=None) -> list[PrefillOutput]:
+        """Run one packed chunk; return the requests whose prompt finished in it.
+
+        With `on_layers`, the chunk runs as one program per layer group and
+        `on_layers(lo, hi, pieces)` is called as soon as layers [lo, hi) are written (while the
+        later groups compute); `pieces` lists (request_id, pages, start, end) of the chunk, so
+        the caller can stream those layers' K/V out (`runner.read_layer_pages`).
+        """
         if not self._queue:
             return []
         pieces = self._take_pieces()
-        return self._run(pieces)
+        return self._run(pieces, on_layers)
 
     def _take_pieces(self) -> list[tuple[_Pending, int, int]]:
         """Pick (pending, start, end) pieces for one chunk, in queue order."""
@@ -106,7 +112,7 @@ class PrefillEngine:
             p.done = end
         return pieces
 
-    def _run(self, pieces) -> list[PrefillOutput]:
+    def _run(self, pieces, on_layers=None) -> list[PrefillOutput]:
         r = self.runner
         G, R = r.page_size, r.config.max_prefill_segments
         total = sum(end - start for _, start, end in pieces)
@@ -136,7 +142,11 @@ class PrefillEngine:
             sampling["seed"][seg] = request_seed(p.request)
             sampling["position"][seg] = end
             at += n
-        tokens, logprobs = r.run(batch, sampling)
+        if on_layers is None:
+            tokens, logprobs = r.run(batch, sampling)
+        else:
+            chunk = [(p.request.request_id, list(p.pages), start, end) for p, start, end in pieces]
+            tokens, logprobs = r.run_streamed(batch, sampling, lambda lo, hi: on_layers(lo, hi, chunk))
         outs = []
         for seg, (p, start, end) in enumerate(pieces):
             if end == len(p.request.prompt_ids):

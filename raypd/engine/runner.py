@@ -5,7 +5,8 @@ back the sampled tokens and their logprobs in a single device-to-host transfer. 
 bucketed so a serving engine compiles a fixed set of programs once, at warm-up:
   - chunk lengths T from `prefill_buckets` (prefill) or 1 (decode),
   - batch rows B: 1 for prefill, powers of two up to `max_slots` for decode,
-  - context pages Pc: 0 (no context) or a power of two up to the pages of `max_seq_len`.
+  - context pages Pc: 0 (no context) or 1, 2, 3, 4, 6, 8, 12, ... up to the pages of `max_seq_len`
+    (attention cost grows with Pc, so its buckets are finer than powers of two).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = (32, 128, 512)  # chunk lengths compiled for prefill
     max_prefill_segments: int = 8  # prompts packed into one prefill chunk
     tp: int = 1  # tensor-parallel degree (devices of the mesh)
+    layer_groups: int = 1  # prefill in this many programs, to stream K/V out layer group by group
 
     def __post_init__(self):
         if self.page_size < 1:
@@ -51,6 +53,12 @@ def _pow2_upto(n: int) -> tuple[int, ...]:
     while b < n:
         out.append(b)
         b *= 2
+    return tuple(out + [n])
+
+
+def _fine_upto(n: int) -> tuple[int, ...]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to n: at most ~33% padding instead of pow2's 100%."""
+    out = sorted({b for k in range(n.bit_length() + 1) for b in (1 << k, 3 << k >> 1) if 1 <= b < n})
     return tuple(out + [n])
 
 
@@ -76,10 +84,15 @@ class ModelRunner:
         self.cache = paged.init_cache(self.cfg, num_pages, G, kv_sharding(self.mesh))
         self._replicated = replicated(self.mesh)
         self.max_pages_per_seq = self.allocator.pages_for(self.max_seq_len)
-        self.page_buckets = _pow2_upto(self.max_pages_per_seq)
+        self.page_buckets = _fine_upto(self.max_pages_per_seq)
         self.batch_buckets = _pow2_upto(config.max_slots)
         self.prefill_buckets = tuple(b for b in config.prefill_buckets if b <= self.max_seq_len) \
             or (self.max_seq_len,)
+        L, n = self.cfg.num_layers, config.layer_groups
+        if not 1 <= n <= L:
+            raise ValueError(f"layer_groups must be in [1, {L}], got {n}")
+        edges = [round(i * L / n) for i in range(n + 1)]
+        self.layer_groups = tuple(zip(edges[:-1], edges[1:]))  # [(lo, hi)] covering all layers
 
     @property
     def page_size(self) -> int:
@@ -92,6 +105,36 @@ class ModelRunner:
         s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
         self.cache, tokens, logprobs = paged.step(self.params, self.cache, b, s, self.cfg)
         return jax.device_get((tokens, logprobs))
+
+    def run_streamed(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], on_group):
+        """The same as `run`, as one program per layer group (`EngineConfig.layer_groups`).
+
+        `on_group(lo, hi)` is called once layers [lo, hi) are dispatched *and* the next group
+        (or the head) is already queued behind them, so whatever it does with those layers'
+        pages (read them out, send them) overlaps the computation of the later layers.
+        """
+        put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
+        b = paged.Batch(**{k: put(v) for k, v in batch.items()})
+        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
+        x = paged.embed_step(self.params, b)
+        k, v = list(self.cache.k), list(self.cache.v)
+        done = None
+        for lo, hi in self.layer_groups:
+            x, k[lo:hi], v[lo:hi] = paged.layers_step(self.params.layers[lo:hi], tuple(k[lo:hi]),
+                                                      tuple(v[lo:hi]), x, b, self.cfg)
+            self.cache = paged.KVCache(k=tuple(k), v=tuple(v))
+            if done is not None:
+                on_group(*done)
+            done = (lo, hi)
+        tokens, logprobs = paged.head_step(self.params, x, b, s, self.cfg)
+        on_group(*done)
+        return jax.device_get((tokens, logprobs))
+
+    def read_layer_pages(self, pages: list[int], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """K/V of layers [lo, hi) for `pages` -> k, v [hi - lo, n, G, K, H] (blocks until written)."""
+        sub = paged.KVCache(k=self.cache.k[lo:hi], v=self.cache.v[lo:hi])
+        k, v = paged.read_pages(sub, jnp.asarray(pages, jnp.int32))
+        return jax.device_get((k, v))
 
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
         self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
@@ -127,6 +170,8 @@ class ModelRunner:
             for Pc in (0,) + self.page_buckets:
                 self.run(*self.empty_batch(1, T, R, Pc))
                 count += 1
+                if len(self.layer_groups) > 1:
+                    self.run_streamed(*self.empty_batch(1, T, R, Pc), lambda lo, hi: None)
         for B in self.batch_buckets:
             for Pc in self.page_buckets:
                 self.run(*self.empty_batch(B, 1, 1, Pc))
