@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompt or PROMPTS
     print(f"model: {name}; {len(prompts)} prompts, max_tokens={args.max_tokens}, "
           f"temperature={args.temperature}", flush=True)
-    raypd.generate(prompts[:1], model=name, max_tokens=2)  # compile outside the timed run
+    raypd.generate(prompts, model=name, max_tokens=args.max_tokens)  # compile outside the timed run
     completions = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, temperature=args.temperature)
     for prompt, c in zip(prompts, completions):
         m = c.metrics
