@@ -1,6 +1,9 @@
 """The Python client: `raypd.generate` and `raypd.stream`.
 
-backend="local" runs in-process on the colocated engine (no Ray). Every argument is checked
+backend="local" runs in-process on the colocated engine (no Ray); backend="ray" sends the
+requests to the running Ray deployment (raypd.serve / raypd.connect); backend="auto" (the
+default) uses a running deployment when this process is connected to Ray and no model is named,
+else the local engine. Every argument is checked
 before any device work, and a bad one raises ValueError naming the parameter and its range.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import sys
 import time
 from typing import Iterator, Sequence
 
@@ -17,7 +21,7 @@ from raypd.engine.api import Request, SamplingParams, TokenOutput
 from raypd.engine.colocated import ColocatedEngine
 from raypd.engine.runner import EngineConfig, ModelRunner
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray", "auto")
 _ids = itertools.count()
 
 
@@ -71,6 +75,22 @@ def _backend(model_source: str | None) -> LocalBackend:
     return LocalBackend(models.load(model_source))
 
 
+def ray_deployment(model=None, backend: str = "auto"):
+    """backend="ray": the running deployment named "raypd" (raypd.connect); "auto": that one if
+    this process is connected to Ray, one runs and no local model was asked for, else None."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "ray":
+        from raypd.runtime.deployment import connect
+
+        return connect()
+    if backend == "auto" and model is None and "ray" in sys.modules:
+        from raypd.runtime.deployment import find_running
+
+        return find_running()
+    return None
+
+
 def get_backend(model=None, backend: str = "local") -> LocalBackend:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -110,7 +130,7 @@ def _requests(prompts, backend: LocalBackend, params: SamplingParams) -> list[Re
 
 def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
-             logprobs: bool = False, backend: str = "local") -> list[Completion]:
+             logprobs: bool = False, backend: str = "auto") -> list[Completion]:
     """Complete each prompt (a string or a list of token ids). Returns one Completion per prompt."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
@@ -119,7 +139,10 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-    b = get_backend(model, backend)
+    deployment = ray_deployment(model, backend)
+    if deployment is not None:
+        return deployment.generate(prompts, **dataclasses.asdict(params))
+    b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
     reqs = _requests(prompts, b, params)
@@ -147,12 +170,15 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
 
 def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
            top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
-           backend: str = "local") -> Iterator[StreamChunk]:
+           backend: str = "auto") -> Iterator[StreamChunk]:
     """Yield a StreamChunk per generated token of one prompt, as it is produced."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=ignore_eos)
-    b = get_backend(model, backend)
+    deployment = ray_deployment(model, backend)
+    if deployment is not None:
+        return deployment.stream(prompt, **dataclasses.asdict(params))
+    b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
     reqs = _requests([prompt], b, params)

@@ -1,0 +1,254 @@
+"""A deployment on a Ray cluster: `serve` starts one, `connect` attaches to one by name.
+
+This is the one place Ray is applied to the runtime's plain classes (PrefillWorker,
+DecodeWorker, Scheduler), with resources from `DeploymentConfig`. Lifecycle:
+  1. `serve(...)`: `ray.init()` a local cluster unless one is connected; start the prefill and
+     decode worker actors (each builds its engines on its own devices) and the scheduler, a
+     named async actor in the "raypd" namespace; `Scheduler.start` reads the workers' shapes,
+     calibrates the cost model (optional) and starts one collect loop per decode worker.
+  2. `Deployment.generate / stream`: `Scheduler.submit` validates and queues (or raises a
+     typed error at once), then `Scheduler.poll` returns tokens in chunks until each ends.
+  3. `Deployment.shutdown()`: the scheduler stops (queued requests fail), actors are killed;
+     later calls on any handle raise DeploymentNotRunning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import ray
+
+from raypd.api import Completion, StreamChunk
+from raypd.engine.api import SamplingParams
+from raypd.engine.runner import EngineConfig
+from raypd.runtime import errors
+from raypd.runtime.engines import JaxEngineFactory
+from raypd.runtime.scheduler_actor import Scheduler
+from raypd.runtime.workers import DecodeWorker, PrefillWorker
+from raypd.transfer import DEFAULT_BACKEND, make_transport
+from scheduler import PolicyConfig
+
+NAMESPACE = "raypd"
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: the TP degree when the cluster has GPUs, else 0
+    resources: dict = dataclasses.field(default_factory=dict)  # custom resources, e.g. {"prefill_node": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+    name: str = "raypd"
+    factory: object = JaxEngineFactory()  # builds each worker's engines (engines.py)
+    num_prefill: int = 1
+    num_decode: int = 1
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    transport: str = DEFAULT_BACKEND
+    prefill_resources: Resources = Resources()
+    decode_resources: Resources = Resources()
+    policy: PolicyConfig = PolicyConfig()
+    cache_bytes: int | None = None  # KV index capacity; None: half of all pools
+    calibrate: bool = True  # time the engines at start-up and fit the cost model
+    local_prefill_stall_s: float | None = 0.02  # sets the local prefill threshold from measurement
+    collect_timeout_s: float = 0.02
+
+    def __post_init__(self):
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError(f"need num_prefill >= 0 and num_decode >= 1, got {self.num_prefill}, {self.num_decode}")
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError(f"tp must be >= 1, got prefill_tp={self.prefill_tp}, decode_tp={self.decode_tp}")
+
+
+def _options(res: Resources, tp: int, has_gpus: bool, **extra) -> dict:
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    num_gpus = res.num_gpus if res.num_gpus is not None else (tp if has_gpus else 0)
+    if not num_gpus:
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(tp, 1)}"
+    return dict(num_cpus=res.num_cpus, num_gpus=num_gpus, resources=dict(res.resources),
+                runtime_env={"env_vars": env}, **extra)
+
+
+def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int = 1, decode_tp: int = 1,
+          name: str = "raypd", engine_config: EngineConfig | None = None, compression: str = "none",
+          config: DeploymentConfig | None = None, **overrides) -> "Deployment":
+    """Start a deployment on the current Ray cluster (or a new local one) and return its handle.
+    `config` gives every setting at once; otherwise the arguments (and `overrides`, any other
+    DeploymentConfig field) build one."""
+    if config is None:
+        factory = overrides.pop("factory", None) or JaxEngineFactory(
+            model, engine_config or EngineConfig(), compression)
+        config = DeploymentConfig(name=name, factory=factory, num_prefill=num_prefill, num_decode=num_decode,
+                                  prefill_tp=prefill_tp, decode_tp=decode_tp, **overrides)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    if _find(config.name) is not None:
+        raise ValueError(f"a deployment named {config.name!r} is already running; shut it down or pick another name")
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    transport = _TransportFactory(config.transport)
+    prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(
+        **_options(config.prefill_resources, config.prefill_tp, has_gpus, max_concurrency=1)).remote(
+        f"prefill-{i}", config.factory, transport, config.prefill_tp) for i in range(config.num_prefill)}
+    decode = {f"decode-{i}": ray.remote(DecodeWorker).options(
+        **_options(config.decode_resources, config.decode_tp, has_gpus, max_concurrency=8)).remote(
+        f"decode-{i}", config.factory, transport, config.decode_tp) for i in range(config.num_decode)}
+    sched = ray.remote(Scheduler).options(
+        name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
+        runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
+        config.name, prefill, decode, config.policy, config.cache_bytes, config.calibrate,
+        config.local_prefill_stall_s, config.collect_timeout_s)
+    handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
+    try:
+        ray.get(sched.start.remote())
+    except Exception:
+        handle.shutdown()
+        raise
+    return handle
+
+
+@dataclasses.dataclass(frozen=True)
+class _TransportFactory:
+    """Picklable: each worker builds its own transport in its own process."""
+
+    kind: str
+
+    def __call__(self):
+        return make_transport(self.kind)
+
+
+def _find(name: str):
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def connect(name: str = "raypd", address: str | None = None) -> "Deployment":
+    """Attach to a running deployment by name, from any driver or job on its cluster."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto")
+    sched = _find(name)
+    if sched is None:
+        raise errors.DeploymentNotFound(f"no raypd deployment named {name!r} on this Ray cluster "
+                                        f"(namespace {NAMESPACE!r}); start one with raypd.serve(name={name!r})")
+    return Deployment(name, sched)
+
+
+def find_running(name: str = "raypd") -> "Deployment | None":
+    """The deployment `name` when this process is connected to Ray and one runs, else None."""
+    if not ray.is_initialized():
+        return None
+    sched = _find(name)
+    return Deployment(name, sched) if sched is not None else None
+
+
+class Deployment:
+    """A handle on a running deployment (from `serve` or `connect`)."""
+
+    def __init__(self, name: str, scheduler, actors=()):
+        self.name, self._scheduler, self._actors = name, scheduler, list(actors)
+        self._is_shut_down = False
+
+    def _call(self, method: str, *args):
+        if self._is_shut_down:
+            raise errors.DeploymentNotRunning(f"deployment {self.name!r} was shut down")
+        try:
+            return ray.get(getattr(self._scheduler, method).remote(*args))
+        except ray.exceptions.RayActorError as e:
+            raise errors.DeploymentNotRunning(f"deployment {self.name!r} is not running: {e}") from None
+
+    def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None) -> list[str]:
+        reply = self._call("submit", list(prompts), params, ttft_slo_s)
+        if "error" in reply:
+            raise errors.from_wire(reply["error"])
+        return reply["ids"]
+
+    def _chunks(self, ids: list[str], timeout_s: float = 5.0) -> Iterator[tuple[str, dict]]:
+        """(request id, poll entry) as tokens arrive, until every request has ended."""
+        pending = list(ids)
+        try:
+            while pending:
+                for rid, entry in self._call("poll", pending, timeout_s).items():
+                    if entry["error"] is not None:
+                        raise errors.from_wire(entry["error"])
+                    yield rid, entry
+                    if entry["finished"]:
+                        pending.remove(rid)
+        finally:
+            if pending and not self._is_shut_down:
+                try:
+                    self._call("abort", pending)
+                except errors.DeploymentNotRunning:
+                    pass
+
+    def generate(self, prompts, *, ttft_slo_s: float | None = None, logprobs: bool = False,
+                 **sampling) -> list[Completion]:
+        """As raypd.generate; `sampling` are SamplingParams fields (max_tokens, temperature, ...)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = SamplingParams(logprobs=logprobs, **_sampling(sampling))
+        start = time.perf_counter()
+        ids = self.submit(prompts, params, ttft_slo_s)
+        tokens = {rid: [] for rid in ids}
+        metrics = {}
+        for rid, entry in self._chunks(ids):
+            tokens[rid].extend(entry["tokens"])
+            metrics[rid] = entry["metrics"]
+        e2e = time.perf_counter() - start
+        out = []
+        for rid, prompt in zip(ids, prompts):
+            toks, m = tokens[rid], metrics[rid]
+            n, ttft = len(toks), m.get("ttft_s") or 0.0
+            out.append(Completion(
+                text="".join(t[3] for t in toks), token_ids=[t[0] for t in toks], finish_reason=toks[-1][2],
+                logprobs=[t[1] for t in toks] if logprobs else None,
+                metrics=dict(m, ttft_s=ttft, e2e_s=e2e, tpot_s=(e2e - ttft) / (n - 1) if n > 1 else 0.0,
+                             prompt_tokens=None, completion_tokens=n)))
+        return out
+
+    def stream(self, prompt, *, ttft_slo_s: float | None = None, **sampling) -> Iterator[StreamChunk]:
+        """Yield a StreamChunk per token of one prompt; tokens arrive from the scheduler in chunks."""
+        (rid,) = self.submit([prompt], SamplingParams(**_sampling(sampling)), ttft_slo_s)
+
+        def chunks():
+            for _, entry in self._chunks([rid]):
+                for token_id, logprob, finish, text in entry["tokens"]:
+                    yield StreamChunk(token_id, text, logprob, finish)
+
+        return chunks()
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def clear_cache(self) -> int:
+        """Drop every cached prefix page (the KV index and the workers' pools). -> pages freed."""
+        return self._call("clear_cache")
+
+    def shutdown(self) -> None:
+        """Stop the deployment: queued requests fail, actors end. Idempotent."""
+        if self._is_shut_down:
+            return
+        try:
+            ray.get(self._scheduler.shutdown.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        for actor in self._actors or [self._scheduler]:
+            ray.kill(actor)
+        self._is_shut_down = True
+
+
+def _sampling(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    if kwargs.get("stop") is None:
+        kwargs.pop("stop", None)
+    if "stop_token_ids" in kwargs:
+        kwargs["stop_token_ids"] = tuple(kwargs["stop_token_ids"])
+    return kwargs

@@ -1,0 +1,148 @@
+"""Engine factories: what a worker builds inside its own process.
+
+A worker is handed a factory (small and picklable: a model name and configs, never weights)
+and calls `factory.build(role, tp)` once, in the process and on the devices that will run it.
+The result, `WorkerEngines`, is everything the worker touches:
+  prefill    a PrefillEngine-like object (`prefill(requests, prefixes)`, `release`,
+             `max_cached_pages`, `.allocator`). On a decode worker it prefills short prompts
+             locally (conditional disaggregation); for the JAX engines it runs over the decode
+             engine's own runner, so its pages are the decode pool's and nothing is copied.
+  decode     a DecodeEngine-like object (decode workers only).
+  send / recv_into
+             how K/V leaves a prefill engine into a `KVTransport` and lands in a decode engine.
+Two factories: `JaxEngineFactory` (the real engines) and `MockEngineFactory` (the arithmetic
+mock of raypd/engine/mock.py, so orchestration tests need no model and show which worker ran
+each phase).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Callable
+
+import numpy as np
+
+from raypd.engine.api import KVPayload, PrefillOutput, Request, TokenOutput
+from raypd.engine.kv_codec import EncodedKV
+from raypd.engine.mock import MockDecodeEngine, MockPrefillEngine
+from raypd.engine.runner import EngineConfig
+
+ROLES = ("prefill", "decode")
+
+
+@dataclasses.dataclass
+class WorkerEngines:
+    prefill: object  # PrefillEngine-like; its allocator holds every page the KV index may cache
+    decode: object | None  # DecodeEngine-like (decode workers only)
+    send: Callable  # (PrefillOutput, KVTransport) -> TransferHandle; before prefill.release
+    recv_into: Callable  # (Request, PrefillOutput, TransferHandle, KVTransport) -> TokenOutput
+    model: object  # .config (ModelConfig-like: vocab_size) and .tokenizer, for validation
+    max_seq_len: int
+    kv_bytes_per_page: int
+    max_slots: int = 0  # decode batch capacity (decode workers)
+
+    @property
+    def page_size(self) -> int:
+        return self.prefill.allocator.page_size
+
+    def allocators(self) -> list:
+        """Distinct page pools of this worker (one for the JAX engines, two for the mock)."""
+        out = [self.prefill.allocator]
+        if self.decode is not None and self.decode.allocator is not self.prefill.allocator:
+            out.append(self.decode.allocator)
+        return out
+
+
+# ---------------------------------------------------------------- JAX engines
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxEngineFactory:
+    model: str | None = None  # anything models.load accepts by name or path
+    engine: EngineConfig = EngineConfig()
+    compression: str = "none"  # K/V on the wire: "none" | "int8"
+    dtype: str | None = None
+
+    def build(self, role: str, tp: int = 1) -> WorkerEngines:
+        import models
+        from raypd.engine import paged
+        from raypd.engine.decode import DecodeEngine
+        from raypd.engine.prefill import PrefillEngine
+        from raypd.engine.runner import ModelRunner
+        from raypd.transfer import recv_into, send_prefill
+
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        model = models.load(self.model, self.dtype)
+        runner = ModelRunner(model, dataclasses.replace(self.engine, tp=tp))
+        prefill = PrefillEngine(runner)
+        decode = DecodeEngine(runner, model.tokenizer) if role == "decode" else None
+        compression = self.compression
+        return WorkerEngines(
+            prefill=prefill, decode=decode,
+            send=lambda out, t: send_prefill(prefill, out, t, compression),
+            recv_into=lambda req, out, h, t: recv_into(decode, req, out, h, t),
+            model=types.SimpleNamespace(config=model.config, tokenizer=model.tokenizer),
+            max_seq_len=runner.max_seq_len,
+            kv_bytes_per_page=paged.kv_bytes_per_page(model.config, runner.page_size),
+            max_slots=runner.config.max_slots)
+
+
+# ---------------------------------------------------------------- arithmetic mock
+
+
+class _MockPrefill(MockPrefillEngine):
+    """The mock prefill engine with the JAX engine's signature (cached prefixes are ignored:
+    the mock always computes the whole prompt)."""
+
+    def prefill(self, requests: list[Request], prefixes: dict | None = None) -> list[PrefillOutput]:
+        return super().prefill(requests)
+
+    def max_cached_pages(self, prompt_len: int) -> int:
+        return (prompt_len - 1) // self.allocator.page_size
+
+
+def _mock_send(prefill: _MockPrefill, out: PrefillOutput, transport) -> object:
+    p = prefill.read_kv(out)
+    return transport.send(out.request_id, EncodedKV("none", p.num_tokens, "float32", p.k, p.v))
+
+
+def _mock_recv_into(decode: MockDecodeEngine, request: Request, out: PrefillOutput, handle,
+                    transport) -> TokenOutput:
+    enc = transport.recv(handle, 30.0)
+    payload = KVPayload(np.asarray(enc.k), np.asarray(enc.v), enc.num_tokens)
+    return decode.insert(request, out, payload)
+
+
+@dataclasses.dataclass(frozen=True)
+class MockEngineFactory:
+    """Prefill workers use `prefill_weight`; decode workers decode with `decode_weight` and
+    prefill short prompts locally with `local_prefill_weight`, so every token tells its origin."""
+
+    prefill_weight: int = 1
+    decode_weight: int = 1
+    local_prefill_weight: int = 1
+    vocab_size: int = 1000
+    page_size: int = 4
+    num_pages: int = 256
+    max_slots: int = 4
+    max_seq_len: int = 512
+    eos_ids: tuple[int, ...] = ()
+
+    def build(self, role: str, tp: int = 1) -> WorkerEngines:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        weight = self.prefill_weight if role == "prefill" else self.local_prefill_weight
+        prefill = _MockPrefill(weight, self.vocab_size, self.page_size, self.num_pages)
+        decode = None
+        if role == "decode":
+            decode = MockDecodeEngine(self.decode_weight, self.vocab_size, self.max_slots,
+                                      self.page_size, self.num_pages, self.eos_ids)
+        config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
+        return WorkerEngines(
+            prefill=prefill, decode=decode,
+            send=lambda out, t: _mock_send(prefill, out, t),
+            recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t),
+            model=types.SimpleNamespace(config=config, tokenizer=None),
+            max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots)

@@ -1,0 +1,429 @@
+"""The central scheduler: a thin async actor around the pure policy and KV index (`scheduler/`).
+
+Ray is applied in raypd/runtime/deployment.py (a named async actor); this class is plain.
+Lifecycle of a request:
+  1. `submit` (client): validate and tokenize every prompt (raypd.api.encode_prompt) before
+     anything is queued; `policy.admit` (bounded queue) and a first `policy.place`; a
+     Rejection (queue full, no capacity, predicted TTFT past the request's deadline) is
+     returned to the client at once as a typed error (errors.RequestRejected).
+  2. Dispatch (`_dispatch`, after every event): for each queued request, match its prompt in
+     the KV index, snapshot the workers (in-flight work counted) and `policy.place`:
+     Wait keeps it queued (FIFO), Rejection ends it, Placement pins its cached prefix in the
+     index and sends it, batched per worker, to a prefill worker (`PrefillWorker.prefill`) or,
+     for short uncached prompts, to the decode worker itself (`DecodeWorker.submit_local`).
+     A worker short of pages first gets cached pages evicted (`KVIndex.evict_worker`).
+  3. Prefill done: publish the new full prompt pages to the index (`KVIndex.publish`; pages the
+     index gives back are freed on their worker), unpin the prefix, and hand (request, first
+     token, transfer handle) to the decode worker (`DecodeWorker.submit`).
+  4. One collect loop per decode worker long-polls `DecodeWorker.collect`: tokens of all its
+     requests in one chunk; received transfers are released on the prefill side.
+  5. `poll` (client) returns each request's new tokens in chunks, and its end.
+Time for the policies is `time.monotonic()`, passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+import types
+from collections import defaultdict, deque
+
+from raypd.api import encode_prompt
+from raypd.engine.api import Request, SamplingParams
+from raypd.runtime import errors
+from raypd.runtime.workers import PrefillJob, PrefillResult
+from scheduler import (CostModel, DecodeWorkerState, KVIndex, Location, Placement, PolicyConfig,
+                       PrefillWorkerState, Rejection, RequestSpec, TransferState, admit, fit, place)
+
+log = logging.getLogger(__name__)
+
+
+def default_cost_model(kv_bytes_per_token: int) -> CostModel:
+    """Used when the deployment is not calibrated (tests): 1 ms + 20 us per token prefill."""
+    return CostModel((1e-3, 2e-5, 0.0), (1e-3, 1e-4, 1e-7), 1e-3, 1e9, kv_bytes_per_token)
+
+
+@dataclasses.dataclass
+class _Tracked:
+    request: Request
+    spec: RequestSpec
+    tokens: list = dataclasses.field(default_factory=list)  # (id, logprob, finish, text) not yet polled
+    is_finished: bool = False
+    error: tuple | None = None  # errors.to_wire
+    placement: Placement | None = None
+    first_token_s: float | None = None
+    num_computed_tokens: int | None = None
+
+
+class Scheduler:
+    def __init__(self, name: str, prefill_workers: dict, decode_workers: dict,
+                 policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None,
+                 calibrate: bool = False, local_prefill_stall_s: float | None = None,
+                 collect_timeout_s: float = 0.02):
+        self.name = name
+        self.prefill_workers, self.decode_workers = dict(prefill_workers), dict(decode_workers)
+        self.policy, self.cache_bytes, self.calibrate = policy, cache_bytes, calibrate
+        self.local_prefill_stall_s, self.collect_timeout_s = local_prefill_stall_s, collect_timeout_s
+        self._tracked: dict[str, _Tracked] = {}
+        self._prefilling: dict[str, tuple[list[int], list[int]]] = {}  # rid -> (prompt ids, pinned hashes)
+        self._queue: deque[str] = deque()
+        self._ids = itertools.count()
+        self._running = False
+        self._tasks: set[asyncio.Task] = set()
+        self._calibration: dict = {}
+        self._overhead_s, self._num_requests = 0.0, 0
+        self._num_computed_tokens = 0
+
+    # ------------------------------------------------------------------ start-up
+    async def start(self) -> dict:
+        infos = await asyncio.gather(*[w.info.remote() for w in self._all_workers().values()])
+        self._infos = dict(zip(self._all_workers(), infos))
+        first = infos[0]
+        self.page_size, self.kv_bytes_per_page = first["page_size"], first["kv_bytes_per_page"]
+        self.model = types.SimpleNamespace(config=first["model"].config, tokenizer=first["model"].tokenizer)
+        self.max_seq_len = min(i["max_seq_len"] for i in infos)
+        pool_bytes = sum(i["max_pages"] for i in infos) * self.kv_bytes_per_page
+        self.index = KVIndex(self.page_size, self.cache_bytes if self.cache_bytes is not None else pool_bytes // 2)
+        self.cost = default_cost_model(self.kv_bytes_per_page // self.page_size)
+        if self.calibrate:
+            await self._calibrate()
+        self._free = {w: i["max_pages"] for w, i in self._infos.items()}  # pool pages, last reported
+        self._pending: dict[str, dict[str, int]] = defaultdict(dict)  # worker -> rid -> pages reserved
+        self._decode_stats = {d: dict(num_free_slots=self._infos[d]["max_slots"], num_running=0, context_len=0)
+                              for d in self.decode_workers}
+        self._queued_s: dict[str, float] = defaultdict(float)
+        self._backlog: dict[str, int] = defaultdict(int)
+        self._sent_by: dict[str, str] = {}  # transfer_id -> prefill worker
+        self._changed = asyncio.Condition()
+        self._running = True
+        for d in self.decode_workers:
+            self._spawn(self._collect_loop(d))
+        return await self.status()
+
+    async def _calibrate(self) -> None:
+        """Time the engines on a few sizes and fit the cost model (scheduler.cost_model.fit)."""
+        G, top = self.page_size, self.max_seq_len
+        lengths = sorted({min(n, top - 16) for n in (G, 4 * G, 16 * G, 64 * G) if n < top})
+        pre = await asyncio.gather(*[w.calibrate.remote(lengths) for w in self.prefill_workers.values()])
+        dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], 4 * G) for w in self.decode_workers.values()])
+        prefill = [s for r in pre for s in r["prefill"]] or [s for r in dec for s in r["prefill"]]
+        transfer = [s for r in pre for s in r["transfer"]] or [(1, 1e-3)]
+        self.cost = fit(prefill, [s for r in dec for s in r["decode"]], transfer,
+                        self.kv_bytes_per_page // self.page_size)
+        if self.local_prefill_stall_s is not None:
+            self.policy = dataclasses.replace(
+                self.policy, local_prefill_max_len=self.cost.max_local_prefill_len(self.local_prefill_stall_s, top))
+        self._calibration = dict(prefill=prefill, transfer=transfer, cost=dataclasses.asdict(self.cost),
+                                 local_prefill_max_len=self.policy.local_prefill_max_len)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _all_workers(self) -> dict:
+        return {**self.prefill_workers, **self.decode_workers}
+
+    # ------------------------------------------------------------------ client calls
+    async def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None) -> dict:
+        """Validate all, then admit and queue all. -> {"ids": [...]} or {"error": errors.to_wire}."""
+        t0 = time.perf_counter()
+        if not self._running:
+            return {"error": ("not_running", f"deployment {self.name!r} is shut down")}
+        try:
+            if params.stop and self.model.tokenizer is None:
+                raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+            ids = [encode_prompt(p, self.model, self.max_seq_len, params.max_tokens, f"prompts[{i}]")
+                   for i, p in enumerate(prompts)]
+        except ValueError as e:
+            return {"error": errors.to_wire(e)}
+        now = time.monotonic()
+        new = []
+        for prompt_ids in ids:
+            rid = f"{self.name}-{next(self._ids)}"
+            spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now, ttft_slo_s)
+            reject = admit(spec, len(self._queue) + len(new), self.policy, self._prefill_states(spec, None))
+            reject = reject or self._place(spec, prompt_ids, now)[0]
+            if isinstance(reject, Rejection):
+                for t in new:
+                    self._tracked.pop(t.request.request_id)
+                return {"error": errors.to_wire(errors.RequestRejected(
+                    f"request rejected ({reject.reason.value}): {reject.message}", reject.reason.value,
+                    reject.ttft_s, reject.retry_after_s))}
+            new.append(_Tracked(Request(rid, prompt_ids, params), spec))
+            self._tracked[rid] = new[-1]
+        self._queue.extend(t.request.request_id for t in new)
+        self._num_requests += len(new)
+        self._dispatch()
+        self._overhead_s += time.perf_counter() - t0
+        return {"ids": [t.request.request_id for t in new]}
+
+    async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
+        """New tokens of each request since the last poll (waits up to `timeout_s` for any).
+        -> {rid: {"tokens": [(id, logprob, finish, text)], "finished": bool, "error", "metrics"}}"""
+        def ready():
+            return any(rid not in self._tracked or self._tracked[rid].tokens or self._tracked[rid].is_finished
+                       for rid in request_ids)
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        out = {}
+        for rid in request_ids:
+            t = self._tracked.get(rid)
+            if t is None:
+                out[rid] = dict(tokens=[], finished=True, error=("failed", f"unknown request {rid}"), metrics={})
+                continue
+            tokens, t.tokens = t.tokens, []
+            metrics = dict(ttft_s=(t.first_token_s - t.spec.arrival_s) if t.first_token_s else None,
+                           num_computed_tokens=t.num_computed_tokens,
+                           is_local_prefill=t.placement.is_local_prefill if t.placement else None,
+                           prefill_worker=t.placement.prefill_worker_id if t.placement else None,
+                           decode_worker=t.placement.decode_worker_id if t.placement else None)
+            out[rid] = dict(tokens=tokens, finished=t.is_finished, error=t.error, metrics=metrics)
+            if t.is_finished:
+                del self._tracked[rid]
+        return out
+
+    async def abort(self, request_ids: list[str]) -> None:
+        by_worker = defaultdict(list)
+        for rid in request_ids:
+            t = self._tracked.pop(rid, None)
+            if t is None:
+                continue
+            if rid in self._queue:
+                self._queue.remove(rid)
+            elif t.placement is not None:
+                by_worker[t.placement.decode_worker_id].append(rid)
+        for d, rids in by_worker.items():
+            self.decode_workers[d].abort.remote(rids)
+
+    async def status(self) -> dict:
+        pre = await asyncio.gather(*[w.status.remote() for w in self.prefill_workers.values()])
+        dec = await asyncio.gather(*[w.status.remote() for w in self.decode_workers.values()])
+        stats = self.index.stats()
+        return dict(name=self.name, is_running=self._running, num_queued=len(self._queue),
+                    num_tracked=len(self._tracked), prefill=pre, decode=dec,
+                    index=dict(num_entries=stats.num_entries, used_bytes=stats.used_bytes,
+                               max_bytes=stats.max_bytes, hit_rate=stats.hit_rate),
+                    local_prefill_max_len=self.policy.local_prefill_max_len, calibration=self._calibration,
+                    overhead_ms_per_request=1e3 * self._overhead_s / max(1, self._num_requests),
+                    num_requests=self._num_requests)
+
+    async def clear_cache(self) -> int:
+        """Evict every unpinned page of the index and free it on its worker. -> pages freed."""
+        evicted = self.index.evict(time.monotonic(), need_bytes=self.index.max_bytes + self.index.used_bytes + 1)
+        locations = [loc for ev in evicted for loc in ev.locations]
+        await asyncio.gather(*self._free_locations(locations))
+        return len(locations)
+
+    async def shutdown(self) -> None:
+        self._running = False
+        for rid in list(self._queue):
+            self._fail(rid, ("not_running", f"deployment {self.name!r} was shut down"))
+        self._queue.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------------ placement
+    def _prefill_states(self, spec: RequestSpec, match) -> list[PrefillWorkerState]:
+        return [PrefillWorkerState(w, queued_s=self._queued_s[w] if self._running else 0.0,
+                                   num_cached_pages=match.num_worker_pages(w) if match else 0)
+                for w in self.prefill_workers]
+
+    def _decode_states(self, match) -> list[DecodeWorkerState]:
+        out = []
+        for d in self.decode_workers:
+            s, held = self._decode_stats[d], self._pending[d]
+            out.append(DecodeWorkerState(d, s["num_free_slots"] - len(held), self._free[d] - sum(held.values()),
+                                         self._infos[d]["max_pages"], s["num_running"], s["context_len"],
+                                         match.num_worker_pages(d) if match else 0))
+        return out
+
+    def _place(self, spec: RequestSpec, prompt_ids: list[int], now: float):
+        match = self.index.match_prefix(prompt_ids, spec.max_cached_pages)
+        transfer = TransferState(dict(self._backlog))
+        return place(spec, self._prefill_states(spec, match), self._decode_states(match), self.cost, now,
+                     self.policy, transfer), match
+
+    def _dispatch(self) -> None:
+        """Place queued requests in order (module doc, step 2) and send them, batched per worker."""
+        now = time.monotonic()
+        remote, local = defaultdict(list), defaultdict(list)
+        while self._queue and self._running:
+            rid = self._queue[0]
+            t = self._tracked[rid]
+            decision, match = self._place(t.spec, t.request.prompt_ids, now)
+            if isinstance(decision, Rejection):
+                self._queue.popleft()
+                self._fail(rid, errors.to_wire(errors.RequestRejected(
+                    f"request rejected ({decision.reason.value}): {decision.message}", decision.reason.value,
+                    decision.ttft_s, decision.retry_after_s)))
+                continue
+            if not isinstance(decision, Placement):
+                break  # Wait: FIFO, try again on the next event
+            self._queue.popleft()
+            w = decision.prefill_worker_id
+            k = min(decision.num_cached_pages, match.num_worker_pages(w))
+            t.placement = decision
+            self._prefilling[rid] = (t.request.prompt_ids, match.hashes[:k])
+            self.index.acquire(match.hashes[:k], now)
+            prompt_pages = -(-t.spec.prompt_len // self.page_size)
+            need_here = (t.spec.num_pages_needed if decision.is_local_prefill else prompt_pages) - k
+            self._make_room(w, need_here + sum(self._pending[w].values()), now)
+            self._pending[w][rid] = need_here
+            if not decision.is_local_prefill:
+                self._pending[decision.decode_worker_id][rid] = t.spec.num_pages_needed
+                est = next(e for e in decision.estimates if e.worker_id == w)
+                self._queued_s[w] += est.prefill_s
+                kv = self.cost.kv_bytes(t.spec.prompt_len)
+                self._backlog[w] += kv
+                self._backlog[decision.decode_worker_id] += kv
+            job = PrefillJob(t.request, list(match.worker_pages.get(w, []))[:k])
+            (local if decision.is_local_prefill else remote)[w].append(job)
+        for w, jobs in remote.items():
+            self._spawn(self._run_prefill(w, jobs))
+        for d, jobs in local.items():
+            self.decode_workers[d].submit_local.remote(jobs)
+
+    def _make_room(self, worker: str, need: int, now: float) -> None:
+        """Evict cached pages of `worker` until `need` pages are free (as last reported)."""
+        short = need - self._free[worker]
+        if short > 0:
+            evicted = self.index.evict_worker(worker, short, now)
+            self._free_locations([loc for ev in evicted for loc in ev.locations])
+
+    def _free_locations(self, locations) -> list:
+        by_worker = defaultdict(list)
+        for loc in locations:
+            by_worker[loc.worker_id].append(loc.page)
+        refs = []
+        for w, pages in by_worker.items():
+            self._free[w] += len(pages)
+            refs.append(self._all_workers()[w].free_pages.remote(pages))
+        return refs
+
+    # ------------------------------------------------------------------ results
+    async def _run_prefill(self, worker: str, jobs: list[PrefillJob]) -> None:
+        try:
+            results, num_free = await self.prefill_workers[worker].prefill.remote(jobs)
+        except Exception as e:  # noqa: BLE001 - the worker died: fail its requests
+            results, num_free = [e] * len(jobs), self._free[worker]
+        t0 = time.perf_counter()
+        self._free[worker] = num_free
+        by_decode = defaultdict(list)
+        for job, res in zip(jobs, results):
+            rid = job.request.request_id
+            t = self._tracked.get(rid)
+            self._pending[worker].pop(rid, None)
+            if t is not None:
+                self._queued_s[worker] = max(0.0, self._queued_s[worker] - next(
+                    e.prefill_s for e in t.placement.estimates if e.worker_id == worker))
+            if isinstance(res, Exception):
+                self._unpin(rid)
+                self._fail(rid, ("failed", f"prefill on {worker} failed: {res}"))
+                continue
+            self._sent_by[res.handle.transfer_id] = worker
+            self._publish(worker, res)
+            if t is None or t.error is not None:  # aborted meanwhile
+                self.prefill_workers[worker].release_transfers.remote([res.handle])
+                continue
+            t.num_computed_tokens = res.num_computed_tokens
+            by_decode[t.placement.decode_worker_id].append((job.request, res.output, res.handle))
+        for d, items in by_decode.items():
+            self.decode_workers[d].submit.remote(items)
+        self._overhead_s += time.perf_counter() - t0
+        self._dispatch()
+
+    def _publish(self, worker: str, res: PrefillResult) -> None:
+        """New full prompt pages into the index; unpin the prefix; free what the index returns."""
+        rid = res.output.request_id
+        prompt_ids, _ = self._prefilling[rid]
+        now = time.monotonic()
+        locations = [None] * res.num_prefix_pages + [
+            Location.in_worker(worker, p, self.kv_bytes_per_page) for p in res.cached_pages]
+        self._num_computed_tokens += res.num_computed_tokens
+        try:
+            published = self.index.publish(prompt_ids, locations, now)
+        except ValueError:  # the prefix was not what the index pinned: keep nothing
+            log.exception("publish of %s failed", rid)
+            self._free_locations([loc for loc in locations if loc is not None])
+        else:
+            gone = published.redundant + [loc for ev in published.evicted for loc in ev.locations]
+            self._free_locations(gone)
+        self._unpin(rid)
+
+    def _unpin(self, rid: str) -> None:
+        _, pinned = self._prefilling.pop(rid, (None, []))
+        if pinned:
+            self.index.release(pinned)
+
+    async def _collect_loop(self, d: str) -> None:
+        worker = self.decode_workers[d]
+        while self._running:
+            try:
+                report = await worker.collect.remote(self.collect_timeout_s)
+            except Exception as e:  # noqa: BLE001 - the decode worker died
+                log.error("decode worker %s: %s", d, e)
+                for rid, t in list(self._tracked.items()):
+                    if t.placement is not None and t.placement.decode_worker_id == d:
+                        self._fail(rid, ("failed", f"decode worker {d} died: {e}"))
+                async with self._changed:
+                    self._changed.notify_all()
+                return
+            t0 = time.perf_counter()
+            self._apply_report(d, report)
+            self._overhead_s += time.perf_counter() - t0
+            async with self._changed:
+                self._changed.notify_all()
+            if report.started or report.freed:
+                self._dispatch()
+
+    def _apply_report(self, d: str, report) -> None:
+        now = time.monotonic()
+        self._free[d] = report.num_free_pages
+        self._decode_stats[d] = dict(num_free_slots=report.num_free_slots, num_running=report.num_running,
+                                     context_len=report.context_len)
+        for res in report.prefilled:
+            self._publish(d, res)
+            t = self._tracked.get(res.output.request_id)
+            if t is not None:
+                t.num_computed_tokens = res.num_computed_tokens
+        for rid in report.errors:  # a local prefill that failed holds pins still
+            self._unpin(rid)
+        for rid in report.started:
+            self._pending[d].pop(rid, None)
+        release = defaultdict(list)
+        for h in report.received:
+            w = self._sent_by.pop(h.transfer_id, None)
+            if w is not None:
+                release[w].append(h)
+                kv = self.cost.kv_bytes(h.num_tokens)
+                self._backlog[w] = max(0, self._backlog[w] - kv)
+                self._backlog[d] = max(0, self._backlog[d] - kv)
+        for w, handles in release.items():
+            self.prefill_workers[w].release_transfers.remote(handles)
+        for rid, tokens in report.tokens.items():
+            t = self._tracked.get(rid)
+            if t is None:
+                continue
+            if t.first_token_s is None:
+                t.first_token_s = now
+            t.tokens.extend(tokens)
+            if tokens[-1][2] is not None:
+                t.is_finished = True
+        for rid, message in report.errors.items():
+            self._fail(rid, ("failed", f"decode worker {d}: {message}"))
+
+    def _fail(self, rid: str, error: tuple) -> None:
+        t = self._tracked.get(rid)
+        if t is not None and not t.is_finished:
+            t.error, t.is_finished = error, True
+            for pending in self._pending.values():
+                pending.pop(rid, None)

@@ -1,0 +1,383 @@
+"""Prefill and decode workers: plain Python classes (tests build them directly; Ray is applied
+in raypd/runtime/deployment.py). Each builds its engines in its own process from a factory
+(raypd/runtime/engines.py) and a `KVTransport` from a transport factory.
+
+PrefillWorker, one call per batch of jobs (`prefill(jobs)`):
+  1. prefill the prompts, reusing the cached prefix pages the scheduler named (`PrefillJob`),
+  2. send each prompt's K/V into the transport (`engines.send`),
+  3. keep one reference on the prompt's newly computed full pages, for the KV index
+     (`PrefillResult.cached_pages`; the scheduler publishes them and later frees them with
+     `free_pages` when the index evicts them), and release the request's pages,
+  4. return small results: the first token, the transfer handle, page ids; never K/V.
+  The sender's transfer buffers are dropped on `release_transfers`, once the decode side has
+  the K/V.
+
+DecodeWorker: a decode loop runs continuously in a background thread. Every call the scheduler
+makes (`submit`, `submit_local`, `free_pages`, `abort`) only files an item in the inbox, so
+the engines are touched by the loop thread alone. Each loop iteration:
+  1. takes the whole inbox: remote prefills are received into the pool (`engines.recv_into`)
+     and inserted; local prefills (short prompts, conditional disaggregation) run on the
+     worker's own prefill engine over the same pool and are inserted without a copy;
+  2. runs one `decode_step` for every running request (continuous batching: new requests join
+     between steps);
+  3. appends every produced token to a report buffer.
+  `collect(timeout_s)` hands the buffered report over (tokens of all requests, in chunks) and
+  waits up to `timeout_s` when it is empty: one RPC per chunk of many tokens and requests,
+  never one per token per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from raypd.engine.api import PrefillOutput, Request, SamplingParams, TokenOutput
+from raypd.runtime.engines import WorkerEngines
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PrefillJob:
+    """Scheduler -> worker: one request and the worker's pages holding its cached prefix."""
+
+    request: Request
+    prefix_pages: list[int] = dataclasses.field(default_factory=list)
+    retain: bool = True  # keep the new full prompt pages for the KV index
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """Worker -> scheduler. Small: page ids and a transfer handle, never K/V."""
+
+    output: PrefillOutput  # .pages emptied (they are the sender's business)
+    handle: object | None  # TransferHandle; None when prefilled on the decode worker itself
+    cached_pages: list[int]  # retained full prompt pages after the reused prefix, in order
+    num_prefix_pages: int  # leading pages reused from the cache
+    num_computed_tokens: int
+    prefill_s: float
+
+
+@dataclasses.dataclass
+class DecodeReport:
+    """Decode worker -> scheduler, one per `collect`: everything since the last one."""
+
+    tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
+    started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
+    received: list = dataclasses.field(default_factory=list)  # TransferHandles now in the pool
+    prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
+    freed: list[int] = dataclasses.field(default_factory=list)  # pages `free_pages` released
+    num_free_pages: int = 0
+    num_free_slots: int = 0
+    num_running: int = 0
+    context_len: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.tokens or self.errors or self.started or self.received or self.prefilled
+                    or self.freed)
+
+
+def _retain(prefill, out: PrefillOutput, retain: bool) -> tuple[list[int], int]:
+    """One reference on the newly computed full prompt pages (after the reused prefix)."""
+    G = prefill.allocator.page_size
+    num_prefix = out.num_cached_tokens // G
+    keep = list(out.pages[num_prefix: out.prompt_len // G]) if retain else []
+    prefill.allocator.incref(keep)
+    return keep, num_prefix
+
+
+def _calibration_request(n: int, rng, vocab_size: int, tag: str, max_tokens: int = 1) -> Request:
+    ids = rng.integers(3, max(4, min(vocab_size, 259)), size=n).tolist()
+    return Request(f"calibrate-{tag}-{n}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1):
+        self.worker_id = worker_id
+        self.engines: WorkerEngines = factory.build("prefill", tp)
+        self.transport = transport_factory()
+        self._sent: dict[str, object] = {}  # transfer_id -> handle, until the decode side has it
+        self.num_computed_tokens = 0
+
+    def prefill(self, jobs: list[PrefillJob]) -> tuple[list[PrefillResult | Exception], int]:
+        """Prefill, send, retain, release (module doc). -> (one result or exception per job,
+        free pages of the pool after)."""
+        results = []
+        for job in jobs:  # one at a time: a failing request leaves the others untouched
+            rid = job.request.request_id
+            start = time.perf_counter()
+            try:
+                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages)})
+                handle = self.engines.send(out, self.transport)
+                self._sent[handle.transfer_id] = handle
+                cached, num_prefix = _retain(self.engines.prefill, out, job.retain)
+            except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
+                log.exception("prefill of %s failed", rid)
+                results.append(e)
+                continue
+            finally:
+                self.engines.prefill.release(rid)
+            computed = out.prompt_len - out.num_cached_tokens
+            self.num_computed_tokens += computed
+            results.append(PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, num_prefix,
+                                         computed, time.perf_counter() - start))
+        return results, self.engines.prefill.allocator.num_free
+
+    def release_transfers(self, handles: list) -> None:
+        """The decode side has these payloads: drop the sender's buffers."""
+        for h in handles:
+            if self._sent.pop(h.transfer_id, None) is not None:
+                self.transport.release(h)
+
+    def free_pages(self, pages: list[int]) -> None:
+        """Drop the references `prefill` retained on these pages (the index let them go)."""
+        self.engines.prefill.allocator.free(pages)
+
+    def info(self) -> dict:
+        e = self.engines
+        return dict(worker_id=self.worker_id, model=e.model, max_seq_len=e.max_seq_len, page_size=e.page_size,
+                    kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.prefill.allocator.num_pages - 1)
+
+    def status(self) -> dict:
+        return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
+                    num_free_pages=self.engines.prefill.allocator.num_free, num_pending_transfers=len(self._sent),
+                    num_computed_tokens=self.num_computed_tokens)
+
+    def calibrate(self, lengths: list[int], seed: int = 0) -> dict:
+        """Time prefill of each length (run twice; the second is timed, so compilation is not)
+        and a send + receive of its K/V. -> {"prefill": [(n, 0, s)], "transfer": [(bytes, s)]}."""
+        rng = np.random.default_rng(seed)
+        vocab = self.engines.model.config.vocab_size
+        prefill_samples, transfer_samples = [], []
+        for n in lengths:
+            req = _calibration_request(n, rng, vocab, self.worker_id)
+            for attempt in range(2):
+                start = time.perf_counter()
+                (out,) = self.engines.prefill.prefill([req], {})
+                prefill_s = time.perf_counter() - start
+                try:
+                    start = time.perf_counter()
+                    handle = self.engines.send(out, self.transport)
+                    self.transport.recv(handle, 30.0)
+                    transfer_s = time.perf_counter() - start
+                    self.transport.release(handle)
+                finally:
+                    self.engines.prefill.release(req.request_id)
+            prefill_samples.append((n, 0, prefill_s))
+            transfer_samples.append((handle.num_bytes, transfer_s))
+        return dict(prefill=prefill_samples, transfer=transfer_samples)
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1,
+                 start: bool = True, idle_s: float = 0.002):
+        self.worker_id = worker_id
+        self.engines: WorkerEngines = factory.build("decode", tp)
+        self.transport = transport_factory()
+        self.idle_s = idle_s
+        self._cv = threading.Condition()  # guards _inbox and _report
+        self._engine_lock = threading.Lock()  # held while the engines run (loop or calibrate)
+        self._inbox: list[tuple] = []
+        self._report = DecodeReport()
+        self._context: dict[str, int] = {}  # running rid -> tokens of context
+        self._stopped = False
+        self.num_computed_tokens = 0  # prompt tokens prefilled locally
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # -- calls from the scheduler (any thread): file an item, return at once -------------------
+    def submit(self, items: list[tuple[Request, PrefillOutput, object]]) -> None:
+        """Requests prefilled elsewhere: (request, prefill output, transfer handle)."""
+        self._put([("remote", *item) for item in items])
+
+    def submit_local(self, jobs: list[PrefillJob]) -> None:
+        """Requests to prefill here, on the decode worker's own pool."""
+        self._put([("local", job) for job in jobs])
+
+    def free_pages(self, pages: list[int]) -> None:
+        self._put([("free", list(pages))])
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._put([("abort", rid) for rid in request_ids])
+
+    def _put(self, items: list[tuple]) -> None:
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError(f"decode worker {self.worker_id} is stopped")
+            self._inbox.extend(items)
+            self._cv.notify_all()
+
+    def collect(self, timeout_s: float = 0.05) -> DecodeReport:
+        """Everything produced since the last call; waits up to `timeout_s` while there is none."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._report.is_empty() and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            report, self._report = self._report, DecodeReport()
+        d = self.engines.decode
+        report.num_free_pages = d.allocator.num_free
+        report.num_running = d.num_running
+        report.num_free_slots = self.engines.max_slots - d.num_running
+        report.context_len = sum(self._context.values())
+        return report
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"decode-{self.worker_id}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 - keep serving; the failing items were reported
+                log.exception("decode loop iteration failed")
+                busy = False
+            if not busy:
+                with self._cv:
+                    if not self._inbox and not self._stopped:
+                        self._cv.wait(self.idle_s if self.engines.decode.num_running else 0.05)
+
+    def run_once(self) -> bool:
+        """One loop iteration (module doc). Returns whether there was anything to do."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        with self._engine_lock:
+            for kind, *args in inbox:
+                if kind == "remote":
+                    self._insert_remote(*args)
+                elif kind == "local":
+                    self._prefill_local(*args)
+                elif kind == "free":
+                    self.engines.prefill.allocator.free(args[0])
+                    self._record(freed=args[0])
+                elif kind == "abort":
+                    self._abort(args[0])
+            outs = self.engines.decode.decode_step() if self.engines.decode.num_running else []
+            for o in outs:
+                self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
+            self._record(outputs=outs)
+        return bool(inbox or outs)
+
+    def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
+        rid = request.request_id
+        try:
+            first = self.engines.recv_into(request, out, handle, self.transport)
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        finally:
+            self.transport.release(handle)
+            self._record(received=handle)
+        self._started(request, out, first)
+
+    def _prefill_local(self, job: PrefillJob) -> None:
+        request, prefill = job.request, self.engines.prefill
+        rid = request.request_id
+        start = time.perf_counter()
+        cached: list[int] = []
+        try:
+            (out,) = prefill.prefill([request], {rid: list(job.prefix_pages)})
+            cached, num_prefix = _retain(prefill, out, job.retain)
+            first = self.engines.decode.insert(request, out, None)
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            prefill.allocator.free(cached)
+            prefill.release(rid)
+            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        prefill.release(rid)  # the decode engine holds its own reference on the prompt pages
+        computed = out.prompt_len - out.num_cached_tokens
+        self.num_computed_tokens += computed
+        self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached, num_prefix,
+                                             computed, time.perf_counter() - start))
+        self._started(request, out, first)
+
+    def _started(self, request: Request, out: PrefillOutput, first: TokenOutput) -> None:
+        if not first.is_finished:
+            self._context[request.request_id] = out.prompt_len + 1
+        self._record(outputs=[first], started=request.request_id)
+
+    def _abort(self, rid: str) -> None:
+        o = self.engines.decode.release(rid)
+        self._context.pop(rid, None)
+        if o is not None:
+            self._record(outputs=[o])
+
+    def _record(self, outputs=(), error=None, started=None, received=None, prefilled=None, freed=()) -> None:
+        with self._cv:
+            r = self._report
+            for o in outputs:
+                r.tokens.setdefault(o.request_id, []).append((o.token_id, o.logprob, o.finish_reason, o.text))
+                if o.is_finished:
+                    self._context.pop(o.request_id, None)
+            if error is not None:
+                r.errors[error[0]] = error[1]
+                r.started.append(error[0])
+            if started is not None:
+                r.started.append(started)
+            if received is not None:
+                r.received.append(received)
+            if prefilled is not None:
+                r.prefilled.append(prefilled)
+            r.freed.extend(freed)
+            self._cv.notify_all()
+
+    # -- status and calibration ----------------------------------------------------------------
+    def info(self) -> dict:
+        e = self.engines
+        return dict(worker_id=self.worker_id, model=e.model, max_seq_len=e.max_seq_len, page_size=e.page_size,
+                    kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.decode.allocator.num_pages - 1,
+                    max_slots=e.max_slots)
+
+    def status(self) -> dict:
+        return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
+                    num_running=self.engines.decode.num_running, num_inbox=len(self._inbox),
+                    num_computed_tokens=self.num_computed_tokens)
+
+    def calibrate(self, batch_sizes: list[int], context_len: int, seed: int = 0) -> dict:
+        """Time one decode step for each batch size (contexts of `context_len` tokens) and a
+        local prefill of `context_len` tokens. -> {"decode": [(B, B * S, s)], "prefill": [(n, 0, s)]}."""
+        rng = np.random.default_rng(seed)
+        e, vocab = self.engines, self.engines.model.config.vocab_size
+        decode_samples, prefill_samples = [], []
+        with self._engine_lock:
+            for B in batch_sizes:
+                reqs = [_calibration_request(context_len, rng, vocab, f"{self.worker_id}-{B}-{i}", 8)
+                        for i in range(B)]
+                try:
+                    for r in reqs:
+                        start = time.perf_counter()
+                        (out,) = e.prefill.prefill([r], {})
+                        prefill_s = time.perf_counter() - start
+                        e.decode.insert(r, out, None)
+                        e.prefill.release(r.request_id)
+                    times = []
+                    for _ in range(3):
+                        start = time.perf_counter()
+                        e.decode.decode_step()
+                        times.append(time.perf_counter() - start)
+                    decode_samples.append((B, B * (context_len + 2), float(np.median(times[1:]))))
+                    prefill_samples.append((context_len, 0, prefill_s))
+                finally:
+                    for r in reqs:
+                        e.prefill.release(r.request_id)
+                        e.decode.release(r.request_id)
+        return dict(decode=decode_samples, prefill=prefill_samples)

@@ -1,0 +1,196 @@
+"""The Ray runtime (raypd/runtime): workers, the scheduler actor, the client, on one node.
+
+Guards against: a K/V handoff between workers that changes greedy output (disaggregated must
+equal colocated and the local backend, for prompts of 1 token, under a page, exactly a page,
+a page + 1 and over the largest prefill bucket); a phase run on the wrong worker (mock engines
+with different weights); a prefix "hit" that recomputes or changes output; conditional
+disaggregation and early rejection not doing what the policy says; and pages, slots or index
+entries leaking (checked after every test).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import models
+import raypd
+from raypd.api import LocalBackend
+from raypd.engine.api import Request, SamplingParams
+from raypd.engine.runner import EngineConfig
+from raypd.runtime import errors
+from raypd.runtime.engines import JaxEngineFactory, MockEngineFactory
+from raypd.runtime.workers import DecodeWorker, PrefillJob, PrefillWorker
+from raypd.transfer import make_transport
+from scheduler import PolicyConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = EngineConfig(page_size=16, num_pages=64, max_slots=8, max_seq_len=256, prefill_buckets=(16, 32, 64))
+LENGTHS = (1, 7, 16, 17, 33, 80)  # 1 token, < 1 page, 1 page, page + 1, 2 pages + 1, > largest bucket
+MAX_TOKENS = 8
+
+
+def prompts(lengths=LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy tokens of the local (colocated) backend for `prompts()`."""
+    backend = LocalBackend(models.load("tiny-random"), ENGINE)
+    out = raypd.generate(prompts(), model=backend, max_tokens=MAX_TOKENS, ignore_eos=True, backend="local")
+    return [c.token_ids for c in out]
+
+
+# ---------------------------------------------------------------- workers, no Ray
+
+
+def test_workers_in_process_equal_local_backend(reference):
+    """Plain worker classes (no Ray): prefill worker -> inproc transport -> decode loop."""
+    transport = make_transport("inproc")
+    factory = JaxEngineFactory("tiny-random", ENGINE)
+    pw = PrefillWorker("p", factory, lambda: transport)
+    dw = DecodeWorker("d", factory, lambda: transport, start=False)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    reqs = [Request(f"r{i}", p, params) for i, p in enumerate(prompts())]
+    results, _ = pw.prefill([PrefillJob(r) for r in reqs[1:]])
+    dw.submit([(r, res.output, res.handle) for r, res in zip(reqs[1:], results)])
+    dw.submit_local([PrefillJob(reqs[0])])  # the 1-token prompt prefills on the decode worker
+    tokens = {r.request_id: [] for r in reqs}
+    while dw.run_once():
+        for rid, toks in dw.collect(0).tokens.items():
+            tokens[rid].extend(t[0] for t in toks)
+    assert [tokens[r.request_id] for r in reqs] == reference
+    pw.release_transfers([res.handle for res in results])
+    # retained full prompt pages (for the KV index) are all that is left; free them
+    pw.free_pages([p for res in results for p in res.cached_pages])
+    assert pw.status()["used_pages"] == [0] and dw.status()["used_pages"] == [0]
+    assert pw.status()["num_pending_transfers"] == 0 and transport.num_pending == 0
+
+
+# ---------------------------------------------------------------- Ray deployments
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="raypd-tests",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
+    yield ray
+    ray.shutdown()
+
+
+def assert_baseline(d, timeout_s: float = 5.0):
+    """Nothing running, queued or in flight; after dropping the cache, every pool empty.
+    (Decode workers free pages from their loop thread, so allow it a moment.)"""
+    d.clear_cache()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = d.status()
+        used = [u for w in s["prefill"] + s["decode"] for u in w["used_pages"]]
+        if not any(used) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert s["num_queued"] == 0 and s["num_tracked"] == 0 and s["index"]["num_entries"] == 0
+    assert s["index"]["used_bytes"] == 0
+    for w in s["prefill"]:
+        assert set(w["used_pages"]) == {0} and w["num_pending_transfers"] == 0, w
+    for w in s["decode"]:
+        assert set(w["used_pages"]) == {0} and w["num_running"] == 0, w
+
+
+@pytest.fixture(scope="module")
+def model_deployment(ray_session):
+    d = raypd.serve("tiny-random", name="tiny", engine_config=ENGINE, calibrate=False,
+                    policy=PolicyConfig(local_prefill_max_len=8), prefill_resources=_small(),
+                    decode_resources=_small())
+    yield d
+    d.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mock_deployment(ray_session):
+    factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=16)
+    d = raypd.serve(name="mock", factory=factory, calibrate=False, policy=PolicyConfig(local_prefill_max_len=4),
+                    prefill_resources=_small(), decode_resources=_small())
+    yield d
+    d.shutdown()
+
+
+def _small():
+    from raypd.runtime.deployment import Resources
+
+    return Resources(num_cpus=0.25)
+
+
+def test_disaggregated_equals_colocated_and_local(model_deployment, reference):
+    out = model_deployment.generate(prompts(), max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert [c.token_ids for c in out] == reference
+    local = [c.metrics["is_local_prefill"] for c in out]
+    assert local == [n <= 8 for n in LENGTHS]  # conditional disaggregation: short prompts stay local
+    assert all(c.finish_reason == "length" for c in out)
+    chunks = list(model_deployment.stream(prompts()[-1], max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [c.token_id for c in chunks] == reference[-1]
+    assert_baseline(model_deployment)
+
+
+def test_prefix_hit_skips_work_same_output(model_deployment):
+    (p,) = prompts((70,), seed=1)
+    first, second = (model_deployment.generate([p], max_tokens=MAX_TOKENS, ignore_eos=True)[0] for _ in range(2))
+    assert first.metrics["num_computed_tokens"] == 70
+    assert second.metrics["num_computed_tokens"] == 70 - 4 * 16  # 4 full pages reused, 6 computed
+    assert second.token_ids == first.token_ids
+    s = model_deployment.status()
+    assert s["index"]["num_entries"] == 4 and s["index"]["hit_rate"] > 0
+    assert_baseline(model_deployment)
+
+
+def test_mock_weights_show_which_worker_ran_each_phase(mock_deployment):
+    long, short = [10, 20, 30, 40, 50], [7, 8]
+    a, b = mock_deployment.generate([long, short], max_tokens=4)
+    assert a.token_ids == [300, 303, 306, 309]  # prefill worker (x2), then decode (+3)
+    assert not a.metrics["is_local_prefill"] and a.metrics["prefill_worker"] == "prefill-0"
+    assert b.token_ids == [75, 78, 81, 84]  # prefilled on the decode worker itself (x5)
+    assert b.metrics["is_local_prefill"] and b.metrics["decode_worker"] == "decode-0"
+    assert_baseline(mock_deployment)
+
+
+def test_early_rejection_and_bad_input(mock_deployment):
+    with pytest.raises(errors.RequestRejected) as e:
+        mock_deployment.generate([[5] * 20], max_tokens=4, ttft_slo_s=1e-9)
+    assert e.value.reason == "deadline" and e.value.retry_after_s > 0
+    with pytest.raises(errors.RequestRejected) as e:  # 15 usable pages of 4 tokens: 80 can never fit
+        mock_deployment.generate([[5] * 40], max_tokens=40)
+    assert e.value.reason == "no_capacity"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        mock_deployment.generate([[5, 5000]], max_tokens=2)
+    with pytest.raises(ValueError, match="must not be empty"):
+        mock_deployment.generate([[]], max_tokens=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        mock_deployment.generate([[5]], max_tokens=0)
+    assert_baseline(mock_deployment)
+
+
+def test_connect_and_shutdown_errors(ray_session):
+    with pytest.raises(errors.DeploymentNotFound, match="no raypd deployment named 'nope'"):
+        raypd.connect("nope")
+    d = raypd.serve(name="raypd", factory=MockEngineFactory(), num_prefill=0, calibrate=False,
+                    decode_resources=_small())
+    other = raypd.connect()  # by the default name, as another driver would
+    assert other.generate([[1, 2]], max_tokens=2)[0].token_ids == [3, 4]
+    for backend in ("ray", "auto"):  # auto: a deployment runs, so it is used
+        (c,) = raypd.generate([[1, 2]], max_tokens=2, backend=backend)
+        assert c.token_ids == [3, 4] and c.metrics["decode_worker"] == "decode-0"
+    assert [c.token_id for c in raypd.stream([1, 2], max_tokens=2, backend="ray")] == [3, 4]
+    with pytest.raises(ValueError, match="already running"):
+        raypd.serve(name="raypd", factory=MockEngineFactory(), calibrate=False)
+    d.shutdown()
+    with pytest.raises(errors.DeploymentNotRunning):
+        d.generate([[1, 2]], max_tokens=2)
+    with pytest.raises(errors.DeploymentNotRunning):
+        other.generate([[1, 2]], max_tokens=2)
