@@ -93,9 +93,66 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+def add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over gRPC in the foreground (Ctrl-C stops it cleanly)",
+        description="Serve MODEL over gRPC (raypd/proto/raypd.proto, with health and reflection). Binds "
+                    "127.0.0.1 by default; a non-loopback --grpc-host needs --auth-token and/or TLS, or "
+                    "--allow-insecure-remote. The token may also come from $RAYPD_AUTH_TOKEN.")
+    p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
+    p.add_argument("--grpc-host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' (all but health)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-queued", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.add_argument("--allow-insecure-remote", action="store_true",
+                   help="allow a non-loopback bind without TLS or auth (prints a warning)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
+    p.set_defaults(run=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    import models
+    from raypd.api import LocalBackend
+    from raypd.server.grpc_server import Endpoint
+
+    name = args.model or models.DEFAULT_MODEL
+    token = args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN") or None
+    read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
+    try:
+        backend = LocalBackend(models.load(name))
+        endpoint = Endpoint(backend, name, max_queued=args.max_queued, metrics_port=args.metrics_port,
+                            host=args.grpc_host, port=args.grpc_port, token=token, tls_cert=read(args.tls_cert),
+                            tls_key=read(args.tls_key), max_message_bytes=args.max_message_bytes,
+                            allow_insecure_remote=args.allow_insecure_remote)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"raypd serve: {e}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("warming up %s", name)
+    endpoint.start(warmup=not args.no_warmup)
+    print(json.dumps({"serving": name, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
+                      "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port}), flush=True)
+    stop.wait()
+    log.info("shutting down")
+    endpoint.stop()
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = (add_convert, add_generate)
+SUBCOMMANDS = (add_convert, add_generate, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,3 +66,36 @@ def test_generate_json_and_bad_input(capsys):
     assert row["prompt"] == "hello" and len(row["token_ids"]) <= 3 and "ttft_s" in row["metrics"]
     with pytest.raises(SystemExit, match="temperature"):
         cli.main(["generate", "hello", "--model", "tiny-random", "--temperature", "-1"])
+
+
+def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigint():
+    """`raypd serve` as a user runs it: a real process, a real client, Ctrl-C (SIGINT)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import grpc
+
+    from raypd.proto import raypd_pb2, raypd_pb2_grpc
+
+    proc = subprocess.Popen([sys.executable, "-m", "raypd.cli", "serve", "--model", "tiny-random", "--grpc-port", "0",
+                             "--no-warmup"], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["grpc"].startswith("127.0.0.1:") and info["auth"] is False
+        with grpc.insecure_channel(info["grpc"]) as ch:
+            stub = raypd_pb2_grpc.GenerationStub(ch)
+            resp = stub.Generate(raypd_pb2.GenerateRequest(text="hi", params=raypd_pb2.SamplingParams(
+                max_tokens=3, ignore_eos=True)), timeout=60)
+            assert len(resp.token_ids) == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_refuses_an_open_bind_without_tls_or_auth():
+    with pytest.raises(SystemExit, match="non-loopback"):
+        cli.main(["serve", "--model", "tiny-random", "--grpc-host", "0.0.0.0", "--no-warmup"])

@@ -1,0 +1,144 @@
+"""EngineLoop: one thread owns an engine; any thread submits, reads and aborts requests.
+
+Lifecycle of a request:
+  1. `submit(request)` checks the bounded queue (a full queue raises `Rejected` at once),
+     then hands the request to the loop thread through a command queue.
+  2. The loop thread adds it to the engine between steps and keeps calling `engine.step()`
+     while anything is unfinished; each `TokenOutput` goes to its request's `RequestStream`.
+  3. The caller reads its stream (`RequestStream.get(timeout_s)`: every wait is bounded).
+  4. `abort(request_id)` (a cancelled RPC, an expired deadline) reaches the loop before its
+     next step, and the engine frees the request's slot and pages there.
+The engine is only ever touched by the loop thread, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+from raypd.engine.api import Request, TokenOutput
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(RuntimeError):
+    """The request was refused before queuing (the server is at capacity)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StreamTimeout(TimeoutError):
+    pass
+
+
+@dataclasses.dataclass
+class RequestStream:
+    request_id: str
+    submitted_s: float
+    _queue: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+
+    def get(self, timeout_s: float) -> TokenOutput:
+        """The next token output; raises StreamTimeout after `timeout_s` without one."""
+        try:
+            item = self._queue.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            raise StreamTimeout(f"request {self.request_id}: no token within {timeout_s:.3f} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class EngineLoop:
+    def __init__(self, engine, max_queued: int = 256, idle_wait_s: float = 0.02):
+        self.engine = engine  # a ColocatedEngine (add_request / step / abort / num_unfinished)
+        self.max_queued = max_queued
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()  # guards _streams between submitters and the loop
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raypd-engine-loop", daemon=True)
+        self.num_steps = 0
+        self.step_s_total = 0.0
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"engine loop did not stop within {timeout_s} s")
+
+    @property
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def submit(self, request: Request) -> RequestStream:
+        with self._lock:
+            if len(self._streams) >= self.max_queued:
+                raise Rejected(f"server at capacity ({self.max_queued} requests in flight)", retry_after_s=1.0)
+            if request.request_id in self._streams:
+                raise ValueError(f"request_id {request.request_id!r} is already in flight")
+            stream = RequestStream(request.request_id, time.perf_counter())
+            self._streams[request.request_id] = stream
+        self._commands.put(("add", request))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            known = self._streams.pop(request_id, None) is not None
+        if known:
+            self._commands.put(("abort", request_id))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.num_unfinished > 0
+            try:
+                cmd = self._commands.get(timeout=0 if busy else self._idle_wait_s)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._apply(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.num_unfinished:
+                t = time.perf_counter()
+                outs = self.engine.step()
+                self.step_s_total += time.perf_counter() - t
+                self.num_steps += 1
+                self._dispatch(outs)
+        for rid in list(self._streams):  # shutting down: free everything
+            self.engine.abort(rid)
+
+    def _apply(self, cmd) -> None:
+        kind, arg = cmd
+        if kind == "add":
+            try:
+                self.engine.add_request(arg)
+            except ValueError as e:  # validated upstream; a late error still reaches the caller
+                with self._lock:
+                    stream = self._streams.pop(arg.request_id, None)
+                if stream is not None:
+                    stream._queue.put(e)
+        else:
+            self.engine.abort(arg)
+
+    def _dispatch(self, outs: list[TokenOutput]) -> None:
+        with self._lock:
+            for o in outs:
+                stream = self._streams.get(o.request_id)
+                if stream is None:  # aborted while this step ran
+                    continue
+                stream._queue.put(o)
+                if o.is_finished:
+                    del self._streams[o.request_id]

@@ -1,0 +1,276 @@
+"""The gRPC endpoint (raypd/proto/raypd.proto), with health, reflection, auth and TLS.
+
+Secure by default: it binds 127.0.0.1 unless told otherwise, and refuses a non-loopback bind
+that has neither TLS nor a bearer token unless `allow_insecure_remote` is set (then it logs a
+loud warning). With a token, every method but the standard health service requires
+`authorization: Bearer <token>` metadata.
+
+Status codes: INVALID_ARGUMENT (bad input; the message names the field), RESOURCE_EXHAUSTED
+(at capacity; trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED (the client's deadline
+passed mid-generation), CANCELLED (the client went away), UNAUTHENTICATED (auth). A cancelled
+or expired request is aborted in the engine, which frees its slot and pages before its next
+step.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import itertools
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import raypd
+from raypd.api import LocalBackend, encode_prompt
+from raypd.engine.api import Request, SamplingParams
+from raypd.proto import raypd_pb2, raypd_pb2_grpc
+from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
+from raypd.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = raypd_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+POLL_S = 0.05  # how often a waiting handler checks for cancellation
+_ids = itertools.count()
+
+
+class GenerationService(raypd_pb2_grpc.GenerationServicer):
+    def __init__(self, backend: LocalBackend, loop: EngineLoop, model_name: str, metrics: Metrics | None = None,
+                 max_request_s: float = 600.0):
+        self.backend, self.loop, self.model_name = backend, loop, model_name
+        self.metrics = metrics
+        self.max_request_s = max_request_s
+
+    # ------------------------------------------------------------------ request handling
+
+    def _request(self, req: raypd_pb2.GenerateRequest, context) -> Request:
+        try:
+            if req.model and req.model != self.model_name:
+                raise ValueError(f"model: unknown model {req.model!r}; this server serves {self.model_name!r}")
+            p = req.params
+            kv = p.kv_compression
+            if kv not in ("", "int8", "none"):
+                raise ValueError(f"kv_compression must be 'int8', 'none' or empty, got {kv!r}")
+            params = SamplingParams(
+                max_tokens=p.max_tokens if p.HasField("max_tokens") else 64,
+                temperature=p.temperature if p.HasField("temperature") else 0.0,
+                top_p=p.top_p if p.HasField("top_p") else 1.0,
+                top_k=p.top_k if p.HasField("top_k") else 0,
+                seed=p.seed if p.HasField("seed") else None,
+                stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+                ignore_eos=p.ignore_eos, logprobs=p.logprobs)
+            if params.stop and self.backend.model.tokenizer is None:
+                raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+            which = req.WhichOneof("prompt")
+            if which is None:
+                raise ValueError("prompt: set either text or token_ids")
+            prompt = req.text if which == "text" else list(req.token_ids.ids)
+            ids = encode_prompt(prompt, self.backend.model, self.backend.max_seq_len, params.max_tokens,
+                                field="text" if which == "text" else "token_ids")
+        except ValueError as e:
+            self._count("invalid_argument")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return Request(req.request_id or f"grpc-{next(_ids)}", ids, params)
+
+    def _submit(self, request: Request, context):
+        try:
+            stream = self.loop.submit(request)
+        except Rejected as e:
+            self._count("resource_exhausted")
+            if self.metrics:
+                self.metrics.rejections.labels(reason="capacity").inc()
+            context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            self._count("invalid_argument")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        context.add_callback(lambda: self.loop.abort(request.request_id))  # RPC over: free what is left
+        return stream
+
+    def _outputs(self, request: Request, stream, context):
+        """Yield lists of token outputs (all that arrived together) until the request finishes."""
+        deadline = time.monotonic() + self.max_request_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        while True:
+            if not context.is_active():
+                self.loop.abort(request.request_id)
+                self._count("cancelled")
+                context.abort(grpc.StatusCode.CANCELLED, "client went away")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.loop.abort(request.request_id)
+                self._count("deadline_exceeded")
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"request {request.request_id} did not finish before its deadline")
+            try:
+                batch = [stream.get(min(POLL_S, left))]
+            except StreamTimeout:
+                continue
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            while not batch[-1].is_finished:  # take whatever else is already there: one chunk
+                try:
+                    batch.append(stream.get(0))
+                except StreamTimeout:
+                    break
+            yield batch
+            if batch[-1].is_finished:
+                return
+
+    def _timings(self, stream, first_s: float, end_s: float, n: int) -> raypd_pb2.Timings:
+        ttft = first_s - stream.submitted_s
+        tpot = (end_s - first_s) / (n - 1) if n > 1 else 0.0
+        if self.metrics:
+            self.metrics.observe_request(ttft, tpot if n > 1 else None)
+        return raypd_pb2.Timings(ttft_s=ttft, tpot_s=tpot, e2e_s=end_s - stream.submitted_s)
+
+    def _count(self, code: str) -> None:
+        if self.metrics:
+            self.metrics.requests.labels(code=code).inc()
+
+    # ------------------------------------------------------------------ RPCs
+
+    def Generate(self, req, context):
+        request = self._request(req, context)
+        stream = self._submit(request, context)
+        outs, first_s = [], None
+        for batch in self._outputs(request, stream, context):
+            first_s = first_s or time.perf_counter()
+            outs += batch
+        self._count("ok")
+        return raypd_pb2.GenerateResponse(
+            request_id=request.request_id, text="".join(o.text for o in outs),
+            token_ids=[o.token_id for o in outs],
+            logprobs=[o.logprob for o in outs] if request.params.logprobs else [],
+            finish_reason=outs[-1].finish_reason,
+            timings=self._timings(stream, first_s, time.perf_counter(), len(outs)),
+            prompt_tokens=len(request.prompt_ids))
+
+    def GenerateStream(self, req, context):
+        request = self._request(req, context)
+        stream = self._submit(request, context)
+        first_s, n = None, 0
+        for batch in self._outputs(request, stream, context):
+            first_s = first_s or time.perf_counter()
+            n += len(batch)
+            last = batch[-1]
+            yield raypd_pb2.GenerateChunk(
+                request_id=request.request_id, text_delta="".join(o.text for o in batch),
+                token_ids=[o.token_id for o in batch],
+                logprobs=[o.logprob for o in batch] if request.params.logprobs else [],
+                finish_reason=last.finish_reason or "",
+                timings=self._timings(stream, first_s, time.perf_counter(), n) if last.is_finished else None)
+        self._count("ok")
+
+    def ListModels(self, req, context):
+        m = self.backend.model
+        return raypd_pb2.ListModelsResponse(models=[raypd_pb2.ModelInfo(
+            name=self.model_name, architecture=m.config.architecture, num_params=m.config.num_params(),
+            max_seq_len=self.backend.max_seq_len, has_tokenizer=m.tokenizer is not None)])
+
+    def ServerInfo(self, req, context):
+        runner = self.backend.engine.runner
+        return raypd_pb2.ServerInfoResponse(
+            version=raypd.__version__, backend="local", num_running=self.loop.num_active,
+            num_pages_used=runner.allocator.num_used, num_pages_total=runner.allocator.num_pages - 1,
+            max_slots=runner.config.max_slots)
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every method but the health service."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(deny, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None, max_message_bytes: int = 4 << 20,
+                 max_workers: int = 32, allow_insecure_remote: bool = False) -> tuple[grpc.Server, int]:
+    """A started-ready (not yet started) server and the port it bound."""
+    if not is_loopback(host):
+        if tls_cert is None and token is None:
+            if not allow_insecure_remote:
+                raise ValueError(f"refusing to listen on non-loopback host {host!r} without TLS or an auth token "
+                                 "(pass --auth-token and/or --tls-cert/--tls-key, or --allow-insecure-remote)")
+            log.warning("!!! raypd gRPC listens on %s WITHOUT TLS OR AUTH: anyone who can reach it can use it !!!",
+                        host)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key must be given together")
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         interceptors=[BearerAuth(token)] if token else [], options=options)
+    raypd_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    if tls_cert is not None:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"could not bind {address}")
+    return server, bound
+
+
+class Endpoint:
+    """A model, its engine loop, the gRPC server and (optionally) a metrics listener."""
+
+    def __init__(self, backend: LocalBackend, model_name: str, *, max_queued: int = 256,
+                 metrics_port: int | None = None, **server_kw):
+        self.metrics = Metrics(backend, port=metrics_port)
+        self.loop = EngineLoop(backend.engine, max_queued=max_queued)
+        self.service = GenerationService(backend, self.loop, model_name, self.metrics)
+        self.server, self.port = build_server(self.service, **server_kw)
+
+    def start(self, warmup: bool = True) -> "Endpoint":
+        """Compile every engine shape first (so no request waits on the compiler), then serve."""
+        if warmup:
+            self.service.backend.engine.runner.warmup()
+        self.loop.start()
+        self.server.start()
+        return self
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.server.stop(grace_s).wait(grace_s + 5)
+        self.loop.stop()
+        self.metrics.close()
