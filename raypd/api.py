@@ -17,7 +17,7 @@ import time
 from typing import Iterator, Sequence
 
 import models
-from raypd.engine.api import Request, SamplingParams, TokenOutput
+from raypd.engine.api import Request, SamplingParams, TokenOutput, check_kv_compression
 from raypd.engine.colocated import ColocatedEngine
 from raypd.engine.runner import EngineConfig, ModelRunner
 
@@ -122,16 +122,24 @@ def encode_prompt(prompt, model: models.Model, max_seq_len: int, max_tokens: int
     return ids
 
 
-def _requests(prompts, backend: LocalBackend, params: SamplingParams) -> list[Request]:
+def _requests(prompts, backend: LocalBackend, params: SamplingParams,
+              kv_compression: str | None = None) -> list[Request]:
     return [Request(f"local-{next(_ids)}", encode_prompt(p, backend.model, backend.max_seq_len,
-                                                          params.max_tokens, f"prompts[{i}]"), params)
+                                                          params.max_tokens, f"prompts[{i}]"), params,
+                    kv_compression)
             for i, p in enumerate(prompts)]
 
 
 def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
-             logprobs: bool = False, backend: str = "auto") -> list[Completion]:
-    """Complete each prompt (a string or a list of token ids). Returns one Completion per prompt."""
+             logprobs: bool = False, kv_compression: str | None = None,
+             backend: str = "auto") -> list[Completion]:
+    """Complete each prompt (a string or a list of token ids). Returns one Completion per prompt.
+
+    kv_compression: "int8" | "none" | None (the deployment default): how the prompt's K/V moves
+    from the prefill to the decode engine. It takes effect on disaggregated backends; on
+    backend="local" (colocated, one shared page pool) K/V never moves, so it is only validated."""
+    check_kv_compression(kv_compression)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=ignore_eos, logprobs=logprobs)
@@ -145,7 +153,7 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
     b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
-    reqs = _requests(prompts, b, params)
+    reqs = _requests(prompts, b, params, kv_compression)
     start = time.perf_counter()
     first: dict[str, float] = {}
     tokens: dict[str, list[TokenOutput]] = {r.request_id: [] for r in reqs}
@@ -170,8 +178,10 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
 
 def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
            top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
-           backend: str = "auto") -> Iterator[StreamChunk]:
-    """Yield a StreamChunk per generated token of one prompt, as it is produced."""
+           kv_compression: str | None = None, backend: str = "auto") -> Iterator[StreamChunk]:
+    """Yield a StreamChunk per generated token of one prompt, as it is produced.
+    kv_compression: as in `generate` (validated; takes effect on disaggregated backends)."""
+    check_kv_compression(kv_compression)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=ignore_eos)
@@ -181,7 +191,7 @@ def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0
     b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
-    reqs = _requests([prompt], b, params)
+    reqs = _requests([prompt], b, params, kv_compression)
 
     def chunks():
         for o in b.run(reqs):

@@ -22,6 +22,15 @@ import numpy as np
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
+KV_COMPRESSIONS = ("int8", "none")  # how a request's K/V travels from prefill to decode
+
+
+def check_kv_compression(value):
+    """None (the deployment's default) or one of KV_COMPRESSIONS; else ValueError."""
+    if value is not None and value not in KV_COMPRESSIONS:
+        raise ValueError(f"kv_compression must be one of {KV_COMPRESSIONS} or None (the deployment "
+                         f"default), got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,12 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    # "int8" | "none": how this request's K/V moves prefill -> decode (disaggregated serving
+    # only; colocated engines share one pool). None: the deployment's default.
+    kv_compression: str | None = None
+
+    def __post_init__(self):
+        check_kv_compression(self.kv_compression)
 
 
 @dataclasses.dataclass

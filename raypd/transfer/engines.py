@@ -24,6 +24,12 @@ from raypd.engine.prefill import PrefillEngine
 from raypd.transfer.base import KVTransport, TransferHandle
 
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_COMPRESSION = "int8"  # the deployment default when a request names none
+
+
+def compression_for(request: Request, default: str = DEFAULT_COMPRESSION) -> str:
+    """The request's own `kv_compression`, else the deployment's `default`."""
+    return kv_codec.check_compression(request.kv_compression or default)
 
 
 def send_prefill(prefill: PrefillEngine, out: PrefillOutput, transport: KVTransport,
@@ -46,12 +52,18 @@ def check_payload(decode: DecodeEngine, out: PrefillOutput, enc: kv_codec.Encode
                         r.allocator.pages_for)
 
 
+def on_mesh(runner, enc: kv_codec.EncodedKV) -> kv_codec.EncodedKV:
+    """The payload's arrays put (replicated) on the receiving runner's mesh, whatever the
+    sender's sharding was; the jitted write then re-shards them into the pool's layout."""
+    replicated = NamedSharding(runner.mesh, PartitionSpec())
+    return enc.replace(**{n: jax.device_put(a, replicated) for n, a in enc.arrays().items()})
+
+
 def write_payload(decode: DecodeEngine, enc: kv_codec.EncodedKV) -> list[int]:
     """Allocate pages and write `enc` into them on the decode runner's mesh. -> the pages
     (one reference held by the caller)."""
     r = decode.runner
-    on_mesh = NamedSharding(r.mesh, PartitionSpec())
-    enc = enc.replace(**{n: jax.device_put(a, on_mesh) for n, a in enc.arrays().items()})
+    enc = on_mesh(r, enc)
     pages = r.allocator.allocate(enc.num_pages)
     try:
         r.cache = kv_codec.decode_into(r.cache, pages, enc)
