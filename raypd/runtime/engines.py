@@ -35,7 +35,7 @@ ROLES = ("prefill", "decode")
 class WorkerEngines:
     prefill: object  # PrefillEngine-like; its allocator holds every page the KV index may cache
     decode: object | None  # DecodeEngine-like (decode workers only)
-    send: Callable  # (PrefillOutput, KVTransport) -> TransferHandle; before prefill.release
+    send: Callable  # (Request, PrefillOutput, KVTransport) -> TransferHandle; before prefill.release
     recv_into: Callable  # (Request, PrefillOutput, TransferHandle, KVTransport) -> TokenOutput
     model: object  # .config (ModelConfig-like: vocab_size) and .tokenizer, for validation
     max_seq_len: int
@@ -81,12 +81,17 @@ class JaxEngineFactory:
         compression = self.compression
         return WorkerEngines(
             prefill=prefill, decode=decode,
-            send=lambda out, t: send_prefill(prefill, out, t, compression),
+            send=lambda req, out, t: send_prefill(prefill, out, t, _compression(req, compression)),
             recv_into=lambda req, out, h, t: recv_into(decode, req, out, h, t),
             model=types.SimpleNamespace(config=model.config, tokenizer=model.tokenizer),
             max_seq_len=runner.max_seq_len,
             kv_bytes_per_page=paged.kv_bytes_per_page(model.config, runner.page_size),
             max_slots=runner.config.max_slots)
+
+
+def _compression(request: Request, default: str) -> str:
+    """The request's own K/V compression when it names one, else the deployment's."""
+    return getattr(request, "kv_compression", None) or default
 
 
 # ---------------------------------------------------------------- arithmetic mock
@@ -142,7 +147,7 @@ class MockEngineFactory:
         config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
         return WorkerEngines(
             prefill=prefill, decode=decode,
-            send=lambda out, t: _mock_send(prefill, out, t),
+            send=lambda req, out, t: _mock_send(prefill, out, t),
             recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t),
             model=types.SimpleNamespace(config=config, tokenizer=None),
             max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots)

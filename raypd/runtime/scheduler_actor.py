@@ -382,7 +382,7 @@ class Scheduler:
             self._overhead_s += time.perf_counter() - t0
             async with self._changed:
                 self._changed.notify_all()
-            if report.started or report.freed:
+            if self._queue:  # slots, pages or queue room may have come free
                 self._dispatch()
 
     def _apply_report(self, d: str, report) -> None:

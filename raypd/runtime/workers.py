@@ -114,7 +114,7 @@ class PrefillWorker:
             start = time.perf_counter()
             try:
                 (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages)})
-                handle = self.engines.send(out, self.transport)
+                handle = self.engines.send(job.request, out, self.transport)
                 self._sent[handle.transfer_id] = handle
                 cached, num_prefix = _retain(self.engines.prefill, out, job.retain)
             except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
@@ -163,7 +163,7 @@ class PrefillWorker:
                 prefill_s = time.perf_counter() - start
                 try:
                     start = time.perf_counter()
-                    handle = self.engines.send(out, self.transport)
+                    handle = self.engines.send(req, out, self.transport)
                     self.transport.recv(handle, 30.0)
                     transfer_s = time.perf_counter() - start
                     self.transport.release(handle)
