@@ -149,7 +149,7 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
     deployment = ray_deployment(model, backend)
     if deployment is not None:
-        return deployment.generate(prompts, **dataclasses.asdict(params))
+        return deployment.generate(prompts, kv_compression=kv_compression, **dataclasses.asdict(params))
     b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
@@ -187,7 +187,7 @@ def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0
                             ignore_eos=ignore_eos)
     deployment = ray_deployment(model, backend)
     if deployment is not None:
-        return deployment.stream(prompt, **dataclasses.asdict(params))
+        return deployment.stream(prompt, kv_compression=kv_compression, **dataclasses.asdict(params))
     b = get_backend(model, "local")
     if params.stop and b.model.tokenizer is None:
         raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")

@@ -122,7 +122,7 @@ def assert_baseline(d, timeout_s: float = 5.0):
 def model_deployment(ray_session):
     d = raypd.serve("tiny-random", name="tiny", engine_config=ENGINE, calibrate=False,
                     policy=PolicyConfig(local_prefill_max_len=8), prefill_resources=_small(),
-                    decode_resources=_small())
+                    decode_resources=_small(), cache_bytes=16 * 8192)  # 16 pages: the index evicts
     yield d
     d.shutdown()
 
@@ -131,7 +131,8 @@ def model_deployment(ray_session):
 def mock_deployment(ray_session):
     factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=16)
     d = raypd.serve(name="mock", factory=factory, calibrate=False, policy=PolicyConfig(local_prefill_max_len=4),
-                    prefill_resources=_small(), decode_resources=_small())
+                    prefill_resources=_small(), decode_resources=_small(),
+                    cache_bytes=10**6)  # never full: pool pressure alone evicts
     yield d
     d.shutdown()
 
@@ -150,6 +151,11 @@ def test_disaggregated_equals_colocated_and_local(model_deployment, reference):
     assert all(c.finish_reason == "length" for c in out)
     chunks = list(model_deployment.stream(prompts(ALL_LENGTHS)[5], max_tokens=MAX_TOKENS, ignore_eos=True))
     assert [c.token_id for c in chunks] == reference[5]
+    int8 = model_deployment.generate(prompts(ALL_LENGTHS)[2:6], max_tokens=MAX_TOKENS, ignore_eos=True,
+                                     kv_compression="int8")  # per request; first tokens precede the K/V move
+    assert [c.token_ids[0] for c in int8] == [r[0] for r in reference[2:6]]
+    agreement = np.mean([a == b for c, r in zip(int8, reference[2:6]) for a, b in zip(c.token_ids, r)])
+    print(f"INT8 K/V through the deployment: {agreement:.1%} of greedy tokens agree")
     assert_baseline(model_deployment)
 
 
@@ -174,6 +180,18 @@ def test_mock_weights_show_which_worker_ran_each_phase(mock_deployment):
     assert_baseline(mock_deployment)
 
 
+def test_cached_pages_evicted_when_a_pool_needs_room(mock_deployment):
+    """15 usable pages of 4 tokens; each 20-token prompt leaves 5 cached pages on the prefill
+    worker, so from the 4th on the scheduler must evict cached pages to make room."""
+    ps = [[10 + i] * 20 for i in range(6)]
+    for p in ps:  # one at a time, so each finds the pool as the previous one left it
+        (c,) = mock_deployment.generate([p], max_tokens=2)
+        assert c.token_ids == [(sum(p) * 2) % 1000, (sum(p) * 2 + 3) % 1000]
+    s = mock_deployment.status()
+    assert s["prefill"][0]["used_pages"] == [15] and s["index"]["num_entries"] == 15
+    assert_baseline(mock_deployment)
+
+
 def test_early_rejection_and_bad_input(mock_deployment):
     with pytest.raises(errors.RequestRejected) as e:
         mock_deployment.generate([[5] * 20], max_tokens=4, ttft_slo_s=1e-9)
@@ -187,6 +205,8 @@ def test_early_rejection_and_bad_input(mock_deployment):
         mock_deployment.generate([[]], max_tokens=2)
     with pytest.raises(ValueError, match="max_tokens"):
         mock_deployment.generate([[5]], max_tokens=0)
+    with pytest.raises(ValueError, match="kv_compression"):
+        mock_deployment.generate([[5]], max_tokens=2, kv_compression="fp4")
     assert_baseline(mock_deployment)
 
 

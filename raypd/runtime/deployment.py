@@ -165,8 +165,9 @@ class Deployment:
         except ray.exceptions.RayActorError as e:
             raise errors.DeploymentNotRunning(f"deployment {self.name!r} is not running: {e}") from None
 
-    def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None) -> list[str]:
-        reply = self._call("submit", list(prompts), params, ttft_slo_s)
+    def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
+               kv_compression: str | None = None) -> list[str]:
+        reply = self._call("submit", list(prompts), params, ttft_slo_s, kv_compression)
         if "error" in reply:
             raise errors.from_wire(reply["error"])
         return reply["ids"]
@@ -190,13 +191,15 @@ class Deployment:
                     pass
 
     def generate(self, prompts, *, ttft_slo_s: float | None = None, logprobs: bool = False,
-                 **sampling) -> list[Completion]:
-        """As raypd.generate; `sampling` are SamplingParams fields (max_tokens, temperature, ...)."""
+                 kv_compression: str | None = None, **sampling) -> list[Completion]:
+        """As raypd.generate; `sampling` are SamplingParams fields (max_tokens, temperature, ...).
+        ttft_slo_s: reject at once (RequestRejected "deadline") when the predicted TTFT exceeds it.
+        kv_compression: "int8" | "none" | None (the deployment's default) for this request's K/V."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = SamplingParams(logprobs=logprobs, **_sampling(sampling))
         start = time.perf_counter()
-        ids = self.submit(prompts, params, ttft_slo_s)
+        ids = self.submit(prompts, params, ttft_slo_s, kv_compression)
         tokens = {rid: [] for rid in ids}
         metrics = {}
         for rid, entry in self._chunks(ids):
@@ -214,9 +217,10 @@ class Deployment:
                              prompt_tokens=None, completion_tokens=n)))
         return out
 
-    def stream(self, prompt, *, ttft_slo_s: float | None = None, **sampling) -> Iterator[StreamChunk]:
+    def stream(self, prompt, *, ttft_slo_s: float | None = None, kv_compression: str | None = None,
+               **sampling) -> Iterator[StreamChunk]:
         """Yield a StreamChunk per token of one prompt; tokens arrive from the scheduler in chunks."""
-        (rid,) = self.submit([prompt], SamplingParams(**_sampling(sampling)), ttft_slo_s)
+        (rid,) = self.submit([prompt], SamplingParams(**_sampling(sampling)), ttft_slo_s, kv_compression)
 
         def chunks():
             for _, entry in self._chunks([rid]):

@@ -32,7 +32,7 @@ import types
 from collections import defaultdict, deque
 
 from raypd.api import encode_prompt
-from raypd.engine.api import Request, SamplingParams
+from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
 from raypd.runtime.workers import PrefillJob, PrefillResult
 from scheduler import (CostModel, DecodeWorkerState, KVIndex, Location, Placement, PolicyConfig,
@@ -128,12 +128,14 @@ class Scheduler:
         return {**self.prefill_workers, **self.decode_workers}
 
     # ------------------------------------------------------------------ client calls
-    async def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None) -> dict:
+    async def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
+                     kv_compression: str | None = None) -> dict:
         """Validate all, then admit and queue all. -> {"ids": [...]} or {"error": errors.to_wire}."""
         t0 = time.perf_counter()
         if not self._running:
             return {"error": ("not_running", f"deployment {self.name!r} is shut down")}
         try:
+            check_kv_compression(kv_compression)
             if params.stop and self.model.tokenizer is None:
                 raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
             ids = [encode_prompt(p, self.model, self.max_seq_len, params.max_tokens, f"prompts[{i}]")
@@ -153,7 +155,7 @@ class Scheduler:
                 return {"error": errors.to_wire(errors.RequestRejected(
                     f"request rejected ({reject.reason.value}): {reject.message}", reject.reason.value,
                     reject.ttft_s, reject.retry_after_s))}
-            new.append(_Tracked(Request(rid, prompt_ids, params), spec))
+            new.append(_Tracked(Request(rid, prompt_ids, params, kv_compression), spec))
             self._tracked[rid] = new[-1]
         self._queue.extend(t.request.request_id for t in new)
         self._num_requests += len(new)
