@@ -150,9 +150,67 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- batch
+
+
+def add_batch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch", help="JSONL prompts in, JSONL completions out (attaches to or starts a deployment)",
+        description="Complete every line of --input (JSON objects with 'prompt' and optional 'id', "
+                    "'max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'stop') into --output, in order. "
+                    "With --backend ray (default) it attaches to the deployment named --deployment or starts "
+                    "one for the batch; runnable as `ray job submit -- python scripts/batch_generate.py ...`.")
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--model", default=None, help="model for a deployment this command starts (default model)")
+    p.add_argument("--deployment", default="raypd", help="deployment name to attach to or start")
+    p.add_argument("--backend", choices=("ray", "local"), default="ray")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=batch)
+
+
+def batch(args: argparse.Namespace) -> int:
+    from raypd.batch import run_batch
+
+    try:
+        summary = run_batch(args.input, args.output, backend=args.backend, deployment=args.deployment,
+                            model=args.model, batch_size=args.batch_size, progress=not args.no_progress,
+                            max_tokens=args.max_tokens, temperature=args.temperature)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"raypd batch: {e}") from None
+    print(json.dumps(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def add_status(subparsers) -> None:
+    p = subparsers.add_parser(
+        "status", help="workers, queue lengths, pages in use, KV store size and hit rate of a deployment",
+        description="Attach to a running deployment on the Ray cluster at --address and print its status as JSON.")
+    p.add_argument("--deployment", default="raypd")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    p.set_defaults(run=status)
+
+
+def status(args: argparse.Namespace) -> int:
+    from raypd.runtime import deployment as dep
+
+    try:
+        handle = dep.connect(args.deployment, address=args.address)
+        print(json.dumps(handle.status(), indent=2, default=str))
+    except Exception as e:  # noqa: BLE001 - no cluster, no deployment: say so
+        raise SystemExit(f"raypd status: {e}") from None
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = (add_convert, add_generate, add_serve)
+SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
