@@ -99,3 +99,26 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigint():
 def test_serve_refuses_an_open_bind_without_tls_or_auth():
     with pytest.raises(SystemExit, match="non-loopback"):
         cli.main(["serve", "--model", "tiny-random", "--grpc-host", "0.0.0.0", "--no-warmup"])
+
+
+@pytest.mark.parametrize("command", ["convert", "generate", "serve", "batch", "status"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and command in capsys.readouterr().out
+
+
+def test_batch_local_and_bad_lines(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "hi", "id": "x"}\n{"prompt": [5, 6], "max_tokens": 2}\n')
+    assert cli.main(["batch", "--input", str(src), "--output", str(dst), "--backend", "local", "--model",
+                     "tiny-random", "--max-tokens", "3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["x", "line-2"] and len(rows[1]["token_ids"]) <= 2
+    for bad, match in (('{"prompt": "a"}\nnot json\n', ":2: not valid JSON"),
+                       ('{"text": "a"}\n', "'prompt'"),
+                       ('{"prompt": "a", "temperature": -1}\n', "temperature"),
+                       ('{"prompt": "a", "colour": 1}\n', "unknown field")):
+        src.write_text(bad)
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["batch", "--input", str(src), "--output", str(dst), "--backend", "local"])
