@@ -10,7 +10,10 @@ entries leaking (checked after every test).
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -221,6 +224,13 @@ def test_connect_and_shutdown_errors(ray_session):
         (c,) = raypd.generate([[1, 2]], max_tokens=2, backend=backend)
         assert c.token_ids == [3, 4] and c.metrics["decode_worker"] == "decode-0"
     assert [c.token_id for c in raypd.stream([1, 2], max_tokens=2, backend="ray")] == [3, 4]
+    driver = (  # another driver process on the same cluster attaches by name
+        "import ray, raypd\n"
+        f"ray.init(address={ray_session.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
+        "print(raypd.connect('raypd').generate([[1, 2]], max_tokens=2)[0].token_ids)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("[3, 4]"), run.stderr[-2000:]
     with pytest.raises(errors.RequestRejected, match="queue is full") as e:  # bounded queue: 3 > 2
         other.generate([[1], [2], [3]], max_tokens=2)
     assert e.value.reason == "queue_full" and e.value.retry_after_s > 0

@@ -46,6 +46,11 @@ def default_cost_model(kv_bytes_per_token: int) -> CostModel:
     return CostModel((1e-3, 2e-5, 0.0), (1e-3, 1e-4, 1e-7), 1e-3, 1e9, kv_bytes_per_token)
 
 
+def _rejected(r: Rejection) -> tuple:
+    return errors.to_wire(errors.RequestRejected(f"request rejected ({r.reason.value}): {r.message}",
+                                                 r.reason.value, r.ttft_s, r.retry_after_s))
+
+
 @dataclasses.dataclass
 class _Tracked:
     request: Request
@@ -108,7 +113,8 @@ class Scheduler:
         G, top = self.page_size, self.max_seq_len
         lengths = sorted({min(n, top - 16) for n in (G, 4 * G, 16 * G, 64 * G) if n < top})
         pre = await asyncio.gather(*[w.calibrate.remote(lengths) for w in self.prefill_workers.values()])
-        dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], 4 * G) for w in self.decode_workers.values()])
+        mid_page = 4 * G + G // 2  # the timed steps stay within one page: no new shape to compile
+        dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], mid_page) for w in self.decode_workers.values()])
         prefill = [s for r in pre for s in r["prefill"]] or [s for r in dec for s in r["prefill"]]
         transfer = [s for r in pre for s in r["transfer"]] or [(1, 1e-3)]
         self.cost = fit(prefill, [s for r in dec for s in r["decode"]], transfer,
@@ -148,20 +154,25 @@ class Scheduler:
             rid = f"{self.name}-{next(self._ids)}"
             spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now, ttft_slo_s)
             reject = admit(spec, len(self._queue) + len(new), self.policy, self._prefill_states(spec, None))
-            reject = reject or self._place(spec, prompt_ids, now)[0]
-            if isinstance(reject, Rejection):
-                for t in new:
-                    self._tracked.pop(t.request.request_id)
-                return {"error": errors.to_wire(errors.RequestRejected(
-                    f"request rejected ({reject.reason.value}): {reject.message}", reject.reason.value,
-                    reject.ttft_s, reject.retry_after_s))}
+            if reject is not None:
+                return {"error": _rejected(reject)}
             new.append(_Tracked(Request(rid, prompt_ids, params, kv_compression), spec))
-            self._tracked[rid] = new[-1]
-        self._queue.extend(t.request.request_id for t in new)
+        rids = [t.request.request_id for t in new]
+        self._tracked.update(zip(rids, new))
+        self._queue.extend(rids)
         self._num_requests += len(new)
         self._dispatch()
+        # Early rejection: each new request was placed, rejected by placement, or waits behind
+        # others; one that waits is placed once now to learn whether it could make its deadline.
+        error = next((t.error for t in new if t.error is not None), None)
+        for t in new:
+            if error is None and t.placement is None and t.error is None:
+                decision = self._place(t.spec, t.request.prompt_ids, now)[0]
+                error = _rejected(decision) if isinstance(decision, Rejection) else None
+        if error is not None:
+            await self.abort(rids)
         self._overhead_s += time.perf_counter() - t0
-        return {"ids": [t.request.request_id for t in new]}
+        return {"error": error} if error is not None else {"ids": rids}
 
     async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
         """New tokens of each request since the last poll (waits up to `timeout_s` for any).
@@ -264,9 +275,7 @@ class Scheduler:
             decision, match = self._place(t.spec, t.request.prompt_ids, now)
             if isinstance(decision, Rejection):
                 self._queue.popleft()
-                self._fail(rid, errors.to_wire(errors.RequestRejected(
-                    f"request rejected ({decision.reason.value}): {decision.message}", decision.reason.value,
-                    decision.ttft_s, decision.retry_after_s)))
+                self._fail(rid, _rejected(decision))
                 continue
             if not isinstance(decision, Placement):
                 break  # Wait: FIFO, try again on the next event
