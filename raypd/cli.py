@@ -208,9 +208,31 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def add_bench(subparsers) -> None:
+    from raypd.bench import cli as bench_cli
+
+    p = subparsers.add_parser("bench", help="load-test a target: TTFT/TPOT/ITL/E2E, goodput, report + plots",
+                              description=bench_cli.DESCRIPTION)
+    bench_cli.add_arguments(p)
+    p.set_defaults(run=bench)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from raypd.bench import cli as bench_cli
+
+    try:
+        bench_cli.print_summary(bench_cli.main(args))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"raypd bench: {e}") from None
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status)
+SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status, add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,205 @@
+"""What the load generator talks to: one small interface, three implementations.
+
+A target `stream(prompt_ids, max_tokens)` yields `(num_tokens, timings)` per chunk of tokens as
+the client receives it (`timings`: whatever per-request timings the target reports, in seconds,
+usually only on the last chunk) and raises `TargetRejected` when the server refuses the request
+at admission. Any other exception is a failed request. Every request is sent with
+`ignore_eos=True` and greedy sampling, so its output length is exactly `max_tokens`.
+
+  - LocalTarget: a colocated engine in this process behind `EngineLoop` (thread-safe submit and
+    per-request streams: the same loop the gRPC server runs, without the network).
+  - RayTarget: a Ray deployment (`raypd.serve`, or `raypd.connect` to a running one by name).
+  - GrpcTarget: the gRPC endpoint's GenerateStream (a running `raypd serve`, or one started in
+    this process for the run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+_ids = itertools.count()
+
+
+class TargetRejected(RuntimeError):
+    """The server refused the request at admission (queue full, deadline, no capacity)."""
+
+
+def model_limits(source: str | None) -> tuple[int, int, tuple[int, ...]]:
+    """(vocab_size, max_position_embeddings, special ids to keep out of prompts) from a model's
+    config alone, without loading weights (for remote targets)."""
+    import models
+    from models import checkpoint
+    from models.config import from_hf_config
+
+    source = source or models.DEFAULT_MODEL
+    if source in models.PRESETS:
+        cfg = models.PRESETS[source]
+    else:
+        path = Path(source)
+        if not path.exists() and (models.DATA_DIR / source).is_dir():
+            path = models.DATA_DIR / source
+        if checkpoint.is_checkpoint(path):
+            cfg = checkpoint.read_config(path)
+        elif (path / "config.json").exists():
+            cfg = from_hf_config(json.loads((path / "config.json").read_text()), None)
+        else:
+            raise ValueError(f"model {source!r}: not a preset, a shipped model or a model directory")
+    special = tuple(cfg.eos_token_ids) + ((cfg.bos_token_id,) if cfg.bos_token_id is not None else ())
+    return cfg.vocab_size, cfg.max_position_embeddings, special
+
+
+class LocalTarget:
+    """A colocated engine on this process's devices, driven through an EngineLoop."""
+
+    burst_gap_s = 0.0  # one token per chunk: nothing to merge
+
+    def __init__(self, model: str | None = None, engine_config=None, max_queued: int = 256,
+                 warmup: bool = True, request_timeout_s: float = 600.0):
+        import models
+        from raypd.api import LocalBackend
+        from raypd.server.engine_loop import EngineLoop
+
+        self.backend = LocalBackend(models.load(model), engine_config)
+        cfg = self.backend.model.config
+        self.vocab_size, self.max_seq_len = cfg.vocab_size, self.backend.max_seq_len
+        self.exclude_ids = tuple(cfg.eos_token_ids) + ((cfg.bos_token_id,) if cfg.bos_token_id is not None else ())
+        if warmup:
+            self.backend.engine.runner.warmup()
+        self.loop = EngineLoop(self.backend.engine, max_queued=max_queued).start()
+        self.request_timeout_s = request_timeout_s
+        runner = self.backend.engine.runner
+        self.description = dict(kind="local", model=self.backend.model.name, max_slots=runner.config.max_slots,
+                                max_seq_len=self.max_seq_len, page_size=runner.config.page_size,
+                                prefill_buckets=list(runner.prefill_buckets), max_queued=max_queued)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        from raypd.engine.api import Request, SamplingParams
+        from raypd.server.engine_loop import Rejected
+
+        request = Request(f"bench-{next(_ids)}", list(prompt_ids), SamplingParams(max_tokens=max_tokens,
+                                                                                 ignore_eos=True))
+        try:
+            stream = self.loop.submit(request)
+        except Rejected as e:
+            raise TargetRejected(str(e)) from None
+        is_finished = False
+        try:
+            while not is_finished:
+                out = stream.get(self.request_timeout_s)
+                is_finished = out.is_finished
+                yield 1, {}
+        finally:
+            if not is_finished:
+                self.loop.abort(request.request_id)
+
+    def close(self) -> None:
+        self.loop.stop()
+
+
+class RayTarget:
+    """A Ray deployment: attach to `deployment` by name, or start one and shut it down on close."""
+
+    # Deployment.stream yields the tokens of one scheduler poll back to back; tokens that arrive
+    # within this gap of the previous one are one chunk (a poll round trip takes far longer).
+    burst_gap_s = 2e-4
+
+    def __init__(self, model: str | None = None, deployment: str | None = None, address: str | None = None,
+                 num_prefill: int = 1, num_decode: int = 1, engine_config=None):
+        from raypd.runtime import deployment as dep
+
+        self.vocab_size, max_pos, self.exclude_ids = model_limits(model)
+        self.is_owned = deployment is None
+        if self.is_owned:
+            self.handle = dep.serve(model, num_prefill=num_prefill, num_decode=num_decode,
+                                    name="raypd-bench", engine_config=engine_config)
+        else:
+            self.handle = dep.connect(deployment, address=address)
+        self.max_seq_len = min(max_pos, engine_config.max_seq_len if engine_config else 2048)
+        self.description = dict(kind="ray", model=model, deployment=deployment or "raypd-bench (started)",
+                                num_prefill=num_prefill if self.is_owned else None,
+                                num_decode=num_decode if self.is_owned else None)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        from raypd.runtime import errors
+
+        try:
+            chunks = self.handle.stream(list(prompt_ids), max_tokens=max_tokens, ignore_eos=True)
+            for _ in chunks:
+                yield 1, {}
+        except errors.RequestRejected as e:
+            raise TargetRejected(f"{e.reason}: {e}") from None
+
+    def close(self) -> None:
+        if self.is_owned:
+            self.handle.shutdown()
+
+
+class GrpcTarget:
+    """The gRPC endpoint at `address`, or (address None) one started in this process for the run."""
+
+    burst_gap_s = 0.0  # the server sends whatever tokens are ready as one GenerateChunk
+
+    def __init__(self, model: str | None = None, address: str | None = None, token: str | None = None,
+                 engine_config=None, max_queued: int = 256, warmup: bool = True,
+                 request_timeout_s: float = 600.0):
+        import grpc
+
+        from raypd.proto import raypd_pb2, raypd_pb2_grpc
+
+        self.endpoint = None
+        if address is None:
+            import models
+            from raypd.api import LocalBackend
+            from raypd.server.grpc_server import Endpoint
+
+            name = model or models.DEFAULT_MODEL
+            self.endpoint = Endpoint(LocalBackend(models.load(name), engine_config), name,
+                                     max_queued=max_queued).start(warmup=warmup)
+            address = f"127.0.0.1:{self.endpoint.port}"
+        self.channel = grpc.insecure_channel(address)
+        self.stub = raypd_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.request_timeout_s = request_timeout_s
+        self._pb = raypd_pb2
+        self.vocab_size, _, self.exclude_ids = model_limits(model)
+        info = self.stub.ListModels(raypd_pb2.ListModelsRequest(), metadata=self.metadata, timeout=30).models[0]
+        self.max_seq_len = info.max_seq_len
+        self.description = dict(kind="grpc", model=info.name, address=address,
+                                in_process=self.endpoint is not None, max_seq_len=info.max_seq_len)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        import grpc
+
+        pb = self._pb
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(prompt_ids)),
+                                 params=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        try:
+            for chunk in self.stub.GenerateStream(req, metadata=self.metadata, timeout=self.request_timeout_s):
+                timings = {}
+                if chunk.HasField("timings"):
+                    t = chunk.timings
+                    timings = dict(server_ttft_s=t.ttft_s, server_tpot_s=t.tpot_s, server_e2e_s=t.e2e_s)
+                yield len(chunk.token_ids), timings
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise TargetRejected(e.details()) from None
+            raise RuntimeError(f"{e.code().name}: {e.details()}") from None
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+
+
+def wait_ready(target, within_s: float = 600.0) -> float:
+    """Send one 2-token request (compiles what warmup did not, checks the target answers).
+    Returns its seconds."""
+    start = time.perf_counter()
+    for _ in target.stream([3, 4, 5, 6], 2):
+        if time.perf_counter() - start > within_s:
+            raise TimeoutError(f"target did not answer within {within_s} s")
+    return time.perf_counter() - start
