@@ -1,24 +1,36 @@
-"""The README's main job: complete a few prompts with the embedded default model and print
-each completion with its time to first token (TTFT) and time per output token (TPOT).
+"""The README's main job: serve a few prompts with the embedded default model through a
+disaggregated deployment (one prefill worker and one decode worker as Ray actors on a local
+Ray cluster, K/V moving between them through Ray's object store) and print each completion
+with its time to first token (TTFT) and time per output token (TPOT); then check that the
+colocated in-process engine gives the same greedy tokens.
 
-It runs the in-process engines (`raypd.generate`, backend "local": chunked prefill and
-continuous-batching decode over a paged KV cache on this machine's devices).
+`--backend local` skips Ray and runs only the in-process colocated engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self):", "for i in range("]
 
 
+def show(prompts, completions) -> None:
+    for prompt, c in zip(prompts, completions):
+        m = c.metrics
+        print(f"\n--- {prompt!r}  [TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
+              f"{len(c.token_ids)} tokens, finish={c.finish_reason}]")
+        print(prompt + c.text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raypd.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m raypd.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a few Python openings")
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--backend", choices=("ray", "local"), default="ray")
     args = parser.parse_args(argv)
 
     import models
@@ -26,16 +38,30 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.model or models.DEFAULT_MODEL
     prompts = args.prompt or PROMPTS
-    print(f"model: {name}; {len(prompts)} prompts, max_tokens={args.max_tokens}, "
-          f"temperature={args.temperature}", flush=True)
-    raypd.generate(prompts, model=name, max_tokens=args.max_tokens)  # compile outside the timed run
-    completions = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, temperature=args.temperature)
-    for prompt, c in zip(prompts, completions):
-        m = c.metrics
-        print(f"\n--- {prompt!r}  [TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
-              f"{m['completion_tokens']} tokens, finish={c.finish_reason}]")
-        print(prompt + c.text)
-    return 0
+    local = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")  # also compiles
+    if args.backend == "local":
+        local = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")
+        print(f"model {name}, colocated in-process engine")
+        show(prompts, local)
+        return 0
+
+    from scheduler import PolicyConfig
+
+    t = time.perf_counter()
+    # Every prompt is prefilled on the prefill worker (no local prefill on the decode worker),
+    # so each one's K/V really moves between the two actors.
+    deployment = raypd.serve(model=name, num_prefill=1, num_decode=1,
+                             policy=PolicyConfig(local_prefill_max_len=0), local_prefill_stall_s=None)
+    try:
+        print(f"model {name}: 1 prefill + 1 decode worker up in {time.perf_counter() - t:.1f} s", flush=True)
+        deployment.generate(prompts, max_tokens=args.max_tokens)  # compile the workers' shapes
+        completions = deployment.generate(prompts, max_tokens=args.max_tokens)
+        show(prompts, completions)
+        same = sum(c.token_ids == ref.token_ids for c, ref in zip(completions, local))
+        print(f"\ndisaggregated == colocated (greedy tokens): {same}/{len(prompts)} prompts")
+        return 0 if same == len(prompts) else 1
+    finally:
+        deployment.shutdown()
 
 
 if __name__ == "__main__":
