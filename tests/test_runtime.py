@@ -195,6 +195,13 @@ def test_cached_pages_evicted_when_a_pool_needs_room(mock_deployment):
     assert_baseline(mock_deployment)
 
 
+def test_stream_closed_early_aborts_cleanly(mock_deployment):
+    it = mock_deployment.stream([10, 20, 30, 40, 50], max_tokens=40)
+    assert next(it).token_id == 300
+    it.close()  # the client aborts what is left; nothing may leak either way
+    assert_baseline(mock_deployment)
+
+
 def test_early_rejection_and_bad_input(mock_deployment):
     with pytest.raises(errors.RequestRejected) as e:
         mock_deployment.generate([[5] * 20], max_tokens=4, ttft_slo_s=1e-9)
