@@ -3,7 +3,7 @@
     python scripts/bench_transfer.py [--json out.json] [--max-tokens 2048] [--repeats 3]
 
 For prompts of 128...8192 tokens of bench-random's K/V shape (L=12, K=4, H=64, G=16):
-  - bytes moved with float32, bfloat16 and INT8 (+ float32 scales) payloads,
+  - bytes moved with float32, bfloat16 and INT8 (+ bfloat16 scales) payloads,
   - codec time: gather (+ quantize + guard) out of a pool, and (dequantize +) scatter into one,
   - transfer time and GB/s of each backend: send in a sender actor + recv in this process,
     on one node and across two `ray.cluster_utils.Cluster` nodes (a sender actor pinned to the
@@ -11,6 +11,20 @@ For prompts of 128...8192 tokens of bench-random's K/V shape (L=12, K=4, H=64, G
   - ceilings: a raw `ray.put` + `ray.get` of the same byte count, and a memcpy.
 The pool holds random values (transfer cost depends only on the bytes; bench-random's
 4096-token context could not prefill 8192 tokens anyway). Times are medians of --repeats.
+
+Layer streaming (`--streaming-tokens 2048`, on by default; `--only-streaming` skips the rest):
+a real bench-random prefill of one prompt as one chunk in a sender actor pinned to CPU 0, the
+K/V moving into a decode engine's pool in a receiver actor pinned to CPU 1, each with
+single-threaded XLA. Exposed transfer time = time from prefill compute end (the last layer's
+K/V written, stamped in the sender) to the K/V fully written in the decode pool (stamped in
+the receiver; one clock, CLOCK_MONOTONIC, for both processes). Without streaming the sender
+prefills in one program, then encodes and sends all layers; with streaming
+(`StreamingSender`, `--layer-groups` groups) each group is encoded and sent from the
+`on_layers` callback while the later groups compute, and the receiver writes it on arrival.
+Also reported: prefill compute time of each mode (streaming's encode/send work shares the
+sender's core) and of the layer-group programs with nothing sent (`grouped_compute_only`), hidden = 1 - exposed(streamed) / exposed(not streamed), and the stricter
+hidden_end_to_end = 1 - (total(streamed) - compute(not streamed)) / exposed(not streamed),
+which charges streaming for any slowdown of the prefill itself.
 """
 
 from __future__ import annotations
@@ -192,18 +206,169 @@ def run(args):
     return rows
 
 
+# ---------------------------------------------------------------- layer streaming
+
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _pin(core):
+    """Pin this process to one CPU and single-threaded XLA (before jax starts its backend)."""
+    os.sched_setaffinity(0, {core})
+    os.environ["XLA_FLAGS"] = ONE_THREAD
+
+
+def _stream_engine_config(num_tokens, layer_groups):
+    from raypd.engine.runner import EngineConfig
+
+    return EngineConfig(page_size=G, num_pages=-(-num_tokens // G) + 2, max_slots=1, max_seq_len=num_tokens,
+                        prefill_buckets=(num_tokens,), max_prefill_segments=1, layer_groups=layer_groups)
+
+
+@ray.remote(num_cpus=0)
+class StreamReceiver:
+    """A decode engine's pool behind a StreamingReceiver; stamps when a request's K/V is in."""
+
+    def __init__(self, core, kind, num_tokens):
+        _pin(core)
+        import models
+        from raypd.engine.decode import DecodeEngine
+        from raypd.engine.runner import ModelRunner
+        from raypd.transfer import StreamingReceiver, make_transport
+
+        runner = ModelRunner(models.load("bench-random"), _stream_engine_config(num_tokens, 1))
+        self.receiver = StreamingReceiver(DecodeEngine(runner), make_transport(kind), timeout_s=60)
+
+    def on_part(self, part):
+        if not self.receiver.on_part(part):
+            return None
+        r = self.receiver.decode.runner
+        jax.block_until_ready((r.cache.k, r.cache.v))
+        done = time.monotonic()
+        self.receiver.abort(part.request_id)  # the measurement ends here: free the pages
+        return done
+
+
+@ray.remote(num_cpus=0)
+class StreamSender:
+    """A prefill engine; runs one prompt with or without layer streaming, stamping compute end."""
+
+    def __init__(self, core, kind, num_tokens, layer_groups, receiver):
+        _pin(core)
+        import models
+        from raypd.engine.runner import ModelRunner
+        from raypd.transfer import make_transport
+
+        self.runner = ModelRunner(models.load("bench-random"), _stream_engine_config(num_tokens, layer_groups))
+        self.transport = make_transport(kind)
+        self.receiver = receiver
+        self.count = 0
+
+    def run(self, prompt, streamed, compression):
+        from raypd.engine.api import Request, SamplingParams
+        from raypd.engine.prefill import PrefillEngine
+        from raypd.transfer import StreamingSender, send_prefill
+        from raypd.transfer.streaming import LayerPart
+
+        self.count += 1
+        rid, L, r = f"r{self.count}", self.runner.cfg.num_layers, self.runner
+        refs, stamps = [], {}
+        prefill = PrefillEngine(r)
+        sender = StreamingSender(prefill, self.transport, lambda part: refs.append(self.receiver.on_part.remote(part)),
+                                 compression)
+        req = Request(rid, prompt, SamplingParams(max_tokens=1))
+        t0 = time.monotonic()
+        if streamed == "compute_only":  # the same layer-group programs, nothing sent: their own cost
+            prefill.add(req)
+            prefill.step(on_layers=lambda lo, hi, pieces: None)
+            jax.block_until_ready((r.cache.k, r.cache.v))
+            elapsed = time.monotonic() - t0
+            prefill.release(rid)
+            return dict(compute_s=elapsed, exposed_s=0.0, total_s=elapsed, num_parts=0)
+        if streamed:
+            on_layers = sender._on_layers
+
+            def timed(lo, hi, pieces):
+                if hi == L:
+                    jax.block_until_ready((r.cache.k[hi - 1], r.cache.v[hi - 1]))
+                    stamps["end"] = time.monotonic()
+                on_layers(lo, hi, pieces)
+            sender._on_layers = timed
+            sender.add(req)
+            sender.step()
+        else:
+            prefill.add(req)
+            (po,) = prefill.step()
+            jax.block_until_ready((r.cache.k, r.cache.v))
+            stamps["end"] = time.monotonic()
+            handle = send_prefill(prefill, po, self.transport, compression)
+            sender._sent[rid] = [handle]
+            refs.append(self.receiver.on_part.remote(LayerPart(rid, 0, L, L, po.prompt_len, handle)))
+        done = max(t for t in ray.get(refs) if t is not None)
+        sender.release(rid)
+        return dict(compute_s=stamps["end"] - t0, exposed_s=done - stamps["end"], total_s=done - t0,
+                    num_parts=len(refs))
+
+
+def bench_streaming(args):
+    """-> rows of exposed transfer time with and without layer streaming, per backend and compression."""
+    n_tok = args.streaming_tokens
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 32000, n_tok)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ONE_THREAD}})
+    rows = []
+    for kind in args.streaming_backends.split(","):
+        receiver = StreamReceiver.remote(1, kind, n_tok)
+        sender = StreamSender.remote(0, kind, n_tok, args.layer_groups, receiver)
+        modes = ("compute_only", False, True)  # interleaved, so load from elsewhere hits all alike
+        for comp in ("none", "int8"):
+            row = dict(tokens=n_tok, backend=kind, compression=comp, layer_groups=args.layer_groups)
+            for mode in modes:
+                ray.get(sender.run.remote(prompt, mode, comp))  # warm-up: compiles
+            runs = {m: [] for m in modes}
+            for _ in range(args.repeats):
+                for mode in modes:
+                    runs[mode].append(ray.get(sender.run.remote(prompt, mode, comp)))
+            row["grouped_compute_only_ms"] = 1e3 * float(np.median([x["compute_s"] for x in runs["compute_only"]]))
+            for mode, tag in ((False, "plain"), (True, "streamed")):
+                for key in ("compute_s", "exposed_s", "total_s"):
+                    row[f"{tag}_{key[:-2]}_ms"] = 1e3 * float(np.median([x[key] for x in runs[mode]]))
+                row[f"{tag}_exposed_runs_ms"] = [round(1e3 * x["exposed_s"], 2) for x in runs[mode]]
+            row["hidden_fraction"] = 1 - row["streamed_exposed_ms"] / row["plain_exposed_ms"]
+            # Stricter: charge streaming for any prefill slowdown its sender-side work causes.
+            row["hidden_fraction_end_to_end"] = 1 - ((row["streamed_total_ms"] - row["plain_compute_ms"])
+                                                     / row["plain_exposed_ms"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ray.kill(sender)
+        ray.kill(receiver)
+    ray.shutdown()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", nargs="?", const="-", help="write results as JSON (to a file, or - for stdout)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-cross-node", action="store_true")
+    ap.add_argument("--streaming-tokens", type=int, default=2048, help="0 skips the streaming measurement")
+    ap.add_argument("--streaming-backends", default="ray_object_store,jax_transfer")
+    ap.add_argument("--layer-groups", type=int, default=12)
+    ap.add_argument("--only-streaming", action="store_true")
     args = ap.parse_args()
-    rows = run(args)
+    rows = [] if args.only_streaming else run(args)
+    if args.streaming_tokens:
+        rows.append({"streaming": bench_streaming(args)})
     if args.json:
         text = json.dumps(rows, indent=1)
         print(text) if args.json == "-" else Path(args.json).write_text(text)
     for row in rows:
+        if "streaming" in row:
+            for r in row["streaming"]:
+                print(f"--- streaming {r['tokens']} tokens, {r['backend']}, {r['compression']}")
+                for k, v in r.items():
+                    print(f"  {k:42s} {v}")
+            continue
         print(f"--- {row['tokens']} tokens ({row['pages']} pages)")
         for k, v in row.items():
             if k not in ("tokens", "pages"):
