@@ -138,7 +138,9 @@ def make_requests(args, target, rate: float | None) -> tuple[list, dict]:
             log.warning("dropped %d trace requests longer than the context (%d tokens)", len(reqs) - len(fits),
                         target.max_seq_len)
         reqs = [wl.BenchRequest(i, r.prompt_ids, r.max_tokens, r.arrival_s) for i, r in enumerate(fits)]
-        if rate is not None:  # an arrival process at `rate` replaces the timestamps
+        if rate is None:
+            info.update(arrival="trace timestamps", burstiness=None)
+        else:  # an arrival process at `rate` replaces the timestamps
             times = wl.arrival_times(len(reqs), rate, arrivals_rng, burstiness)
             reqs = [wl.BenchRequest(r.index, r.prompt_ids, r.max_tokens, float(t)) for r, t in zip(reqs, times)]
         return reqs, info

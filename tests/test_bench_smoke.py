@@ -1,0 +1,74 @@
+"""A 10-request run of the load generator against an in-process engine (tiny-random, tiny
+lengths) through `raypd bench`'s own code path, producing a valid report; and rejections at a
+full queue counted as SLO misses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raypd import cli
+from raypd.bench import cli as bench_cli
+from raypd.bench import metrics, runner, targets, workload
+from raypd.engine.runner import EngineConfig
+
+SMALL = EngineConfig(page_size=16, num_pages=32, max_slots=2, max_seq_len=32, prefill_buckets=(32,))
+
+
+@pytest.fixture(scope="module")
+def target():
+    t = targets.LocalTarget("tiny-random", SMALL, warmup=False, request_timeout_s=120)
+    targets.wait_ready(t)
+    yield t
+    t.close()
+
+
+def test_ten_request_smoke_run_writes_a_valid_report(target, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_cli, "make_target", lambda args: target)
+    monkeypatch.setattr(target, "close", lambda: None)  # the fixture closes it
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--model", "tiny-random", "--num-requests", "10", "--rate", "20",
+                     "--input-len", "4:20", "--output-len", "2:6", "--slo-ttft-ms", "60000",
+                     "--slo-tpot-ms", "60000", "--out", str(out), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = json.loads((out / "results.json").read_text())
+    (point,) = data["points"]
+    records = point["records"]
+    assert len(records) == 10 and [r["index"] for r in records] == list(range(10))
+    assert all(r["status"] == "ok" for r in records)
+    assert all(sum(r["chunk_tokens"]) == r["max_tokens"] for r in records)  # ignore_eos: exact lengths
+    assert all(2 <= r["max_tokens"] <= 6 and 4 <= r["prompt_len"] <= 20 for r in records)
+    assert point["summary"]["num_completed"] == 10 and point["summary"]["slo_attainment"] == 1.0
+    assert data["config"]["target"]["kind"] == "local" and data["config"]["rates"] == [20.0]
+    assert data["environment"]["versions"]["jax"] and "git_sha" in data["environment"]
+    assert printed["summaries"][0]["num_good"] == 10
+    report = (out / "report.md").read_text()
+    assert "| 20 req/s | 10 | 0 | 0 |" in report
+    for png in ("ttft_cdf.png", "tpot_cdf.png", "latency_breakdown.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
+
+
+def test_rejections_at_a_full_queue_are_misses(target, monkeypatch):
+    monkeypatch.setattr(target.loop, "max_queued", 2)
+    reqs = [workload.BenchRequest(i, [5, 6, 7, 8], 3, 0.0) for i in range(6)]  # all at once
+    result = runner.run(target, reqs, progress=False)
+    s = metrics.summarize(result.records, result.duration_s, metrics.SLO(ttft_s=600.0))
+    assert s["num_rejected"] >= 1 and s["num_completed"] + s["num_rejected"] == 6
+    assert s["num_good"] == s["num_completed"] and s["slo_attainment"] < 1.0
+    assert all(r.error for r in result.records if r.status == metrics.STATUS_REJECTED)
+
+
+def test_concurrency_cap_bounds_requests_in_flight(target):
+    reqs = [workload.BenchRequest(i, [5, 6, 7], 2, 0.0) for i in range(4)]
+    recs = runner.run(target, reqs, max_concurrency=1, progress=False).records
+    spans = sorted((r.sent_s, r.end_s) for r in recs)
+    assert all(r.is_ok for r in recs)
+    assert all(nxt[0] >= prev[1] for prev, nxt in zip(spans, spans[1:]))  # one at a time
+
+
+def test_bad_arguments_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit, match="burstiness"):
+        cli.main(["bench", "--burstiness", "0.5"])
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(["bench", "--rate", "1", "--sweep-rates", "1,2"])
