@@ -68,6 +68,9 @@ def test_concurrency_cap_bounds_requests_in_flight(target):
 
 
 def test_bad_arguments_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0 and "--sweep-rates" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="burstiness"):
         cli.main(["bench", "--burstiness", "0.5"])
     with pytest.raises(SystemExit, match="not both"):
