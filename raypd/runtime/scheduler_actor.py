@@ -113,7 +113,9 @@ class Scheduler:
         G, top = self.page_size, self.max_seq_len
         lengths = sorted({min(n, top - 16) for n in (G, 4 * G, 16 * G, 64 * G) if n < top})
         pre = await asyncio.gather(*[w.calibrate.remote(lengths) for w in self.prefill_workers.values()])
-        mid_page = 4 * G + G // 2  # the timed steps stay within one page: no new shape to compile
+        # The timed steps stay within one page (no new shape to compile), and the calibration
+        # request (context + 16 new tokens) must fit the engines' context.
+        mid_page = max(1, min(4 * G + G // 2, top - 17))
         dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], mid_page) for w in self.decode_workers.values()])
         prefill = [s for r in pre for s in r["prefill"]] or [s for r in dec for s in r["prefill"]]
         transfer = [s for r in pre for s in r["transfer"]] or [(1, 1e-3)]
