@@ -74,7 +74,7 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
         except ValueError as e:
             self._count("invalid_argument")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return Request(req.request_id or f"grpc-{next(_ids)}", ids, params)
+        return Request(req.request_id or f"grpc-{next(_ids)}", ids, params, kv_compression=kv or None)
 
     def _submit(self, request: Request, context):
         try:
