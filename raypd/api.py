@@ -130,6 +130,18 @@ def _requests(prompts, backend: LocalBackend, params: SamplingParams,
             for i, p in enumerate(prompts)]
 
 
+def _route(model, backend: str, params: SamplingParams, kv_compression: str | None):
+    """-> (a Ray deployment, None) or (None, a local backend), after the checks both share."""
+    check_kv_compression(kv_compression)
+    deployment = ray_deployment(model, backend)
+    if deployment is not None:
+        return deployment, None
+    b = get_backend(model, "local")
+    if params.stop and b.model.tokenizer is None:
+        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+    return None, b
+
+
 def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
              logprobs: bool = False, kv_compression: str | None = None,
@@ -139,7 +151,6 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
     kv_compression: "int8" | "none" | None (the deployment default): how the prompt's K/V moves
     from the prefill to the decode engine. It takes effect on disaggregated backends; on
     backend="local" (colocated, one shared page pool) K/V never moves, so it is only validated."""
-    check_kv_compression(kv_compression)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=ignore_eos, logprobs=logprobs)
@@ -147,12 +158,9 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-    deployment = ray_deployment(model, backend)
+    deployment, b = _route(model, backend, params, kv_compression)
     if deployment is not None:
         return deployment.generate(prompts, kv_compression=kv_compression, **dataclasses.asdict(params))
-    b = get_backend(model, "local")
-    if params.stop and b.model.tokenizer is None:
-        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
     reqs = _requests(prompts, b, params, kv_compression)
     start = time.perf_counter()
     first: dict[str, float] = {}
@@ -181,16 +189,12 @@ def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0
            kv_compression: str | None = None, backend: str = "auto") -> Iterator[StreamChunk]:
     """Yield a StreamChunk per generated token of one prompt, as it is produced.
     kv_compression: as in `generate` (validated; takes effect on disaggregated backends)."""
-    check_kv_compression(kv_compression)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=ignore_eos)
-    deployment = ray_deployment(model, backend)
+    deployment, b = _route(model, backend, params, kv_compression)
     if deployment is not None:
         return deployment.stream(prompt, kv_compression=kv_compression, **dataclasses.asdict(params))
-    b = get_backend(model, "local")
-    if params.stop and b.model.tokenizer is None:
-        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
     reqs = _requests([prompt], b, params, kv_compression)
 
     def chunks():
