@@ -41,6 +41,7 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float | None = None  # None: the TP degree when the cluster has GPUs, else 0
     resources: dict = dataclasses.field(default_factory=dict)  # custom resources, e.g. {"prefill_node": 1}
+    cpus: tuple[int, ...] | None = None  # pin each such worker's threads to these cores (benchmarks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +97,12 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
     transport = _TransportFactory(config.transport)
     prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(
         **_options(config.prefill_resources, config.prefill_tp, has_gpus, max_concurrency=1)).remote(
-        f"prefill-{i}", config.factory, transport, config.prefill_tp) for i in range(config.num_prefill)}
+        f"prefill-{i}", config.factory, transport, config.prefill_tp, cpus=config.prefill_resources.cpus)
+        for i in range(config.num_prefill)}
     decode = {f"decode-{i}": ray.remote(DecodeWorker).options(
         **_options(config.decode_resources, config.decode_tp, has_gpus, max_concurrency=8)).remote(
-        f"decode-{i}", config.factory, transport, config.decode_tp) for i in range(config.num_decode)}
+        f"decode-{i}", config.factory, transport, config.decode_tp, cpus=config.decode_resources.cpus)
+        for i in range(config.num_decode)}
     sched = ray.remote(Scheduler).options(
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(

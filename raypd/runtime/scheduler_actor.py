@@ -61,6 +61,7 @@ class _Tracked:
     placement: Placement | None = None
     first_token_s: float | None = None
     num_computed_tokens: int | None = None
+    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, transfer_s
 
 
 class Scheduler:
@@ -81,6 +82,7 @@ class Scheduler:
         self._calibration: dict = {}
         self._overhead_s, self._num_requests = 0.0, 0
         self._num_computed_tokens = 0
+        self._rejections: dict[str, int] = defaultdict(int)  # reason -> count
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> dict:
@@ -102,6 +104,8 @@ class Scheduler:
         self._queued_s: dict[str, float] = defaultdict(float)
         self._backlog: dict[str, int] = defaultdict(int)
         self._sent_by: dict[str, str] = {}  # transfer_id -> prefill worker
+        self._handles: dict[str, str] = {}  # transfer_id -> request id
+        self._transfer_stats = defaultdict(lambda: dict(count=0, bytes=0, seconds=0.0))  # (backend, compression)
         self._changed = asyncio.Condition()
         self._running = True
         for d in self.decode_workers:
@@ -126,6 +130,10 @@ class Scheduler:
                 self.policy, local_prefill_max_len=self.cost.max_local_prefill_len(self.local_prefill_stall_s, top))
         self._calibration = dict(prefill=prefill, transfer=transfer, cost=dataclasses.asdict(self.cost),
                                  local_prefill_max_len=self.policy.local_prefill_max_len)
+
+    def _reject(self, r: Rejection) -> tuple:
+        self._rejections[r.reason.value] += 1
+        return _rejected(r)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -157,7 +165,7 @@ class Scheduler:
             spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now, ttft_slo_s)
             reject = admit(spec, len(self._queue) + len(new), self.policy, self._prefill_states(spec, None))
             if reject is not None:
-                return {"error": _rejected(reject)}
+                return {"error": self._reject(reject)}
             new.append(_Tracked(Request(rid, prompt_ids, params, kv_compression), spec))
         rids = [t.request.request_id for t in new]
         self._tracked.update(zip(rids, new))
@@ -170,7 +178,7 @@ class Scheduler:
         for t in new:
             if error is None and t.placement is None and t.error is None:
                 decision = self._place(t.spec, t.request.prompt_ids, now)[0]
-                error = _rejected(decision) if isinstance(decision, Rejection) else None
+                error = self._reject(decision) if isinstance(decision, Rejection) else None
         if error is not None:
             await self.abort(rids)
         self._overhead_s += time.perf_counter() - t0
@@ -194,7 +202,7 @@ class Scheduler:
                 out[rid] = dict(tokens=[], finished=True, error=("failed", f"unknown request {rid}"), metrics={})
                 continue
             tokens, t.tokens = t.tokens, []
-            metrics = dict(ttft_s=(t.first_token_s - t.spec.arrival_s) if t.first_token_s else None,
+            metrics = dict(ttft_s=(t.first_token_s - t.spec.arrival_s) if t.first_token_s else None, **t.timings,
                            num_computed_tokens=t.num_computed_tokens,
                            is_local_prefill=t.placement.is_local_prefill if t.placement else None,
                            prefill_worker=t.placement.prefill_worker_id if t.placement else None,
@@ -224,7 +232,11 @@ class Scheduler:
         return dict(name=self.name, is_running=self._running, num_queued=len(self._queue),
                     num_tracked=len(self._tracked), prefill=pre, decode=dec,
                     index=dict(num_entries=stats.num_entries, used_bytes=stats.used_bytes,
-                               max_bytes=stats.max_bytes, hit_rate=stats.hit_rate),
+                               max_bytes=stats.max_bytes, hit_rate=stats.hit_rate,
+                               num_hit_pages=stats.num_hit_pages, num_miss_pages=stats.num_miss_pages,
+                               num_evicted=stats.num_evicted),
+                    transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self._transfer_stats.items()],
+                    rejections=dict(self._rejections),
                     local_prefill_max_len=self.policy.local_prefill_max_len, calibration=self._calibration,
                     overhead_ms_per_request=1e3 * self._overhead_s / max(1, self._num_requests),
                     num_requests=self._num_requests)
@@ -277,11 +289,12 @@ class Scheduler:
             decision, match = self._place(t.spec, t.request.prompt_ids, now)
             if isinstance(decision, Rejection):
                 self._queue.popleft()
-                self._fail(rid, _rejected(decision))
+                self._fail(rid, self._reject(decision))
                 continue
             if not isinstance(decision, Placement):
                 break  # Wait: FIFO, try again on the next event
             self._queue.popleft()
+            t.timings["queue_s"] = now - t.spec.arrival_s
             w = decision.prefill_worker_id
             k = min(decision.num_cached_pages, match.num_worker_pages(w))
             t.placement = decision
@@ -348,6 +361,8 @@ class Scheduler:
                 self.prefill_workers[worker].release_transfers.remote([res.handle])
                 continue
             t.num_computed_tokens = res.num_computed_tokens
+            t.timings["prefill_s"] = res.prefill_s
+            self._handles[res.handle.transfer_id] = rid
             by_decode[t.placement.decode_worker_id].append((job.request, res.output, res.handle))
         for d, items in by_decode.items():
             self.decode_workers[d].submit.remote(items)
@@ -408,12 +423,20 @@ class Scheduler:
             t = self._tracked.get(res.output.request_id)
             if t is not None:
                 t.num_computed_tokens = res.num_computed_tokens
+                t.timings["prefill_s"] = res.prefill_s
         for rid in report.errors:  # a local prefill that failed holds pins still
             self._unpin(rid)
         for rid in report.started:
             self._pending[d].pop(rid, None)
         release = defaultdict(list)
-        for h in report.received:
+        for h, recv_s in report.received:
+            stats = self._transfer_stats[(h.backend, h.compression)]
+            stats["count"] += 1
+            stats["bytes"] += h.num_bytes
+            stats["seconds"] += recv_s
+            t = self._tracked.get(self._handles.pop(h.transfer_id, None))
+            if t is not None:
+                t.timings["transfer_s"] = recv_s
             w = self._sent_by.pop(h.transfer_id, None)
             if w is not None:
                 release[w].append(h)

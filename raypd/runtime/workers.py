@@ -16,11 +16,14 @@ DecodeWorker: a decode loop runs continuously in a background thread. Every call
 makes (`submit`, `submit_local`, `free_pages`, `abort`) only files an item in the inbox, so
 the engines are touched by the loop thread alone. Each loop iteration:
   1. takes the whole inbox: remote prefills are received into the pool (`engines.recv_into`)
-     and inserted; local prefills (short prompts, conditional disaggregation) run on the
-     worker's own prefill engine over the same pool and are inserted without a copy;
-  2. runs one `decode_step` for every running request (continuous batching: new requests join
+     and inserted; local prefills (short prompts under conditional disaggregation, or every
+     prompt in colocated mode) are queued on the worker's own prefill engine over the same
+     pool;
+  2. runs one chunk of the queued local prefills (at most the largest prefill bucket of
+     tokens, as the colocated engine does) and inserts the prompts it finished, without a copy;
+  3. runs one `decode_step` for every running request (continuous batching: new requests join
      between steps);
-  3. appends every produced token to a report buffer.
+  4. appends every produced token to a report buffer.
   `collect(timeout_s)` hands the buffered report over (tokens of all requests, in chunks) and
   waits up to `timeout_s` when it is empty: one RPC per chunk of many tokens and requests,
   never one per token per request.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -70,7 +74,7 @@ class DecodeReport:
     tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
     started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
-    received: list = dataclasses.field(default_factory=list)  # TransferHandles now in the pool
+    received: list = dataclasses.field(default_factory=list)  # (TransferHandle, recv seconds) now in the pool
     prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
     freed: list[int] = dataclasses.field(default_factory=list)  # pages `free_pages` released
     num_free_pages: int = 0
@@ -92,14 +96,29 @@ def _retain(prefill, out: PrefillOutput, retain: bool) -> tuple[list[int], int]:
     return keep, num_prefix
 
 
+def pin_to_cpus(cpus) -> None:
+    """Restrict every thread of this process (and the threads it starts later) to `cpus`.
+    Called before the engines are built, so XLA sizes its thread pools to them."""
+    if not cpus:
+        return
+    cpus = set(cpus)
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    os.sched_setaffinity(0, cpus)
+
+
 def _calibration_request(n: int, rng, vocab_size: int, tag: str, max_tokens: int = 1) -> Request:
     ids = rng.integers(3, max(4, min(vocab_size, 259)), size=n).tolist()
     return Request(f"calibrate-{tag}-{n}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1):
+    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1, cpus=None):
         self.worker_id = worker_id
+        pin_to_cpus(cpus)
         self.engines: WorkerEngines = factory.build("prefill", tp)
         self.transport = transport_factory()
         self._sent: dict[str, object] = {}  # transfer_id -> handle, until the decode side has it
@@ -176,8 +195,9 @@ class PrefillWorker:
 
 class DecodeWorker:
     def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1,
-                 start: bool = True, idle_s: float = 0.002):
+                 start: bool = True, idle_s: float = 0.002, cpus=None):
         self.worker_id = worker_id
+        pin_to_cpus(cpus)
         self.engines: WorkerEngines = factory.build("decode", tp)
         self.transport = transport_factory()
         self.idle_s = idle_s
@@ -186,6 +206,7 @@ class DecodeWorker:
         self._inbox: list[tuple] = []
         self._report = DecodeReport()
         self._context: dict[str, int] = {}  # running rid -> tokens of context
+        self._local: dict[str, tuple[PrefillJob, float]] = {}  # local prefills in progress
         self._stopped = False
         self.num_computed_tokens = 0  # prompt tokens prefilled locally
         self._thread: threading.Thread | None = None
@@ -265,20 +286,24 @@ class DecodeWorker:
                 if kind == "remote":
                     self._insert_remote(*args)
                 elif kind == "local":
-                    self._prefill_local(*args)
+                    self._add_local(*args)
                 elif kind == "free":
                     self.engines.prefill.allocator.free(args[0])
                     self._record(freed=args[0])
                 elif kind == "abort":
                     self._abort(args[0])
+            chunked = bool(self._local)
+            if chunked:  # one prefill chunk per iteration, between decode steps
+                self._prefill_chunk()
             outs = self.engines.decode.decode_step() if self.engines.decode.num_running else []
             for o in outs:
                 self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
             self._record(outputs=outs)
-        return bool(inbox or outs)
+        return bool(inbox or outs or chunked)
 
     def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
         rid = request.request_id
+        start = time.perf_counter()
         try:
             first = self.engines.recv_into(request, out, handle, self.transport)
         except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
@@ -286,16 +311,55 @@ class DecodeWorker:
             return
         finally:
             self.transport.release(handle)
-            self._record(received=handle)
+            self._record(received=(handle, time.perf_counter() - start))
         self._started(request, out, first)
+
+    def _add_local(self, job: PrefillJob) -> None:
+        """Queue a local prefill. The JAX engine runs it in chunks between decode steps (as the
+        colocated engine does); an engine without `add`/`step` (the mock) runs it at once."""
+        request, prefill = job.request, self.engines.prefill
+        rid = request.request_id
+        if not hasattr(prefill, "step"):
+            return self._prefill_local(job)
+        try:
+            prefill.add(request, list(job.prefix_pages),
+                        reserve_tokens=len(request.prompt_ids) + request.params.max_tokens)
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            prefill.release(rid)
+            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        self._local[rid] = (job, time.perf_counter())
+
+    def _prefill_chunk(self) -> None:
+        try:
+            outs = self.engines.prefill.step()
+        except Exception as e:  # noqa: BLE001 - fail the chunk's requests, keep serving
+            log.exception("local prefill chunk failed")
+            for rid in list(self._local):
+                self.engines.prefill.release(rid)
+                self._local.pop(rid)
+                self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        for out in outs:
+            job, start = self._local.pop(out.request_id)
+            self._finish_local(job, out, start)
 
     def _prefill_local(self, job: PrefillJob) -> None:
         request, prefill = job.request, self.engines.prefill
-        rid = request.request_id
         start = time.perf_counter()
+        try:
+            (out,) = prefill.prefill([request], {request.request_id: list(job.prefix_pages)})
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            prefill.release(request.request_id)
+            self._record(error=(request.request_id, f"{type(e).__name__}: {e}"))
+            return
+        self._finish_local(job, out, start)
+
+    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float) -> None:
+        request, prefill = job.request, self.engines.prefill
+        rid = request.request_id
         cached: list[int] = []
         try:
-            (out,) = prefill.prefill([request], {rid: list(job.prefix_pages)})
             cached, num_prefix = _retain(prefill, out, job.retain)
             first = self.engines.decode.insert(request, out, None)
         except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
@@ -316,6 +380,10 @@ class DecodeWorker:
         self._record(outputs=[first], started=request.request_id)
 
     def _abort(self, rid: str) -> None:
+        if self._local.pop(rid, None) is not None:  # still prefilling here
+            self.engines.prefill.release(rid)
+            self._record(error=(rid, "aborted"))
+            return
         o = self.engines.decode.release(rid)
         self._context.pop(rid, None)
         if o is not None:
@@ -350,6 +418,7 @@ class DecodeWorker:
     def status(self) -> dict:
         return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
                     num_running=self.engines.decode.num_running, num_inbox=len(self._inbox),
+                    num_local_prefills=len(self._local),
                     num_computed_tokens=self.num_computed_tokens)
 
     def calibrate(self, batch_sizes: list[int], context_len: int, seed: int = 0) -> dict:
