@@ -40,6 +40,7 @@ class StreamChunk:
     text: str  # text delta
     logprob: float
     finish_reason: str | None
+    metrics: dict | None = None  # on the last chunk from a Ray deployment: ttft_s, queue_s, prefill_s, transfer_s, ...
 
 
 class LocalBackend:

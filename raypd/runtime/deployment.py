@@ -228,7 +228,8 @@ class Deployment:
         def chunks():
             for _, entry in self._chunks([rid]):
                 for token_id, logprob, finish, text in entry["tokens"]:
-                    yield StreamChunk(token_id, text, logprob, finish)
+                    yield StreamChunk(token_id, text, logprob, finish,
+                                      entry["metrics"] if finish is not None else None)
 
         return chunks()
 
