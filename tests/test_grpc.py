@@ -16,6 +16,7 @@ import raypd
 from raypd.api import LocalBackend
 from raypd.engine.runner import EngineConfig
 from raypd.proto import gen, raypd_pb2, raypd_pb2_grpc
+from raypd.server.backends import LocalEngineBackend
 from raypd.server.grpc_server import Endpoint, GenerationService, build_server
 
 SMALL = EngineConfig(page_size=16, num_pages=64, max_slots=2, max_seq_len=256, prefill_buckets=(32,))
@@ -42,7 +43,7 @@ def stub(endpoint):
 
 
 def pages_used(ep: Endpoint) -> int:
-    return ep.service.backend.engine.runner.allocator.num_used
+    return ep.backend.local.engine.runner.allocator.num_used
 
 
 def wait_for_pages(ep: Endpoint, expected: int = 0, within_s: float = 1.0) -> None:
@@ -147,7 +148,8 @@ def test_at_capacity_gives_resource_exhausted_with_retry_hint():
             with pytest.raises(grpc.RpcError) as e:
                 s.Generate(req("one too many"), timeout=10)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert int(dict(e.value.trailing_metadata())["retry-after-ms"]) > 0
+            hints = dict(e.value.trailing_metadata())
+            assert int(hints["retry-after-ms"]) > 0 and hints["rejection-reason"] == "capacity"
             running.cancel()
             wait_for_pages(ep)
             assert len(s.Generate(req("room again", max_tokens=3), timeout=30).token_ids) == 3
@@ -217,7 +219,7 @@ def test_metrics_are_scrapeable_on_loopback(endpoint, stub):
 
 def test_non_loopback_without_tls_or_auth_is_refused():
     backend = LocalBackend(models.load("tiny-random"), SMALL)
-    service = GenerationService(backend, loop=None, model_name="tiny-random")
+    service = GenerationService(LocalEngineBackend(backend, "tiny-random"))
     with pytest.raises(ValueError, match="non-loopback"):
         build_server(service, host="0.0.0.0")
 

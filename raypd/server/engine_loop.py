@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class Rejected(RuntimeError):
-    """The request was refused before queuing (the server is at capacity)."""
+    """The request was refused before queuing (the server is at capacity). retry_after_s: a
+    hint, None when retrying won't help; reason: why (a Ray scheduler's reject reason)."""
 
-    def __init__(self, message: str, retry_after_s: float):
+    def __init__(self, message: str, retry_after_s: float | None, reason: str = "capacity"):
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.reason = retry_after_s, reason
 
 
 class StreamTimeout(TimeoutError):

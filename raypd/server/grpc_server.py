@@ -5,18 +5,20 @@ that has neither TLS nor a bearer token unless `allow_insecure_remote` is set (t
 loud warning). With a token, every method but the standard health service requires
 `authorization: Bearer <token>` metadata.
 
-Status codes: INVALID_ARGUMENT (bad input; the message names the field), RESOURCE_EXHAUSTED
-(at capacity; trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED (the client's deadline
-passed mid-generation), CANCELLED (the client went away), UNAUTHENTICATED (auth). A cancelled
-or expired request is aborted in the engine, which frees its slot and pages before its next
-step.
+The service is a thin shell over a backend (backends.py): the local engine loop or a Ray
+deployment; both answer with the same status codes. INVALID_ARGUMENT (bad input; the message
+names the field), RESOURCE_EXHAUSTED (at capacity; trailing metadata `rejection-reason` and,
+when retrying can help, `retry-after-ms`), DEADLINE_EXCEEDED (the client's deadline passed
+mid-generation), CANCELLED (the client went away), UNAVAILABLE (the deployment is not
+running), INTERNAL (a worker failed the request), UNAUTHENTICATED (auth). A cancelled or
+expired request is aborted in the engine or the deployment, which frees its slot and pages
+before its next step.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import itertools
 import logging
 import time
 from concurrent import futures
@@ -26,72 +28,72 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import raypd
-from raypd.api import LocalBackend, encode_prompt
-from raypd.engine.api import Request, SamplingParams
+from raypd.api import LocalBackend
+from raypd.engine.api import SamplingParams
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
-from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
+from raypd.runtime.errors import DeploymentNotRunning, RequestFailed
+from raypd.server.backends import Job, LocalEngineBackend
+from raypd.server.engine_loop import Rejected, StreamTimeout
 from raypd.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = raypd_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 POLL_S = 0.05  # how often a waiting handler checks for cancellation
-_ids = itertools.count()
+
+
+def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
+    """The request as a Job; ValueError naming the field when it is malformed."""
+    if req.model and req.model != model_name:
+        raise ValueError(f"model: unknown model {req.model!r}; this server serves {model_name!r}")
+    p = req.params
+    kv = p.kv_compression
+    if kv not in ("", "int8", "none"):
+        raise ValueError(f"kv_compression must be 'int8', 'none' or empty, got {kv!r}")
+    params = SamplingParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else 64,
+        temperature=p.temperature if p.HasField("temperature") else 0.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos, logprobs=p.logprobs)
+    which = req.WhichOneof("prompt")
+    if which is None:
+        raise ValueError("prompt: set either text or token_ids")
+    prompt = req.text if which == "text" else list(req.token_ids.ids)
+    return Job(prompt, which, params, kv or None, req.request_id)
 
 
 class GenerationService(raypd_pb2_grpc.GenerationServicer):
-    def __init__(self, backend: LocalBackend, loop: EngineLoop, model_name: str, metrics: Metrics | None = None,
-                 max_request_s: float = 600.0):
-        self.backend, self.loop, self.model_name = backend, loop, model_name
-        self.metrics = metrics
-        self.max_request_s = max_request_s
+    """The RPCs over a backend (raypd/server/backends.py: the local engine or a Ray deployment)."""
+
+    def __init__(self, backend, metrics: Metrics | None = None, max_request_s: float = 600.0):
+        self.backend, self.metrics, self.max_request_s = backend, metrics, max_request_s
 
     # ------------------------------------------------------------------ request handling
 
-    def _request(self, req: raypd_pb2.GenerateRequest, context) -> Request:
+    def _submit(self, req: raypd_pb2.GenerateRequest, context):
         try:
-            if req.model and req.model != self.model_name:
-                raise ValueError(f"model: unknown model {req.model!r}; this server serves {self.model_name!r}")
-            p = req.params
-            kv = p.kv_compression
-            if kv not in ("", "int8", "none"):
-                raise ValueError(f"kv_compression must be 'int8', 'none' or empty, got {kv!r}")
-            params = SamplingParams(
-                max_tokens=p.max_tokens if p.HasField("max_tokens") else 64,
-                temperature=p.temperature if p.HasField("temperature") else 0.0,
-                top_p=p.top_p if p.HasField("top_p") else 1.0,
-                top_k=p.top_k if p.HasField("top_k") else 0,
-                seed=p.seed if p.HasField("seed") else None,
-                stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
-                ignore_eos=p.ignore_eos, logprobs=p.logprobs)
-            if params.stop and self.backend.model.tokenizer is None:
-                raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
-            which = req.WhichOneof("prompt")
-            if which is None:
-                raise ValueError("prompt: set either text or token_ids")
-            prompt = req.text if which == "text" else list(req.token_ids.ids)
-            ids = encode_prompt(prompt, self.backend.model, self.backend.max_seq_len, params.max_tokens,
-                                field="text" if which == "text" else "token_ids")
+            stream = self.backend.submit(parse_job(req, self.backend.card.name))
         except ValueError as e:
             self._count("invalid_argument")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return Request(req.request_id or f"grpc-{next(_ids)}", ids, params, kv_compression=kv or None)
-
-    def _submit(self, request: Request, context):
-        try:
-            stream = self.loop.submit(request)
         except Rejected as e:
             self._count("resource_exhausted")
             if self.metrics:
-                self.metrics.rejections.labels(reason="capacity").inc()
-            context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+                self.metrics.rejections.labels(reason=e.reason).inc()
+            hints = [("rejection-reason", e.reason)]
+            if e.retry_after_s is not None:
+                hints.append(("retry-after-ms", str(max(1, int(e.retry_after_s * 1000)))))
+            context.set_trailing_metadata(tuple(hints))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ValueError as e:
-            self._count("invalid_argument")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        context.add_callback(lambda: self.loop.abort(request.request_id))  # RPC over: free what is left
+        except DeploymentNotRunning as e:
+            self._count("unavailable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        context.add_callback(stream.abort)  # RPC over (finished, cancelled, expired): free what is left
         return stream
 
-    def _outputs(self, request: Request, stream, context):
+    def _outputs(self, stream, context):
         """Yield lists of token outputs (all that arrived together) until the request finishes."""
         deadline = time.monotonic() + self.max_request_s
         remaining = context.time_remaining()
@@ -99,21 +101,28 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
             deadline = min(deadline, time.monotonic() + remaining)
         while True:
             if not context.is_active():
-                self.loop.abort(request.request_id)
+                stream.abort()
                 self._count("cancelled")
                 context.abort(grpc.StatusCode.CANCELLED, "client went away")
             left = deadline - time.monotonic()
             if left <= 0:
-                self.loop.abort(request.request_id)
+                stream.abort()
                 self._count("deadline_exceeded")
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"request {request.request_id} did not finish before its deadline")
+                              f"request {stream.request_id} did not finish before its deadline")
             try:
                 batch = [stream.get(min(POLL_S, left))]
             except StreamTimeout:
                 continue
             except ValueError as e:
+                self._count("invalid_argument")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except DeploymentNotRunning as e:
+                self._count("unavailable")
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except RequestFailed as e:
+                self._count("internal")
+                context.abort(grpc.StatusCode.INTERNAL, str(e))
             while not batch[-1].is_finished:  # take whatever else is already there: one chunk
                 try:
                     batch.append(stream.get(0))
@@ -127,7 +136,7 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
         ttft = first_s - stream.submitted_s
         tpot = (end_s - first_s) / (n - 1) if n > 1 else 0.0
         if self.metrics:
-            self.metrics.observe_request(ttft, tpot if n > 1 else None)
+            self.metrics.observe_request(ttft, tpot if n > 1 else None, getattr(stream, "metrics", None))
         return raypd_pb2.Timings(ttft_s=ttft, tpot_s=tpot, e2e_s=end_s - stream.submitted_s)
 
     def _count(self, code: str) -> None:
@@ -137,49 +146,47 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
     # ------------------------------------------------------------------ RPCs
 
     def Generate(self, req, context):
-        request = self._request(req, context)
-        stream = self._submit(request, context)
+        stream = self._submit(req, context)
         outs, first_s = [], None
-        for batch in self._outputs(request, stream, context):
+        for batch in self._outputs(stream, context):
             first_s = first_s or time.perf_counter()
             outs += batch
         self._count("ok")
         return raypd_pb2.GenerateResponse(
-            request_id=request.request_id, text="".join(o.text for o in outs),
+            request_id=stream.request_id, text="".join(o.text for o in outs),
             token_ids=[o.token_id for o in outs],
-            logprobs=[o.logprob for o in outs] if request.params.logprobs else [],
+            logprobs=[o.logprob for o in outs] if req.params.logprobs else [],
             finish_reason=outs[-1].finish_reason,
             timings=self._timings(stream, first_s, time.perf_counter(), len(outs)),
-            prompt_tokens=len(request.prompt_ids))
+            prompt_tokens=stream.prompt_tokens)
 
     def GenerateStream(self, req, context):
-        request = self._request(req, context)
-        stream = self._submit(request, context)
+        stream = self._submit(req, context)
         first_s, n = None, 0
-        for batch in self._outputs(request, stream, context):
+        for batch in self._outputs(stream, context):
             first_s = first_s or time.perf_counter()
             n += len(batch)
             last = batch[-1]
             yield raypd_pb2.GenerateChunk(
-                request_id=request.request_id, text_delta="".join(o.text for o in batch),
+                request_id=stream.request_id, text_delta="".join(o.text for o in batch),
                 token_ids=[o.token_id for o in batch],
-                logprobs=[o.logprob for o in batch] if request.params.logprobs else [],
+                logprobs=[o.logprob for o in batch] if req.params.logprobs else [],
                 finish_reason=last.finish_reason or "",
                 timings=self._timings(stream, first_s, time.perf_counter(), n) if last.is_finished else None)
         self._count("ok")
 
     def ListModels(self, req, context):
-        m = self.backend.model
+        c = self.backend.card
         return raypd_pb2.ListModelsResponse(models=[raypd_pb2.ModelInfo(
-            name=self.model_name, architecture=m.config.architecture, num_params=m.config.num_params(),
-            max_seq_len=self.backend.max_seq_len, has_tokenizer=m.tokenizer is not None)])
+            name=c.name, architecture=c.architecture, num_params=c.num_params, max_seq_len=c.max_seq_len,
+            has_tokenizer=c.has_tokenizer)])
 
     def ServerInfo(self, req, context):
-        runner = self.backend.engine.runner
-        return raypd_pb2.ServerInfoResponse(
-            version=raypd.__version__, backend="local", num_running=self.loop.num_active,
-            num_pages_used=runner.allocator.num_used, num_pages_total=runner.allocator.num_pages - 1,
-            max_slots=runner.config.max_slots)
+        try:
+            info = self.backend.server_info()
+        except DeploymentNotRunning as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return raypd_pb2.ServerInfoResponse(version=raypd.__version__, backend=self.backend.name, **info)
 
 
 class BearerAuth(grpc.ServerInterceptor):
@@ -253,24 +260,31 @@ def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: i
 
 
 class Endpoint:
-    """A model, its engine loop, the gRPC server and (optionally) a metrics listener."""
+    """A backend, the gRPC server over it and (optionally) a metrics listener.
 
-    def __init__(self, backend: LocalBackend, model_name: str, *, max_queued: int = 256,
+    `backend`: a LocalEngineBackend or RayBackend (raypd/server/backends.py), or a LocalBackend,
+    which is wrapped in a LocalEngineBackend named `model_name` with `max_queued` requests in flight."""
+
+    def __init__(self, backend, model_name: str | None = None, *, max_queued: int = 256,
                  metrics_port: int | None = None, **server_kw):
-        self.metrics = Metrics(backend, port=metrics_port)
-        self.loop = EngineLoop(backend.engine, max_queued=max_queued)
-        self.service = GenerationService(backend, self.loop, model_name, self.metrics)
-        self.server, self.port = build_server(self.service, **server_kw)
+        if isinstance(backend, LocalBackend):
+            backend = LocalEngineBackend(backend, model_name or backend.model.name, max_queued)
+        self.backend = backend
+        self.metrics = Metrics(backend.collector(), port=metrics_port)
+        self.service = GenerationService(backend, self.metrics)
+        try:
+            self.server, self.port = build_server(self.service, **server_kw)
+        except BaseException:
+            self.metrics.close()
+            raise
 
     def start(self, warmup: bool = True) -> "Endpoint":
-        """Compile every engine shape first (so no request waits on the compiler), then serve."""
-        if warmup:
-            self.service.backend.engine.runner.warmup()
-        self.loop.start()
+        self.backend.start(warmup)
         self.server.start()
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:
+        """Stop taking RPCs, end those in flight (their requests are aborted), then the backend."""
         self.server.stop(grace_s).wait(grace_s + 5)
-        self.loop.stop()
+        self.backend.stop()
         self.metrics.close()

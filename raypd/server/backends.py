@@ -1,0 +1,228 @@
+"""What the gRPC service serves: one small interface, two implementations.
+
+  LocalEngineBackend  the colocated engine of this process, driven by an EngineLoop thread.
+  RayBackend          a running Ray deployment (raypd.serve / raypd.connect), through its scheduler.
+
+Both take a `Job` (a request the service has parsed, not yet checked against the model) and
+return a stream with the same four members:
+  request_id, submitted_s, prompt_tokens
+  get(timeout_s) -> TokenOutput       raises StreamTimeout when none arrives within timeout_s
+                                      (0: only what has already arrived)
+  abort()                             frees the request's slot and pages; idempotent
+`submit` raises ValueError (bad input; the message names the field) or Rejected (at capacity,
+with a retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+
+from raypd.api import LocalBackend, encode_prompt
+from raypd.engine.api import Request, SamplingParams, TokenOutput
+from raypd.runtime import errors
+from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
+from raypd.server.metrics import FunctionCollector, StatusCollector, deployment_families, engine_families
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    prompt: str | list[int]
+    prompt_field: str  # "text" or "token_ids": named in error messages
+    params: SamplingParams
+    kv_compression: str | None = None
+    request_id: str = ""  # empty: the backend assigns one
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    name: str
+    architecture: str = ""
+    num_params: int = 0
+    max_seq_len: int = 0
+    has_tokenizer: bool = False
+
+    @classmethod
+    def of(cls, name: str, model, max_seq_len: int) -> "ModelCard":
+        """From anything with `.config` and `.tokenizer` (a models.Model, a mock's namespace)."""
+        cfg = model.config
+        return cls(name, getattr(cfg, "architecture", ""), cfg.num_params() if hasattr(cfg, "num_params") else 0,
+                   max_seq_len, model.tokenizer is not None)
+
+
+def _encode(job: Job, model, max_seq_len: int) -> list[int]:
+    if job.params.stop and model.tokenizer is None:
+        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+    return encode_prompt(job.prompt, model, max_seq_len, job.params.max_tokens, field=job.prompt_field)
+
+
+# ---------------------------------------------------------------------------- local engine
+
+
+class LocalStream:
+    def __init__(self, loop: EngineLoop, stream, prompt_tokens: int):
+        self._loop, self._stream, self.prompt_tokens = loop, stream, prompt_tokens
+        self.request_id, self.submitted_s = stream.request_id, stream.submitted_s
+
+    def get(self, timeout_s: float) -> TokenOutput:
+        return self._stream.get(timeout_s)
+
+    def abort(self) -> None:
+        self._loop.abort(self.request_id)
+
+
+class LocalEngineBackend:
+    """The colocated engine of a LocalBackend; its loop thread runs between start() and stop()."""
+
+    name = "local"
+
+    def __init__(self, local: LocalBackend, model_name: str, max_queued: int = 256):
+        self.local = local
+        self.loop = EngineLoop(local.engine, max_queued=max_queued)
+        self.card = ModelCard.of(model_name, local.model, local.max_seq_len)
+
+    def start(self, warmup: bool = True) -> None:
+        """Compile every engine shape first (so no request waits on the compiler), then run."""
+        if warmup:
+            self.local.engine.runner.warmup()
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def submit(self, job: Job) -> LocalStream:
+        ids = _encode(job, self.local.model, self.local.max_seq_len)
+        request = Request(job.request_id or f"grpc-{next(_ids)}", ids, job.params, kv_compression=job.kv_compression)
+        return LocalStream(self.loop, self.loop.submit(request), len(ids))
+
+    def server_info(self) -> dict:
+        runner = self.local.engine.runner
+        return dict(num_running=self.loop.num_active, num_pages_used=runner.allocator.num_used,
+                    num_pages_total=runner.allocator.num_pages - 1, max_slots=runner.config.max_slots)
+
+    def collector(self):
+        return FunctionCollector(lambda: engine_families(self.local.engine))
+
+
+# ---------------------------------------------------------------------------- Ray deployment
+
+
+class RayStream:
+    """Tokens of one request of a deployment, fetched from its scheduler as `get` asks for them."""
+
+    def __init__(self, deployment, request_id: str, submitted_s: float, prompt_tokens: int, on_end):
+        self._deployment, self.request_id, self.submitted_s = deployment, request_id, submitted_s
+        self.prompt_tokens = prompt_tokens
+        self._buffer: collections.deque[TokenOutput] = collections.deque()
+        self._ended = False  # finished, failed or aborted: nothing more to fetch
+        self._on_end = on_end
+        self._lock = threading.Lock()
+        self.metrics: dict = {}  # the scheduler's metrics of the request, once it finished
+
+    def get(self, timeout_s: float) -> TokenOutput:
+        if not self._buffer and not self._ended and timeout_s > 0:
+            self._fetch(timeout_s)
+        if not self._buffer:
+            raise StreamTimeout(f"request {self.request_id}: no token within {timeout_s:.3f} s")
+        return self._buffer.popleft()
+
+    def _fetch(self, timeout_s: float) -> None:
+        entry = _poll(self._deployment, self.request_id, timeout_s)
+        if self._ended:  # aborted while we waited
+            return
+        if entry["error"] is not None:
+            self._end()
+            raise errors.from_wire(entry["error"])
+        self._buffer.extend(TokenOutput(self.request_id, *t) for t in entry["tokens"])
+        if entry["finished"]:
+            self.metrics = entry["metrics"]
+            self._end()
+
+    def _end(self) -> bool:
+        with self._lock:
+            was_ended, self._ended = self._ended, True
+        if not was_ended:
+            self._on_end()
+        return not was_ended
+
+    def abort(self) -> None:
+        if self._end():
+            _abort(self._deployment, self.request_id)
+
+
+# The deployment handle has no public per-request poll/abort (its `stream` hides the request id
+# and waits up to 5 s per poll), so these two reach its scheduler the way `Deployment._chunks` does.
+def _poll(deployment, request_id: str, timeout_s: float) -> dict:
+    return deployment._call("poll", [request_id], timeout_s)[request_id]
+
+
+def _abort(deployment, request_id: str) -> None:
+    try:
+        deployment._call("abort", [request_id])
+    except errors.DeploymentNotRunning:
+        pass
+
+
+class RayBackend:
+    """A running deployment. `model` (.config, .tokenizer) and `max_seq_len` let the endpoint
+    check and tokenize prompts itself (the scheduler checks again); without them the
+    scheduler's checks are all there is. `max_slots` and `num_pages_total` are reported by
+    ServerInfo (0: unknown). At most `max_in_flight` requests at once, so that the gRPC threads
+    are never all held by waiting streams."""
+
+    name = "ray"
+
+    def __init__(self, deployment, model_name: str, model=None, max_seq_len: int = 0, *,
+                 max_in_flight: int = 256, max_slots: int = 0, num_pages_total: int = 0,
+                 status_timeout_s: float = 2.0):
+        self.deployment, self.model, self.max_seq_len = deployment, model, max_seq_len
+        self.card = ModelCard.of(model_name, model, max_seq_len) if model is not None else ModelCard(model_name)
+        self.max_in_flight, self.max_slots, self.num_pages_total = max_in_flight, max_slots, num_pages_total
+        self.status_timeout_s = status_timeout_s
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def start(self, warmup: bool = True) -> None:
+        """The deployment's workers built and warmed their engines when it started."""
+
+    def stop(self) -> None:
+        """The deployment outlives the endpoint: whoever started it shuts it down."""
+
+    def submit(self, job: Job) -> RayStream:
+        prompt = _encode(job, self.model, self.max_seq_len) if self.model is not None else job.prompt
+        with self._lock:
+            if self._in_flight >= self.max_in_flight:
+                raise Rejected(f"endpoint at capacity ({self.max_in_flight} requests in flight)", 1.0)
+            self._in_flight += 1
+        submitted_s = time.perf_counter()
+        try:
+            (rid,) = self.deployment.submit([prompt], job.params, None, job.kv_compression)
+        except errors.RequestRejected as e:
+            self._release()
+            raise Rejected(str(e), e.retry_after_s, reason=e.reason) from None
+        except ValueError as e:  # the scheduler names the prompt "prompts[0]"; the client sent job.prompt_field
+            self._release()
+            raise ValueError(str(e).replace("prompts[0]", job.prompt_field)) from None
+        except BaseException:
+            self._release()
+            raise
+        n = len(prompt) if isinstance(prompt, list) else 0  # 0: tokenized by the deployment, count unknown
+        return RayStream(self.deployment, rid, submitted_s, n, on_end=self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def server_info(self) -> dict:
+        s = self.deployment.status()
+        return dict(num_running=sum(w["num_running"] for w in s["decode"]),
+                    num_pages_used=sum(sum(w["used_pages"]) for w in s["prefill"] + s["decode"]),
+                    num_pages_total=self.num_pages_total, max_slots=self.max_slots)
+
+    def collector(self):
+        return StatusCollector(self.deployment.status, deployment_families, self.status_timeout_s)
