@@ -9,6 +9,8 @@ Giving prefill and decode different weights proves which engine ran each phase.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from raypd.engine.api import FINISH_ABORT, KVPayload, PrefillOutput, Request, TokenOutput
@@ -47,10 +49,10 @@ class MockPrefillEngine:
 
 class MockDecodeEngine:
     def __init__(self, decode_weight: int = 1, vocab_size: int = 1000, max_slots: int = 4,
-                 page_size: int = 4, num_pages: int = 256, eos_ids: tuple[int, ...] = ()):
+                 page_size: int = 4, num_pages: int = 256, eos_ids: tuple[int, ...] = (), step_delay_s: float = 0.0):
         self.weight, self.vocab_size, self.max_slots = decode_weight, vocab_size, max_slots
         self.allocator = PageAllocator(num_pages, page_size)
-        self.eos_ids = eos_ids
+        self.eos_ids, self.step_delay_s = eos_ids, step_delay_s
         self._running: dict[str, Sequence] = {}
         self.received_kv: dict[str, np.ndarray] = {}  # what each request's "K" looked like on arrival
 
@@ -75,6 +77,7 @@ class MockDecodeEngine:
         return o
 
     def decode_step(self) -> list[TokenOutput]:
+        time.sleep(self.step_delay_s)  # a slower "device", for failure tests
         outs = []
         for rid, seq in list(self._running.items()):
             o = seq.append((seq.last_token + self.weight) % self.vocab_size, -1.0)

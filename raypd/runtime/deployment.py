@@ -60,6 +60,7 @@ class DeploymentConfig:
     calibrate: bool = True  # time the engines at start-up and fit the cost model
     local_prefill_stall_s: float | None = 0.02  # sets the local prefill threshold from measurement
     collect_timeout_s: float = 0.02
+    max_retries: int = 2  # per request, after a worker dies or its K/V is lost in transfer
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -107,7 +108,7 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
         config.name, prefill, decode, config.policy, config.cache_bytes, config.calibrate,
-        config.local_prefill_stall_s, config.collect_timeout_s)
+        config.local_prefill_stall_s, config.collect_timeout_s, config.max_retries)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())

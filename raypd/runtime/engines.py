@@ -18,6 +18,7 @@ each phase).
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 from typing import Callable
 
@@ -108,13 +109,15 @@ class _MockPrefill(MockPrefillEngine):
         return (prompt_len - 1) // self.allocator.page_size
 
 
-def _mock_send(prefill: _MockPrefill, out: PrefillOutput, transport) -> object:
+def _mock_send(prefill: _MockPrefill, out: PrefillOutput, transport, delay_s: float = 0.0) -> object:
+    time.sleep(delay_s)
     p = prefill.read_kv(out)
     return transport.send(out.request_id, EncodedKV("none", p.num_tokens, "float32", p.k, p.v))
 
 
 def _mock_recv_into(decode: MockDecodeEngine, request: Request, out: PrefillOutput, handle,
-                    transport) -> TokenOutput:
+                    transport, delay_s: float = 0.0) -> TokenOutput:
+    time.sleep(delay_s)
     enc = transport.recv(handle, 30.0)
     payload = KVPayload(np.asarray(enc.k), np.asarray(enc.v), enc.num_tokens)
     return decode.insert(request, out, payload)
@@ -134,6 +137,11 @@ class MockEngineFactory:
     max_slots: int = 4
     max_seq_len: int = 512
     eos_ids: tuple[int, ...] = ()
+    # Delays, for failure tests (kill a worker while a phase is under way): before a prefill's
+    # K/V is sent, before a decode worker receives K/V, and in every decode step.
+    prefill_delay_s: float = 0.0
+    recv_delay_s: float = 0.0
+    step_delay_s: float = 0.0
 
     def build(self, role: str, tp: int = 1) -> WorkerEngines:
         if role not in ROLES:
@@ -143,11 +151,11 @@ class MockEngineFactory:
         decode = None
         if role == "decode":
             decode = MockDecodeEngine(self.decode_weight, self.vocab_size, self.max_slots,
-                                      self.page_size, self.num_pages, self.eos_ids)
+                                      self.page_size, self.num_pages, self.eos_ids, self.step_delay_s)
         config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
         return WorkerEngines(
             prefill=prefill, decode=decode,
-            send=lambda req, out, t: _mock_send(prefill, out, t),
-            recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t),
+            send=lambda req, out, t: _mock_send(prefill, out, t, self.prefill_delay_s),
+            recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t, self.recv_delay_s),
             model=types.SimpleNamespace(config=config, tokenizer=None),
             max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots)

@@ -31,6 +31,8 @@ import time
 import types
 from collections import defaultdict, deque
 
+from ray.exceptions import RayActorError
+
 from raypd.api import encode_prompt
 from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
@@ -62,13 +64,17 @@ class _Tracked:
     first_token_s: float | None = None
     num_computed_tokens: int | None = None
     timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, transfer_s
+    generated: list[int] = dataclasses.field(default_factory=list)  # every token id so far
+    num_prompt_tokens: int = 0  # of the original prompt (a resumed request's prompt is longer)
+    max_tokens: int = 0  # asked for originally
+    retries: int = 0
 
 
 class Scheduler:
     def __init__(self, name: str, prefill_workers: dict, decode_workers: dict,
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None,
                  calibrate: bool = False, local_prefill_stall_s: float | None = None,
-                 collect_timeout_s: float = 0.02):
+                 collect_timeout_s: float = 0.02, max_retries: int = 2):
         self.name = name
         self.prefill_workers, self.decode_workers = dict(prefill_workers), dict(decode_workers)
         self.policy, self.cache_bytes, self.calibrate = policy, cache_bytes, calibrate
@@ -83,6 +89,9 @@ class Scheduler:
         self._overhead_s, self._num_requests = 0.0, 0
         self._num_computed_tokens = 0
         self._rejections: dict[str, int] = defaultdict(int)  # reason -> count
+        self.max_retries = max_retries
+        self._dead: dict[str, str] = {}  # worker -> why it was dropped
+        self._num_retries = 0
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> dict:
@@ -105,6 +114,7 @@ class Scheduler:
         self._backlog: dict[str, int] = defaultdict(int)
         self._sent_by: dict[str, str] = {}  # transfer_id -> prefill worker
         self._handles: dict[str, str] = {}  # transfer_id -> request id
+        self._in_flight: dict[str, object] = {}  # request id -> its TransferHandle, until received
         self._transfer_stats = defaultdict(lambda: dict(count=0, bytes=0, seconds=0.0))  # (backend, compression)
         self._changed = asyncio.Condition()
         self._running = True
@@ -166,7 +176,8 @@ class Scheduler:
             reject = admit(spec, len(self._queue) + len(new), self.policy, self._prefill_states(spec, None))
             if reject is not None:
                 return {"error": self._reject(reject)}
-            new.append(_Tracked(Request(rid, prompt_ids, params, kv_compression), spec))
+            new.append(_Tracked(Request(rid, prompt_ids, params, kv_compression), spec,
+                                num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens))
         rids = [t.request.request_id for t in new]
         self._tracked.update(zip(rids, new))
         self._queue.extend(rids)
@@ -223,11 +234,11 @@ class Scheduler:
             elif t.placement is not None:
                 by_worker[t.placement.decode_worker_id].append(rid)
         for d, rids in by_worker.items():
-            self.decode_workers[d].abort.remote(rids)
+            if d in self.decode_workers:
+                self.decode_workers[d].abort.remote(rids)
 
     async def status(self) -> dict:
-        pre = await asyncio.gather(*[w.status.remote() for w in self.prefill_workers.values()])
-        dec = await asyncio.gather(*[w.status.remote() for w in self.decode_workers.values()])
+        pre, dec = await self._worker_status(self.prefill_workers), await self._worker_status(self.decode_workers)
         stats = self.index.stats()
         return dict(name=self.name, is_running=self._running, num_queued=len(self._queue),
                     num_tracked=len(self._tracked), prefill=pre, decode=dec,
@@ -236,10 +247,25 @@ class Scheduler:
                                num_hit_pages=stats.num_hit_pages, num_miss_pages=stats.num_miss_pages,
                                num_evicted=stats.num_evicted),
                     transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self._transfer_stats.items()],
-                    rejections=dict(self._rejections),
+                    rejections=dict(self._rejections), num_retries=self._num_retries,
+                    dead_workers=dict(self._dead),
                     local_prefill_max_len=self.policy.local_prefill_max_len, calibration=self._calibration,
                     overhead_ms_per_request=1e3 * self._overhead_s / max(1, self._num_requests),
                     num_requests=self._num_requests)
+
+    async def _worker_status(self, workers: dict) -> list[dict]:
+        """Status of each live worker; one found dead is dropped (its requests fail over where
+        their in-flight calls notice)."""
+        replies = await asyncio.gather(*[w.status.remote() for w in workers.values()], return_exceptions=True)
+        out = []
+        for w, reply in zip(list(workers), replies):
+            if isinstance(reply, RayActorError):
+                self._worker_died(w, reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                out.append(reply)
+        return out
 
     async def clear_cache(self) -> int:
         """Evict every unpinned page of the index and free it on its worker. -> pages freed."""
@@ -328,7 +354,8 @@ class Scheduler:
     def _free_locations(self, locations) -> list:
         by_worker = defaultdict(list)
         for loc in locations:
-            by_worker[loc.worker_id].append(loc.page)
+            if loc.worker_id in self._all_workers():  # a dead worker's pages went with it
+                by_worker[loc.worker_id].append(loc.page)
         refs = []
         for w, pages in by_worker.items():
             self._free[w] += len(pages)
@@ -337,20 +364,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     async def _run_prefill(self, worker: str, jobs: list[PrefillJob]) -> None:
+        placed = {job.request.request_id: self._tracked[job.request.request_id].placement for job in jobs}
         try:
             results, num_free = await self.prefill_workers[worker].prefill.remote(jobs)
-        except Exception as e:  # noqa: BLE001 - the worker died: fail its requests
-            results, num_free = [e] * len(jobs), self._free[worker]
+        except RayActorError as e:  # the worker died: place its requests again elsewhere
+            self._worker_died(worker, e)
+            for job in jobs:
+                t = self._tracked.get(job.request.request_id)
+                if t is not None and t.placement is placed[job.request.request_id]:
+                    self._retry(job.request.request_id, f"prefill worker {worker} died")
+            self._dispatch()
+            return
+        except Exception as e:  # noqa: BLE001 - the call failed: fail its requests
+            results, num_free = [e] * len(jobs), self._free.get(worker, 0)
         t0 = time.perf_counter()
-        self._free[worker] = num_free
+        if worker in self._free:
+            self._free[worker] = num_free
         by_decode = defaultdict(list)
         for job, res in zip(jobs, results):
             rid = job.request.request_id
             t = self._tracked.get(rid)
+            self._queued_s[worker] = max(0.0, self._queued_s[worker] - next(
+                e.prefill_s for e in placed[rid].estimates if e.worker_id == worker))
+            if t is not None and t.placement is not placed[rid]:  # retried meanwhile: a stale result
+                if not isinstance(res, Exception):
+                    self._free_locations([Location.in_worker(worker, p, 0) for p in res.cached_pages])
+                    self.prefill_workers[worker].release_transfers.remote([res.handle])
+                continue
             self._pending[worker].pop(rid, None)
-            if t is not None:
-                self._queued_s[worker] = max(0.0, self._queued_s[worker] - next(
-                    e.prefill_s for e in t.placement.estimates if e.worker_id == worker))
             if isinstance(res, Exception):
                 self._unpin(rid)
                 self._fail(rid, ("failed", f"prefill on {worker} failed: {res}"))
@@ -363,9 +404,14 @@ class Scheduler:
             t.num_computed_tokens = res.num_computed_tokens
             t.timings["prefill_s"] = res.prefill_s
             self._handles[res.handle.transfer_id] = rid
+            self._in_flight[rid] = res.handle
             by_decode[t.placement.decode_worker_id].append((job.request, res.output, res.handle))
         for d, items in by_decode.items():
-            self.decode_workers[d].submit.remote(items)
+            if d in self.decode_workers:
+                self.decode_workers[d].submit.remote(items)
+            else:  # the decode worker died meanwhile
+                for request, _, _ in items:
+                    self._retry(request.request_id, f"decode worker {d} died")
         self._overhead_s += time.perf_counter() - t0
         self._dispatch()
 
@@ -397,11 +443,13 @@ class Scheduler:
         while self._running:
             try:
                 report = await worker.collect.remote(self.collect_timeout_s)
-            except Exception as e:  # noqa: BLE001 - the decode worker died
+            except Exception as e:  # noqa: BLE001 - the decode worker died: resume its requests elsewhere
                 log.error("decode worker %s: %s", d, e)
+                self._worker_died(d, e)
                 for rid, t in list(self._tracked.items()):
                     if t.placement is not None and t.placement.decode_worker_id == d:
-                        self._fail(rid, ("failed", f"decode worker {d} died: {e}"))
+                        self._retry(rid, f"decode worker {d} died")
+                self._dispatch()
                 async with self._changed:
                     self._changed.notify_all()
                 return
@@ -434,7 +482,9 @@ class Scheduler:
             stats["count"] += 1
             stats["bytes"] += h.num_bytes
             stats["seconds"] += recv_s
-            t = self._tracked.get(self._handles.pop(h.transfer_id, None))
+            rid = self._handles.pop(h.transfer_id, None)
+            self._in_flight.pop(rid, None)
+            t = self._tracked.get(rid)
             if t is not None:
                 t.timings["transfer_s"] = recv_s
             w = self._sent_by.pop(h.transfer_id, None)
@@ -452,10 +502,73 @@ class Scheduler:
             if t.first_token_s is None:
                 t.first_token_s = now
             t.tokens.extend(tokens)
+            t.generated.extend(tok[0] for tok in tokens if tok[0] >= 0)
             if tokens[-1][2] is not None:
                 t.is_finished = True
         for rid, message in report.errors.items():
-            self._fail(rid, ("failed", f"decode worker {d}: {message}"))
+            if rid in report.retryable:  # the K/V was lost on the way: prefill again
+                t = self._tracked.get(rid)
+                sender = t.placement.prefill_worker_id if t is not None and t.placement else None
+                self._spawn(self._retry_after_probe(rid, sender, f"K/V transfer failed ({message})"))
+            else:
+                self._fail(rid, ("failed", f"decode worker {d}: {message}"))
+
+    # ------------------------------------------------------------------ failover
+    def _worker_died(self, w: str, error: Exception) -> None:
+        """Drop a dead worker: no placement sees it again, the index forgets its pages, and
+        transfers it sent are no longer released on it."""
+        if self.prefill_workers.pop(w, None) is None and self.decode_workers.pop(w, None) is None:
+            return
+        log.error("worker %s died: %s", w, error)
+        self._dead[w] = f"{type(error).__name__}: {error}"
+        self.index.remove_worker(w)
+        for table in (self._pending, self._queued_s, self._backlog, self._free):
+            table.pop(w, None)
+        self._sent_by = {tid: src for tid, src in self._sent_by.items() if src != w}
+
+    async def _retry_after_probe(self, rid: str, sender: str | None, why: str) -> None:
+        """A transfer failed: find out whether its sender is still alive, then prefill again."""
+        if sender in self.prefill_workers:
+            try:
+                await asyncio.wait_for(self.prefill_workers[sender].status.remote(), 10.0)
+            except (RayActorError, asyncio.TimeoutError) as e:
+                self._worker_died(sender, e)
+        self._retry(rid, why)
+        self._dispatch()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _retry(self, rid: str, why: str) -> None:
+        """Queue a request again at the head of the queue, after a worker or a transfer failed.
+        One that has produced tokens resumes: its prompt becomes prompt + tokens so far and it
+        asks for the rest (greedy output is unchanged; the engine recomputes the K/V)."""
+        t = self._tracked.get(rid)
+        if t is None or t.is_finished:
+            return
+        self._unpin(rid)
+        for pending in self._pending.values():
+            pending.pop(rid, None)
+        handle = self._in_flight.pop(rid, None)
+        if handle is not None:
+            self._handles.pop(handle.transfer_id, None)
+            sender = self._sent_by.pop(handle.transfer_id, None)
+            if sender in self.prefill_workers:
+                self.prefill_workers[sender].release_transfers.remote([handle])
+        if t.retries >= self.max_retries:
+            self._fail(rid, ("failed", f"{why}; gave up after {t.retries} retries"))
+            return
+        t.retries += 1
+        self._num_retries += 1
+        log.warning("retrying %s (%s), attempt %d", rid, why, t.retries)
+        r, params = t.request, t.request.params
+        if t.generated:
+            left = t.max_tokens - len(t.generated)
+            prompt = r.prompt_ids[:t.num_prompt_tokens] + t.generated
+            t.request = Request(rid, prompt, dataclasses.replace(params, max_tokens=left), r.kv_compression)
+        t.spec = dataclasses.replace(t.spec, prompt_len=len(t.request.prompt_ids),
+                                     max_tokens=t.request.params.max_tokens, ttft_slo_s=None)
+        t.placement = None
+        self._queue.appendleft(rid)
 
     def _fail(self, rid: str, error: tuple) -> None:
         t = self._tracked.get(rid)

@@ -42,6 +42,7 @@ import numpy as np
 
 from raypd.engine.api import PrefillOutput, Request, SamplingParams, TokenOutput
 from raypd.runtime.engines import WorkerEngines
+from raypd.transfer.base import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class DecodeReport:
 
     tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
+    retryable: list[str] = dataclasses.field(default_factory=list)  # of those, K/V lost in transfer: retry
     started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
     received: list = dataclasses.field(default_factory=list)  # (TransferHandle, recv seconds) now in the pool
     prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
@@ -306,8 +308,8 @@ class DecodeWorker:
         start = time.perf_counter()
         try:
             first = self.engines.recv_into(request, out, handle, self.transport)
-        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
-            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
+            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, TransferError))
             return
         finally:
             self.transport.release(handle)
@@ -389,7 +391,8 @@ class DecodeWorker:
         if o is not None:
             self._record(outputs=[o])
 
-    def _record(self, outputs=(), error=None, started=None, received=None, prefilled=None, freed=()) -> None:
+    def _record(self, outputs=(), error=None, started=None, received=None, prefilled=None, freed=(),
+                retryable: bool = False) -> None:
         with self._cv:
             r = self._report
             for o in outputs:
@@ -398,6 +401,8 @@ class DecodeWorker:
                     self._context.pop(o.request_id, None)
             if error is not None:
                 r.errors[error[0]] = error[1]
+                if retryable:
+                    r.retryable.append(error[0])
                 r.started.append(error[0])
             if started is not None:
                 r.started.append(started)

@@ -1,0 +1,164 @@
+"""Failover (raypd/runtime/scheduler_actor.py, "failover"): a worker killed while a request is
+in its hands. Mock engines with delays give a window to kill a worker in a known phase; their
+arithmetic tokens show which worker ran each phase and what prompt a resumed request had.
+
+Guards against: a request lost or failed when the prefill worker dies mid-prefill, or after it
+sent the K/V but before the decode worker received it (the payload's owner is gone, so the K/V
+is lost on the way); a decode worker's death ending its running requests instead of resuming
+them elsewhere; a dead worker still chosen by placement; pages or index entries leaking after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import raypd
+from raypd.runtime import errors
+from raypd.runtime.engines import MockEngineFactory
+from scheduler import PolicyConfig
+from tests.test_runtime import _small, assert_baseline, ray_session  # noqa: F401 - fixture
+
+V = 1000  # mock vocabulary
+
+
+def _worker(d, worker_id: str):
+    """The actor handle of one worker of deployment `d`."""
+    import ray
+
+    for actor in d._actors[1:]:
+        if ray.get(actor.__ray_call__.remote(lambda self: self.worker_id)) == worker_id:
+            return actor
+    raise LookupError(worker_id)
+
+
+def _wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _in_background(fn):
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised by the test
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _serve(name: str, num_decode: int = 1, **factory_kw):
+    factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=64,
+                                **factory_kw)
+    return raypd.serve(name=name, factory=factory, calibrate=False, num_prefill=2, num_decode=num_decode,
+                       policy=PolicyConfig(local_prefill_max_len=0),
+                       prefill_resources=_small(), decode_resources=_small())
+
+
+PROMPT = [10, 20, 30, 40, 50]
+EXPECTED = [300, 303, 306, 309]  # prefilled on a prefill worker (x2), decoded (+3)
+
+
+def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray_session):  # noqa: F811
+    """prefill-0 sends the K/V, then dies before the decode worker (delayed 1.5 s) receives it:
+    the payload's owner is gone, the transfer fails, and the scheduler prefills again on prefill-1."""
+    d = _serve("failover-transfer", recv_delay_s=1.5)
+    try:
+        thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
+        _wait_for(lambda: d.status()["prefill"][0]["num_pending_transfers"] == 1, what="prefill-0 to send")
+        import ray
+
+        ray.kill(_worker(d, "prefill-0"))
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        c = result["value"]
+        assert c.token_ids == EXPECTED and c.metrics["prefill_worker"] == "prefill-1"
+        s = d.status()
+        assert s["num_retries"] == 1 and list(s["dead_workers"]) == ["prefill-0"]
+        assert [w["worker_id"] for w in s["prefill"]] == ["prefill-1"]
+        # the dead worker is never placed again
+        again = d.generate([PROMPT, [7, 8, 9, 10, 11]], max_tokens=2)
+        assert {c.metrics["prefill_worker"] for c in again} == {"prefill-1"}
+        assert_baseline(d)
+    finally:
+        d.shutdown()
+
+
+def test_prefill_worker_dying_mid_prefill_is_retried(ray_session):  # noqa: F811
+    d = _serve("failover-prefill", prefill_delay_s=1.5)
+    try:
+        victim = _worker(d, "prefill-0")  # asked now: a busy worker answers only after its prefill
+        thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
+        time.sleep(0.5)  # prefill-0 (ties go to the lower id) is inside its 1.5 s prefill
+        import ray
+
+        ray.kill(victim)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert result["value"].token_ids == EXPECTED and result["value"].metrics["prefill_worker"] == "prefill-1"
+        assert d.status()["num_retries"] == 1
+        assert_baseline(d)
+    finally:
+        d.shutdown()
+
+
+def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session):  # noqa: F811
+    """A stream is on decode-0 when decode-0 dies. The scheduler resumes it on decode-1 with
+    prompt + the tokens produced so far (so a greedy model continues exactly): in the mock's
+    arithmetic the first resumed token is (sum(prompt + tokens so far) * 2) % V, then +3 each."""
+    d = _serve("failover-decode", step_delay_s=0.05, num_decode=2)
+    try:
+        handles = {w: _worker(d, w) for w in ("decode-0", "decode-1")}
+        it = d.stream(PROMPT, max_tokens=30)
+        got = [next(it).token_id for _ in range(5)]
+        s = d.status()
+        (busy,) = [w["worker_id"] for w in s["decode"] if w["num_running"]]
+        import ray
+
+        ray.kill(handles[busy])
+        got += [c.token_id for c in it]
+        assert len(got) == 30 and got[:5] == [300, 303, 306, 309, 312]
+        j = next(i for i in range(1, len(got)) if got[i] != (got[i - 1] + 3) % V)  # the resumed token
+        assert got[j] == (sum(PROMPT + got[:j]) * 2) % V
+        assert all(got[i] == (got[i - 1] + 3) % V for i in range(j + 1, len(got)))
+        s = d.status()
+        assert s["num_retries"] == 1 and list(s["dead_workers"]) == [busy]
+        assert_baseline(d)
+    finally:
+        d.shutdown()
+
+
+def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F811
+    """Both prefill workers die in turn: with max_retries=1 the request fails, naming why."""
+    factory = MockEngineFactory(prefill_delay_s=1.0, num_pages=64)
+    d = raypd.serve(name="failover-give-up", factory=factory, calibrate=False, num_prefill=2, max_retries=1,
+                    policy=PolicyConfig(local_prefill_max_len=0), prefill_resources=_small(),
+                    decode_resources=_small())
+    try:
+        workers = [_worker(d, "prefill-0"), _worker(d, "prefill-1")]
+        thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4))
+        import ray
+
+        time.sleep(0.4)
+        ray.kill(workers[0])
+        _wait_for(lambda: d.status()["num_retries"] == 1, what="the first retry")
+        time.sleep(0.4)
+        ray.kill(workers[1])
+        thread.join(60)
+        assert isinstance(result.get("error"), errors.RequestFailed), result
+        assert "gave up after 1 retries" in str(result["error"])
+        with pytest.raises(errors.RequestRejected) as e:  # no prefill worker left: prefill on decode
+            d.generate([PROMPT], max_tokens=2, ttft_slo_s=1e-9)
+        assert e.value.reason == "deadline"
+        assert d.generate([PROMPT], max_tokens=2)[0].metrics["is_local_prefill"]
+    finally:
+        d.shutdown()
