@@ -8,6 +8,7 @@ inside the runners so that `raypd --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -99,21 +100,39 @@ def generate(args: argparse.Namespace) -> int:
 def add_serve(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over gRPC in the foreground (Ctrl-C stops it cleanly)",
-        description="Serve MODEL over gRPC (raypd/proto/raypd.proto, with health and reflection). Binds "
-                    "127.0.0.1 by default; a non-loopback --grpc-host needs --auth-token and/or TLS, or "
+        description="Serve MODEL over gRPC (raypd/proto/raypd.proto, with health and reflection). "
+                    "--backend ray (default) starts a Ray deployment (prefill and decode worker actors and "
+                    "the scheduler) on the cluster at --address, or on a local cluster it starts and stops "
+                    "itself, and serves it; --backend local serves the colocated engine in this process. "
+                    "Ctrl-C or SIGTERM stops the server, the deployment and a cluster this command started. "
+                    "Binds 127.0.0.1 by default; a non-loopback --grpc-host needs --auth-token and/or TLS, or "
                     "--allow-insecure-remote. The token may also come from $RAYPD_AUTH_TOKEN.")
     p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
+    p.add_argument("--backend", choices=("ray", "local"), default="ray",
+                   help="ray: a disaggregated Ray deployment (default); local: the engine in this process")
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' (all but health)")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
-    p.add_argument("--max-queued", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queued", type=int, default=256,
+                   help="requests in flight (local) or queued in the scheduler (ray) before RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="allow a non-loopback bind without TLS or auth (prints a warning)")
-    p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
+    p.add_argument("--no-warmup", action="store_true", help="local: skip compiling every shape before serving")
+    ray = p.add_argument_group("--backend ray")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to deploy on (e.g. 'auto', HOST:PORT; default: start a local one)")
+    ray.add_argument("--deployment", default="raypd", help="deployment name (raypd.connect finds it by this)")
+    ray.add_argument("--num-prefill", type=int, default=1, help="prefill workers (0: decode workers prefill)")
+    ray.add_argument("--num-decode", type=int, default=1, help="decode workers")
+    ray.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of each prefill worker")
+    ray.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode worker")
+    ray.add_argument("--kv-compression", choices=("none", "int8"), default="none",
+                     help="K/V on the wire between workers (requests may override it)")
+    ray.add_argument("--no-calibrate", action="store_true", help="skip timing the engines at start-up")
     p.set_defaults(run=serve)
 
 
@@ -122,32 +141,115 @@ def serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from raypd.server.grpc_server import check_bind
+
+    stop = threading.Event()  # set by Ctrl-C / SIGTERM, also while starting: then stop at once
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    token = args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN") or None
+    read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
+    server_kw = dict(metrics_port=args.metrics_port, host=args.grpc_host, port=args.grpc_port, token=token,
+                     tls_cert=read(args.tls_cert), tls_key=read(args.tls_key),
+                     max_message_bytes=args.max_message_bytes, allow_insecure_remote=args.allow_insecure_remote)
+    try:  # before anything starts
+        check_bind(args.grpc_host, token, server_kw["tls_cert"], server_kw["tls_key"], args.allow_insecure_remote)
+    except ValueError as e:
+        raise SystemExit(f"raypd serve: {e}") from None
+    start = _serve_ray if args.backend == "ray" else _serve_local
+    with start(args, server_kw) as (endpoint, info):
+        print(json.dumps({**info, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
+                          "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port}), flush=True)
+        stop.wait()
+        log.info("shutting down")
+    return 0
+
+
+@contextlib.contextmanager
+def _serve_local(args: argparse.Namespace, server_kw: dict):
     import models
     from raypd.api import LocalBackend
     from raypd.server.grpc_server import Endpoint
 
     name = args.model or models.DEFAULT_MODEL
-    token = args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN") or None
-    read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
     try:
-        backend = LocalBackend(models.load(name))
-        endpoint = Endpoint(backend, name, max_queued=args.max_queued, metrics_port=args.metrics_port,
-                            host=args.grpc_host, port=args.grpc_port, token=token, tls_cert=read(args.tls_cert),
-                            tls_key=read(args.tls_key), max_message_bytes=args.max_message_bytes,
-                            allow_insecure_remote=args.allow_insecure_remote)
+        endpoint = Endpoint(LocalBackend(models.load(name)), name, max_queued=args.max_queued, **server_kw)
     except (ValueError, OSError) as e:
         raise SystemExit(f"raypd serve: {e}") from None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("warming up %s", name)
     endpoint.start(warmup=not args.no_warmup)
-    print(json.dumps({"serving": name, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
-                      "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port}), flush=True)
-    stop.wait()
-    log.info("shutting down")
-    endpoint.stop()
-    return 0
+    try:
+        yield endpoint, {"serving": name, "backend": "local"}
+    finally:
+        endpoint.stop()
+
+
+@contextlib.contextmanager
+def _serve_ray(args: argparse.Namespace, server_kw: dict):
+    """A deployment on Ray and the endpoint over it; on exit both stop (in that order), and so
+    does a local cluster started here (ray.shutdown stops the one ray.init started, and only
+    disconnects from one at --address)."""
+    import signal
+
+    import ray
+
+    from raypd.runtime.deployment import ROOT
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ray.init(address=args.address, include_dashboard=False if args.address is None else None,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    for sig, handler in handlers.items():  # ray.init puts its own on SIGTERM (exit at once)
+        signal.signal(sig, handler)
+    try:
+        with _ray_endpoint(args, server_kw) as started:
+            yield started
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # the driver reads the model's card; the workers own the devices
+    import models
+    from raypd.engine.runner import EngineConfig
+    from raypd.runtime import deployment as dep
+    from raypd.server.backends import RayBackend
+    from raypd.server.grpc_server import Endpoint
+    from scheduler import PolicyConfig
+
+    name = args.model or models.DEFAULT_MODEL
+    try:
+        model = models.load(name)
+        engine = EngineConfig(max_seq_len=min(2048, model.config.max_position_embeddings))
+        log.info("starting deployment %r of %s: %d prefill, %d decode workers", args.deployment, name,
+                 args.num_prefill, args.num_decode)
+        handle = dep.serve(name, num_prefill=args.num_prefill, num_decode=args.num_decode,
+                           prefill_tp=args.prefill_tp, decode_tp=args.decode_tp, name=args.deployment,
+                           engine_config=engine, compression=args.kv_compression,
+                           calibrate=not args.no_calibrate, policy=PolicyConfig(max_queued=args.max_queued))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"raypd serve: {e}") from None
+    try:
+        backend = RayBackend(handle, name, model, engine.max_seq_len,
+                             max_slots=engine.max_slots * args.num_decode)
+        try:
+            endpoint = Endpoint(backend, **server_kw).start()
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"raypd serve: {e}") from None
+        try:
+            yield endpoint, {"serving": name, "backend": "ray", "deployment": args.deployment,
+                             "ray": ray_address(), "started_ray": args.address is None}
+        finally:
+            endpoint.stop()
+    finally:
+        handle.shutdown()
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 # ----------------------------------------------------------------------------- batch

@@ -226,19 +226,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind(host: str, token: str | None, tls_cert: bytes | None, tls_key: bytes | None,
+               allow_insecure_remote: bool = False) -> None:
+    """ValueError unless this bind is allowed: loopback, or TLS and/or a token, or explicitly insecure."""
+    if not is_loopback(host) and tls_cert is None and token is None and not allow_insecure_remote:
+        raise ValueError(f"refusing to listen on non-loopback host {host!r} without TLS or an auth token "
+                         "(pass --auth-token and/or --tls-cert/--tls-key, or --allow-insecure-remote)")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key must be given together")
+
+
 def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  tls_cert: bytes | None = None, tls_key: bytes | None = None, max_message_bytes: int = 4 << 20,
                  max_workers: int = 32, allow_insecure_remote: bool = False) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and the port it bound."""
-    if not is_loopback(host):
-        if tls_cert is None and token is None:
-            if not allow_insecure_remote:
-                raise ValueError(f"refusing to listen on non-loopback host {host!r} without TLS or an auth token "
-                                 "(pass --auth-token and/or --tls-cert/--tls-key, or --allow-insecure-remote)")
-            log.warning("!!! raypd gRPC listens on %s WITHOUT TLS OR AUTH: anyone who can reach it can use it !!!",
-                        host)
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("tls_cert and tls_key must be given together")
+    check_bind(host, token, tls_cert, tls_key, allow_insecure_remote)
+    if not is_loopback(host) and tls_cert is None and token is None:
+        log.warning("!!! raypd gRPC listens on %s WITHOUT TLS OR AUTH: anyone who can reach it can use it !!!", host)
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
