@@ -131,17 +131,38 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO = SLO(),
     )
 
 
+STAGES = ("queue_s", "prefill_s", "transfer_s")  # the target's own per-request timings
+
+
+def breakdown_one_s(r: RequestRecord) -> dict[str, float] | None:
+    """One completed request's E2E split into parts that add up to it, in seconds, when the
+    target timed its stages (`queue_s` and `prefill_s`; `transfer_s` only when K/V moved, else 0):
+      queue     admission to placement on a worker (the scheduler's queue),
+      prefill   the prefill as its worker timed it (for a remote prefill: compute + send),
+      transfer  receiving the K/V into the decode worker's pool,
+      other     the rest of the client's TTFT: waits between stages (behind other prefills on
+                the same worker, in the decode worker's inbox), RPCs, token polling,
+      decode    E2E - TTFT.
+    None for a failed request or one without the target's timings."""
+    t = r.server_timings
+    if not r.is_ok or t.get("queue_s") is None or t.get("prefill_s") is None:
+        return None
+    queue, prefill, transfer = t["queue_s"], t["prefill_s"], t.get("transfer_s") or 0.0
+    ttft = ttft_s(r)
+    return dict(queue=queue, prefill=prefill, transfer=transfer, other=ttft - queue - prefill - transfer,
+                decode=e2e_s(r) - ttft)
+
+
 def breakdown_s(records: list[RequestRecord]) -> dict[str, float]:
-    """Mean latency components over completed requests, in seconds: the target's own timings
-    when it reports them (queue_s, prefill_s, transfer_s, decode_s), else what the client can
-    split by itself: TTFT (queue + prefill + transfer) and decode (E2E - TTFT)."""
+    """Mean latency components over completed requests, in seconds: `breakdown_one_s`'s parts
+    when the target timed every completed request's stages, else the split the client can make
+    alone: TTFT and decode (E2E - TTFT). Either way the parts add up to the mean E2E."""
     ok = [r for r in records if r.is_ok]
     if not ok:
         return {}
-    parts = [k for k in ("queue_s", "prefill_s", "transfer_s", "decode_s")
-             if all(k in r.server_timings for r in ok)]
-    if parts:
-        return {k[:-2]: float(np.mean([r.server_timings[k] for r in ok])) for k in parts}
+    parts = [breakdown_one_s(r) for r in ok]
+    if all(p is not None for p in parts):
+        return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
     return dict(ttft=float(np.mean([ttft_s(r) for r in ok])),
                 decode=float(np.mean([e2e_s(r) - ttft_s(r) for r in ok])))
 

@@ -189,3 +189,72 @@ def markdown(config: dict, env: dict, points: list[dict], slo: metrics.SLO, imag
         lines += ["", "The breakdown shows the components the target reports per request; when it reports "
                   "none, the client's split: TTFT (queue + prefill + transfer) and decode (E2E - TTFT)."]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- side-by-side plots
+# One series per serving mode (label -> data), for comparisons measured in one run.
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cdf_plot(path: Path, series: dict[str, list[float]], xlabel: str, title: str,
+             limit: float | None = None) -> Path:
+    """Empirical CDFs of values (already in the unit of `xlabel`), one line per series; `limit`
+    (same unit) as a dashed SLO line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        v = np.sort(np.asarray(values, dtype=np.float64))
+        if v.size:
+            ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=label)
+    if limit is not None:
+        ax.axvline(limit, color="k", ls="--", lw=1, label="SLO")
+    ax.set(xlabel=xlabel, ylabel="fraction of requests", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def attainment_plot(path: Path, curves: dict[str, tuple[list[float], list[float]]], title: str,
+                    target: float = 0.9) -> Path:
+    """SLO attainment (fractions) against request rate, one curve per series."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (rates, att) in curves.items():
+        ax.plot(rates, [a * 100 for a in att], "o-", label=label)
+    ax.axhline(target * 100, color="k", ls=":", lw=1, label=f"{target:.0%}")
+    ax.set(xlabel="request rate (req/s)", ylabel="requests meeting every SLO (%)", ylim=(0, 105), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def breakdown_plot(path: Path, bars: dict[str, dict[str, float]], title: str) -> Path:
+    """Stacked bars of mean latency parts (seconds, plotted in ms), one bar per label."""
+    plt = _pyplot()
+    parts = list(dict.fromkeys(k for b in bars.values() for k in b))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4))
+    labels = list(bars)
+    bottom = np.zeros(len(labels))
+    for part in parts:
+        h = np.array([bars[k].get(part, 0.0) * 1e3 for k in labels])
+        ax.bar(labels, h, bottom=bottom, label=part)
+        bottom += h
+    ax.set(ylabel="mean per request (ms)", title=title)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    return _save(plt, fig, path)

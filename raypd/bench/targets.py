@@ -101,41 +101,141 @@ class LocalTarget:
 
 
 class RayTarget:
-    """A Ray deployment: attach to `deployment` by name, or start one and shut it down on close."""
+    """A Ray deployment: attach to `deployment` by name, or start one (`raypd.serve` with
+    `num_prefill`, `num_decode`, `engine_config` and any other `serve_overrides`, e.g. pinned
+    `prefill_resources`) and shut it down on close.
 
-    # Deployment.stream yields the tokens of one scheduler poll back to back; tokens that arrive
-    # within this gap of the previous one are one chunk (a poll round trip takes far longer).
-    burst_gap_s = 2e-4
+    One poller thread asks the scheduler for the new tokens of every request in flight in one
+    `poll` call, so the client costs one RPC per chunk of tokens whatever the concurrency (a
+    poll per request per token would load the machine being measured). The last chunk's
+    timings are the scheduler's per-request metrics (queue_s, prefill_s, transfer_s, ...)."""
+
+    burst_gap_s = 0.0  # a chunk is one poll's tokens already
 
     def __init__(self, model: str | None = None, deployment: str | None = None, address: str | None = None,
-                 num_prefill: int = 1, num_decode: int = 1, engine_config=None):
+                 num_prefill: int = 1, num_decode: int = 1, engine_config=None, name: str = "raypd-bench",
+                 request_timeout_s: float = 600.0, **serve_overrides):
         from raypd.runtime import deployment as dep
 
         self.vocab_size, max_pos, self.exclude_ids = model_limits(model)
         self.is_owned = deployment is None
         if self.is_owned:
-            self.handle = dep.serve(model, num_prefill=num_prefill, num_decode=num_decode,
-                                    name="raypd-bench", engine_config=engine_config)
+            self.handle = dep.serve(model, num_prefill=num_prefill, num_decode=num_decode, name=name,
+                                    engine_config=engine_config, **serve_overrides)
         else:
             self.handle = dep.connect(deployment, address=address)
         self.max_seq_len = min(max_pos, engine_config.max_seq_len if engine_config else 2048)
-        self.description = dict(kind="ray", model=model, deployment=deployment or "raypd-bench (started)",
+        self.request_timeout_s = request_timeout_s
+        self.poller = _Poller(self.handle)
+        self.description = dict(kind="ray", model=model, deployment=deployment or f"{name} (started)",
                                 num_prefill=num_prefill if self.is_owned else None,
                                 num_decode=num_decode if self.is_owned else None)
 
     def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        import queue
+
+        from raypd.engine.api import SamplingParams
         from raypd.runtime import errors
 
         try:
-            chunks = self.handle.stream(list(prompt_ids), max_tokens=max_tokens, ignore_eos=True)
-            for _ in chunks:
-                yield 1, {}
+            (rid,) = self.handle.submit([list(prompt_ids)], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         except errors.RequestRejected as e:
             raise TargetRejected(f"{e.reason}: {e}") from None
+        entries = self.poller.add(rid)
+        is_finished = False
+        try:
+            while not is_finished:
+                try:
+                    entry = entries.get(timeout=self.request_timeout_s)
+                except queue.Empty:
+                    raise TimeoutError(f"no tokens within {self.request_timeout_s} s") from None
+                if entry["error"] is not None:
+                    is_finished = True
+                    e = errors.from_wire(entry["error"])
+                    if isinstance(e, errors.RequestRejected):
+                        raise TargetRejected(f"{e.reason}: {e}")
+                    raise e
+                is_finished = entry["finished"]
+                if entry["tokens"]:
+                    yield len(entry["tokens"]), (stage_timings(entry["metrics"]) if is_finished else {})
+        finally:
+            if not is_finished:
+                self.poller.drop(rid)
+                self.handle._call("abort", [rid])
+
+    def status(self) -> dict:
+        return self.handle.status()
 
     def close(self) -> None:
+        self.poller.stop()
         if self.is_owned:
             self.handle.shutdown()
+
+
+def stage_timings(m: dict | None) -> dict:
+    """The scheduler's per-request metrics (Deployment.stream's last chunk) as server timings:
+    stage seconds, the scheduler's own TTFT, where the prompt was prefilled."""
+    m = m or {}
+    out = {k: m[k] for k in ("queue_s", "prefill_s", "transfer_s", "is_local_prefill", "prefill_worker",
+                             "decode_worker", "num_computed_tokens") if m.get(k) is not None}
+    if m.get("ttft_s") is not None:
+        out["server_ttft_s"] = m["ttft_s"]
+    return out
+
+
+class _Poller:
+    """One thread polling the scheduler for every registered request; each poll entry goes to
+    its request's queue until the request ends (finished or error)."""
+
+    def __init__(self, handle, timeout_s: float = 1.0):
+        import threading
+
+        self.handle, self.timeout_s = handle, timeout_s
+        self._queues: dict = {}
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="bench-poller", daemon=True)
+        self._thread.start()
+
+    def add(self, rid: str):
+        import queue
+
+        q = queue.SimpleQueue()
+        with self._cv:
+            self._queues[rid] = q
+            self._cv.notify()
+        return q
+
+    def drop(self, rid: str) -> None:
+        with self._cv:
+            self._queues.pop(rid, None)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._queues or self._stopped)
+                if self._stopped:
+                    return
+                ids = list(self._queues)
+            try:
+                out = self.handle._call("poll", ids, self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - every waiting request fails with it
+                out = {rid: dict(tokens=[], finished=True, error=("failed", f"{type(e).__name__}: {e}"),
+                                 metrics={}) for rid in ids}
+            with self._cv:
+                for rid, entry in out.items():
+                    q = self._queues.get(rid)
+                    if q is None:
+                        continue
+                    q.put(entry)
+                    if entry["finished"] or entry["error"] is not None:
+                        del self._queues[rid]
 
 
 class GrpcTarget:
