@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_layering import FORBIDDEN, imported_modules
 
-from raypd.bench import metrics, workload
+from raypd.bench import metrics, study, workload
 from raypd.bench.metrics import SLO, RequestRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +93,45 @@ def test_merge_bursts_joins_back_to_back_tokens():
     assert times == [1.0, 1.5, 2.0] and tokens == [3, 2, 1]
 
 
-def test_breakdown_prefers_the_targets_timings():
+def test_breakdown_without_stage_timings_splits_ttft_and_decode():
     plain = [rec(0.0, [0.2, 0.3, 0.4]), rec(0.0, [0.4, 0.6]), rec(0.0, [], status="rejected")]
     assert metrics.breakdown_s(plain) == pytest.approx(dict(ttft=0.3, decode=0.2))
-    timed = [rec(0.0, [0.2, 0.3], server_timings=dict(queue_s=0.1, prefill_s=0.05, decode_s=0.1)),
-             rec(0.0, [0.2, 0.3], server_timings=dict(queue_s=0.3, prefill_s=0.15, decode_s=0.1))]
-    assert metrics.breakdown_s(timed) == pytest.approx(dict(queue=0.2, prefill=0.1, decode=0.1))
+    assert metrics.breakdown_s([rec(0.0, [], status="failed")]) == {}
+
+
+def test_breakdown_with_stage_timings_adds_up_to_e2e():
+    # Remote prefill: sent at 1.0, first token at 1.5 (TTFT 0.5), last at 2.1 (decode 0.6);
+    # queue 0.1 + prefill 0.25 + transfer 0.05 leaves 0.1 of TTFT to "other".
+    remote = rec(1.0, [1.5, 1.8, 2.1], server_timings=dict(queue_s=0.1, prefill_s=0.25, transfer_s=0.05))
+    # Local prefill (no transfer_s): TTFT 0.3 = queue 0.0 + prefill 0.2 + other 0.1; decode 0.3.
+    local = rec(0.0, [0.3, 0.6], server_timings=dict(queue_s=0.0, prefill_s=0.2, is_local_prefill=True))
+    assert metrics.breakdown_one_s(remote) == pytest.approx(
+        dict(queue=0.1, prefill=0.25, transfer=0.05, other=0.1, decode=0.6))
+    assert metrics.breakdown_one_s(local) == pytest.approx(
+        dict(queue=0.0, prefill=0.2, transfer=0.0, other=0.1, decode=0.3))
+    both = metrics.breakdown_s([remote, local, rec(0.0, [], status="rejected")])
+    assert both == pytest.approx(dict(queue=0.05, prefill=0.225, transfer=0.025, other=0.1, decode=0.45))
+    assert sum(both.values()) == pytest.approx((1.1 + 0.6) / 2)  # mean E2E
+    # One completed request without the target's timings: the client-side split for all.
+    assert set(metrics.breakdown_s([remote, rec(0.0, [0.2, 0.3])])) == {"ttft", "decode"}
+
+
+def test_slo_break_rate_is_the_lowest_rate_past_the_slo():
+    # Unsorted input; p99 TPOT 0.02, 0.05, 0.03 s at 1, 3, 2 req/s; SLO 0.025 s.
+    assert study.slo_break_rate([1, 3, 2], [0.02, 0.05, 0.03], 0.025) == 2
+    assert study.slo_break_rate([1, 2], [0.02, 0.025], 0.025) is None  # at the SLO is within it
+    assert study.slo_break_rate([1, 2], [0.02, None], 0.025) == 2  # nothing completed: broken
+
+
+def test_rate_at_attainment_interpolates_between_the_bracketing_rates():
+    # 100% at 1, 95% at 2, 75% at 4 req/s: 90% is a quarter of the way from 2 to 4 -> 2.5.
+    got = study.rate_at_attainment([4, 1, 2], [0.75, 1.0, 0.95], 0.9)
+    assert got.rate == pytest.approx(2.5) and not got.is_lower_bound
+    assert study.rate_at_attainment([1, 2], [0.95, 0.9]) == study.RateAtAttainment(2, True)
+    assert study.rate_at_attainment([1, 2], [0.5, 0.2]) == study.RateAtAttainment(None, False)
+    assert study.ratio(3.0, 2.0) == 1.5 and study.ratio(None, 2.0) is None and study.ratio(1.0, 0.0) is None
+    with pytest.raises(ValueError):
+        study.rate_at_attainment([1, 2], [0.9])
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -174,6 +207,6 @@ def test_read_trace_names_the_bad_line(tmp_path):
 
 
 def test_metric_and_workload_modules_stay_pure():
-    for name in ("metrics", "workload"):
+    for name in ("metrics", "workload", "study"):
         path = ROOT / "raypd" / "bench" / f"{name}.py"
         assert not imported_modules(path.read_text(), str(path)) & FORBIDDEN, name

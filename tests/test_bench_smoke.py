@@ -75,3 +75,56 @@ def test_bad_arguments_are_refused_before_any_work(capsys):
         cli.main(["bench", "--burstiness", "0.5"])
     with pytest.raises(SystemExit, match="not both"):
         cli.main(["bench", "--rate", "1", "--sweep-rates", "1,2"])
+
+
+class FakeDeployment:
+    """Deployment's submit / _call("poll" | "abort") from a script: a 3-token request arrives
+    as a chunk of 2 then a chunk of 1 with the scheduler's metrics; prompts of 9 tokens are
+    rejected at submit, prompts of 8 fail in a worker."""
+
+    def __init__(self):
+        self.polls, self.aborted, self.script = [], [], {}
+
+    def submit(self, prompts, params):
+        from raypd.runtime import errors
+
+        (prompt,) = prompts
+        if len(prompt) == 9:
+            raise errors.RequestRejected("queue full", "queue_full")
+        rid = f"r{len(self.script)}"
+        tok = (5, None, None, "")
+        fin = (5, None, "length", "")
+        m = dict(ttft_s=0.1, queue_s=0.01, prefill_s=0.05, transfer_s=None, is_local_prefill=True)
+        self.script[rid] = ([dict(tokens=[], finished=False, error=("failed", "worker died"), metrics={})]
+                            if len(prompt) == 8 else
+                            [dict(tokens=[tok, tok], finished=False, error=None, metrics=m),
+                             dict(tokens=[], finished=False, error=None, metrics=m),
+                             dict(tokens=[fin], finished=True, error=None, metrics=m)])
+        return [rid]
+
+    def _call(self, method, ids, *rest):
+        if method == "abort":
+            self.aborted += ids
+            return None
+        self.polls.append(list(ids))
+        return {rid: self.script[rid].pop(0) for rid in ids if self.script[rid]}
+
+
+def test_ray_target_polls_once_for_all_requests_and_keeps_the_last_chunks_timings():
+    fake = FakeDeployment()
+    t = targets.RayTarget.__new__(targets.RayTarget)
+    t.handle, t.request_timeout_s, t.poller = fake, 5.0, targets._Poller(fake)
+    try:
+        assert list(t.stream([1, 2, 3], 3)) == [
+            (2, {}), (1, dict(queue_s=0.01, prefill_s=0.05, is_local_prefill=True, server_ttft_s=0.1))]
+        with pytest.raises(targets.TargetRejected, match="queue_full"):
+            list(t.stream([1] * 9, 3))
+        with pytest.raises(RuntimeError, match="worker died"):
+            list(t.stream([1] * 8, 3))
+        gen = t.stream([1, 2, 3], 3)
+        next(gen)
+        gen.close()  # the client stops reading: the request is aborted
+        assert fake.aborted == ["r2"]
+    finally:
+        t.poller.stop()
+    assert all(len(ids) >= 1 for ids in fake.polls)
