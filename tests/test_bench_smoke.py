@@ -128,3 +128,26 @@ def test_ray_target_polls_once_for_all_requests_and_keeps_the_last_chunks_timing
     finally:
         t.poller.stop()
     assert all(len(ids) >= 1 for ids in fake.polls)
+
+
+def test_study_modes_get_the_same_cores(monkeypatch):
+    """scripts/bench_study.py: colocated and disaggregated use the same two cores, prefix reuse off,
+    every prompt prefilled where the mode says (colocated: locally; disaggregated: remotely)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_study.py"
+    spec = importlib.util.spec_from_file_location("bench_study", path)
+    bench_study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_study", bench_study)  # dataclasses look their module up
+    spec.loader.exec_module(bench_study)
+    args = bench_study.parse_args([])
+    colo, dis = (bench_study.mode_kwargs(m, args) for m in bench_study.MODES)
+    assert (colo["num_prefill"], colo["num_decode"], dis["num_prefill"], dis["num_decode"]) == (0, 1, 1, 1)
+    assert set(colo["decode_resources"].cpus) == set(dis["prefill_resources"].cpus) | set(dis["decode_resources"].cpus)
+    assert not set(dis["prefill_resources"].cpus) & set(dis["decode_resources"].cpus)
+    assert colo["policy"].local_prefill_max_len >= 4096 and dis["policy"].local_prefill_max_len == 0
+    assert colo["cache_bytes"] == dis["cache_bytes"] == 0
+    assert colo["local_prefill_stall_s"] is dis["local_prefill_stall_s"] is None  # calibration keeps the policy
+    assert bench_study.engine_config(args, 256).prefill_buckets[-1] == 256  # the colocated chunk
