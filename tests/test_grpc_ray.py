@@ -13,6 +13,7 @@ be cancelled mid-way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import threading
 import time
@@ -37,7 +38,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STEP_S = 0.01  # each mock decode step
 MAX_SLOTS = 2
 MOCK_MODEL = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=1000), tokenizer=None)
-LONG = [10, 20, 30, 40, 50]  # > local_prefill_max_len: prefilled on the prefill worker, K/V transferred
+_first = itertools.count(100)
+
+
+def fresh() -> list[int]:
+    """A 5-token prompt no earlier request shares a page with (so no prefix hit makes it short
+    enough to prefill on the decode worker): prefilled on the prefill worker, K/V transferred."""
+    return [next(_first), 20, 30, 40, 50]
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    first = sum(prompt) * 2 % 1000  # prefill worker (x2), then decode (+3)
+    return [(first + 3 * i) % 1000 for i in range(n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +192,14 @@ def wait_for_load(d, expected, within_s: float = 1.0) -> None:
 
 
 def test_generate_stream_models_and_info(deployment, stub):
-    resp = stub.Generate(req(ids=LONG, logprobs=True), timeout=30)
-    assert list(resp.token_ids) == [300, 303, 306, 309]  # prefill worker (x2), then decode (+3)
+    prompt = fresh()
+    resp = stub.Generate(req(ids=prompt, logprobs=True), timeout=30)
+    assert list(resp.token_ids) == expected(prompt, 4)
     assert resp.finish_reason == "length" and list(resp.logprobs) == [-1.0] * 4 and resp.prompt_tokens == 5
     assert resp.request_id.startswith("grpc-mock-") and resp.timings.e2e_s >= resp.timings.ttft_s > 0
-    chunks = list(stub.GenerateStream(req(ids=LONG, max_tokens=6), timeout=30))
-    assert [t for c in chunks for t in c.token_ids] == [300, 303, 306, 309, 312, 315]
+    prompt = fresh()
+    chunks = list(stub.GenerateStream(req(ids=prompt, max_tokens=6), timeout=30))
+    assert [t for c in chunks for t in c.token_ids] == expected(prompt, 6)
     assert chunks[-1].finish_reason == "length" and chunks[-1].HasField("timings")
     assert all(c.finish_reason == "" for c in chunks[:-1])
     (m,) = stub.ListModels(raypd_pb2.ListModelsRequest(), timeout=5).models
@@ -226,7 +240,8 @@ def test_bad_requests_get_invalid_argument_and_good_ones_are_unaffected(deployme
                 with pytest.raises(grpc.RpcError) as e:
                     list(s.GenerateStream(bad, timeout=10))
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert list(s.Generate(req(ids=LONG), timeout=30).token_ids) == [300, 303, 306, 309]
+                good = fresh()
+                assert list(s.Generate(req(ids=good), timeout=30).token_ids) == expected(good, 4)
     finally:
         ep.stop()
     wait_for_load(deployment, baseline)
@@ -236,15 +251,16 @@ def test_deadline_mid_generation_frees_slot_and_pages(deployment, stub):
     baseline = decode_load(deployment)
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:  # 300 steps of 10 ms: 3 s; the deadline is 0.5 s
-        stub.Generate(req(ids=LONG, max_tokens=300), timeout=0.5)
+        stub.Generate(req(ids=fresh(), max_tokens=300), timeout=0.5)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 2
     wait_for_load(deployment, baseline)
 
 
 def test_cancel_mid_stream_frees_slot_and_pages(deployment, stub):
     baseline = decode_load(deployment)
-    call = stub.GenerateStream(req(ids=LONG, max_tokens=300), timeout=30)
-    assert next(call).token_ids[0] == 300
+    prompt = fresh()
+    call = stub.GenerateStream(req(ids=prompt, max_tokens=300), timeout=30)
+    assert next(call).token_ids[0] == expected(prompt, 1)[0]
     ((pages, running),) = decode_load(deployment)
     assert running == baseline[0][1] + 1 and pages > baseline[0][0]
     call.cancel()
@@ -257,16 +273,17 @@ def test_cancel_mid_stream_frees_slot_and_pages(deployment, stub):
 def test_full_queue_gives_resource_exhausted_with_retry_hint(deployment, stub):
     """Both decode slots busy and one request queued (max_queued=1): the next one is refused."""
     baseline = decode_load(deployment)
-    running = [stub.GenerateStream(req(ids=LONG, max_tokens=300), timeout=30) for _ in range(MAX_SLOTS)]
-    for call in running:
-        next(call)
-    queued = stub.GenerateStream(req(ids=LONG, max_tokens=300), timeout=30)
+    running = []
+    for _ in range(MAX_SLOTS):  # one at a time: each is placed before the next arrives
+        running.append(stub.GenerateStream(req(ids=fresh(), max_tokens=300), timeout=30))
+        next(running[-1])
+    queued = stub.GenerateStream(req(ids=fresh(), max_tokens=300), timeout=30)
     end = time.monotonic() + 5
     while deployment.status()["num_queued"] < 1 and time.monotonic() < end:
         time.sleep(0.01)
     try:
         with pytest.raises(grpc.RpcError) as e:
-            stub.Generate(req(ids=LONG), timeout=10)
+            stub.Generate(req(ids=fresh()), timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.value.details()
         hints = dict(e.value.trailing_metadata())
         assert hints["rejection-reason"] == "queue_full" and int(hints["retry-after-ms"]) > 0
@@ -276,11 +293,12 @@ def test_full_queue_gives_resource_exhausted_with_retry_hint(deployment, stub):
     wait_for_load(deployment, baseline)
     assert deployment.status()["num_queued"] == 0
     with pytest.raises(grpc.RpcError) as e:  # can never fit: refused, with no hint to retry
-        stub.Generate(req(ids=LONG, max_tokens=450), timeout=10)
+        stub.Generate(req(ids=fresh(), max_tokens=450), timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     hints = dict(e.value.trailing_metadata())
     assert hints["rejection-reason"] == "no_capacity" and "retry-after-ms" not in hints
-    assert list(stub.Generate(req(ids=LONG), timeout=30).token_ids) == [300, 303, 306, 309]
+    good = fresh()
+    assert list(stub.Generate(req(ids=good), timeout=30).token_ids) == expected(good, 4)
 
 
 def test_auth_on_every_method_but_health(deployment):
@@ -291,8 +309,8 @@ def test_auth_on_every_method_but_health(deployment):
             health = health_pb2_grpc.HealthStub(ch)
             assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
-            calls = [lambda md: s.Generate(req(ids=LONG, max_tokens=2), timeout=10, metadata=md),
-                     lambda md: list(s.GenerateStream(req(ids=LONG, max_tokens=2), timeout=10, metadata=md)),
+            calls = [lambda md: s.Generate(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md),
+                     lambda md: list(s.GenerateStream(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md)),
                      lambda md: s.ListModels(raypd_pb2.ListModelsRequest(), timeout=5, metadata=md),
                      lambda md: s.ServerInfo(raypd_pb2.ServerInfoRequest(), timeout=5, metadata=md)]
             for call in calls:
@@ -310,7 +328,7 @@ def test_metrics_show_store_transfer_and_rejections(endpoint, stub):
     for _ in range(2):
         stub.Generate(req(ids=prompt, max_tokens=3), timeout=30)
     with pytest.raises(grpc.RpcError):
-        stub.Generate(req(ids=LONG, max_tokens=450), timeout=10)  # no_capacity
+        stub.Generate(req(ids=fresh(), max_tokens=450), timeout=10)  # no_capacity
     text = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.metrics.port}/metrics", timeout=5).read().decode()
     m = {}
     for line in text.splitlines():
