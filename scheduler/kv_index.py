@@ -203,6 +203,16 @@ class KVIndex:
         self._num_misses += num_full - len(matched)
         return PrefixMatch(matched, locations, worker_pages, num_full)
 
+    def host_run(self, token_ids: Sequence[int], max_pages: int | None = None) -> int:
+        """How many leading full pages of `token_ids` have a host copy (no stats, no recency)."""
+        n = 0
+        for h in page_hashes(token_ids, self.page_size)[:max_pages]:
+            e = self._entries.get(h)
+            if e is None or not any(loc.kind == KIND_HOST for loc in e.locations):
+                break
+            n += 1
+        return n
+
     # -- pin -----------------------------------------------------------------------------------
     def acquire(self, hashes: Sequence[int], now_s: float) -> None:
         """Pin entries (one reference each) and touch them; pinned entries are never evicted."""

@@ -114,6 +114,7 @@ def assert_baseline(d, timeout_s: float = 5.0):
             break
         time.sleep(0.05)
     assert s["num_queued"] == 0 and s["num_tracked"] == 0 and s["index"]["num_entries"] == 0
+    assert s["index"]["num_host_objects"] == 0
     assert s["index"]["used_bytes"] == 0
     for w in s["prefill"]:
         assert set(w["used_pages"]) == {0} and w["num_pending_transfers"] == 0, w
@@ -191,7 +192,8 @@ def test_cached_pages_evicted_when_a_pool_needs_room(mock_deployment):
         (c,) = mock_deployment.generate([p], max_tokens=2)
         assert c.token_ids == [(sum(p) * 2) % 1000, (sum(p) * 2 + 3) % 1000]
     s = mock_deployment.status()
-    assert s["prefill"][0]["used_pages"] == [15] and s["index"]["num_entries"] == 15
+    assert s["prefill"][0]["used_pages"] == [15]  # the pool holds the newest 15 pages ...
+    assert s["index"]["num_entries"] == 30 and s["index"]["num_host_objects"] == 6  # ... host copies all 30
     assert_baseline(mock_deployment)
 
 
@@ -248,3 +250,38 @@ def test_connect_and_shutdown_errors(ray_session):
         d.generate([[1, 2]], max_tokens=2)
     with pytest.raises(errors.DeploymentNotRunning):
         other.generate([[1, 2]], max_tokens=2)
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_host_copies_give_prefix_reuse_across_workers(ray_session, compression):
+    """The KV store's host tier: prefill-0 computes a prompt and exports its full pages to the
+    object store; prefill-0 then dies, and the same prefix on prefill-1 is fetched from the host
+    copy (only the tail is computed) with the same greedy output (exact with "none")."""
+    import ray
+
+    d = raypd.serve("tiny-random", name=f"host-{compression}", engine_config=ENGINE, calibrate=False,
+                    num_prefill=2, policy=PolicyConfig(local_prefill_max_len=0), host_copies=compression,
+                    prefill_resources=_small(), decode_resources=_small())
+    try:
+        (p,) = prompts((70,), seed=4)
+        ref = raypd.generate([p], model=LocalBackend(models.load("tiny-random"), ENGINE), max_tokens=MAX_TOKENS,
+                             ignore_eos=True, backend="local")[0].token_ids
+        first = d.generate([p], max_tokens=MAX_TOKENS, ignore_eos=True)[0]
+        assert first.metrics["prefill_worker"] == "prefill-0" and first.metrics["num_computed_tokens"] == 70
+        deadline = time.monotonic() + 10
+        while d.status()["index"]["num_host_objects"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(d._actors[1])  # prefill-0: its pool is gone, the host copy is not
+        second = d.generate([p], max_tokens=MAX_TOKENS, ignore_eos=True)[0]
+        assert second.metrics["prefill_worker"] == "prefill-1"
+        assert second.metrics["num_computed_tokens"] == 70 - 4 * 16  # 4 pages fetched, 6 tokens computed
+        assert first.token_ids == ref
+        if compression == "none":
+            assert second.token_ids == ref
+        else:
+            print(f"INT8 host copy: {np.mean([a == b for a, b in zip(second.token_ids, ref)]):.0%} of tokens agree")
+            assert second.token_ids[0] == ref[0]
+        assert d.status()["index"]["host_copies"] == compression
+        assert_baseline(d)
+    finally:
+        d.shutdown()

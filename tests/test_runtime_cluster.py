@@ -67,3 +67,30 @@ def test_kv_crosses_nodes_greedy_identity(cluster):
         assert all(w["num_pending_transfers"] == 0 for w in s["prefill"])
     finally:
         d.shutdown()
+
+
+def test_host_copy_fetched_across_nodes(cluster):
+    """The prefill worker (node 1) exports a prompt's pages to its node's object store; a
+    follow-up with the same prefix and a short tail prefills on the decode worker (node 2),
+    which fetches the host copy across nodes and computes only the tail."""
+    d = raypd.serve("tiny-random", name="host-two-nodes", engine_config=ENGINE, calibrate=False,
+                    policy=PolicyConfig(local_prefill_max_len=8), host_copies="none",
+                    prefill_resources=Resources(num_cpus=0.5, resources={"prefill_node": 0.5}),
+                    decode_resources=Resources(num_cpus=0.5, resources={"decode_node": 0.5}))
+    try:
+        rng = np.random.default_rng(5)
+        p = rng.integers(3, 500, size=70).tolist()
+        ref = raypd.generate([p], model=LocalBackend(models.load("tiny-random"), ENGINE), max_tokens=6,
+                             ignore_eos=True, backend="local")[0].token_ids
+        first = d.generate([p[:64] + [7] * 16], max_tokens=6, ignore_eos=True)[0]  # 80 tokens: remote
+        assert not first.metrics["is_local_prefill"]
+        deadline = time.monotonic() + 10
+        while d.status()["index"]["num_host_objects"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = d.generate([p], max_tokens=6, ignore_eos=True)[0]  # 64 cached + 6: local, fetched
+        assert second.metrics["is_local_prefill"] and second.metrics["num_computed_tokens"] == 6
+        assert second.token_ids == ref
+        d.clear_cache()
+        assert d.status()["index"]["num_host_objects"] == 0
+    finally:
+        d.shutdown()

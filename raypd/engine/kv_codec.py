@@ -185,6 +185,24 @@ def encode(cache: KVCache, pages: list[int], num_tokens: int, compression: str =
     return enc
 
 
+def take_pages(enc: EncodedKV, index: list[int]) -> EncodedKV:
+    """The payload of pages `index` (positions in 0..n-1) of `enc`, as full pages. Raw pages
+    the accuracy guard kept stay raw."""
+    idx = np.asarray(index, np.int32)
+    out = dataclasses.replace(enc, num_tokens=len(idx) * enc.shape[2], k=enc.k[:, idx], v=enc.v[:, idx])
+    if enc.compression == "int8":
+        out = dataclasses.replace(out, k_scale=enc.k_scale[:, idx], v_scale=enc.v_scale[:, idx],
+                                  raw_index=None, raw_k=None, raw_v=None)
+        if enc.num_raw_pages:
+            raw = {int(p): i for i, p in enumerate(enc.raw_index)}  # page position -> row of raw_k
+            keep = [(j, raw[int(p)]) for j, p in enumerate(idx) if int(p) in raw]
+            if keep:
+                rows = np.asarray([r for _, r in keep], np.int32)
+                out = dataclasses.replace(out, raw_index=np.asarray([j for j, _ in keep], np.int32),
+                                          raw_k=enc.raw_k[:, rows], raw_v=enc.raw_v[:, rows])
+    return out
+
+
 def decode_into(cache: KVCache, pages: list[int], enc: EncodedKV, first_layer: int = 0) -> KVCache:
     """Write `enc` into `pages` of `cache` (donated; use the returned cache). Shapes must have
     been checked by the caller (`check_fits`). A payload of one layer group (L' layers) goes

@@ -61,6 +61,11 @@ class DeploymentConfig:
     local_prefill_stall_s: float | None = 0.02  # sets the local prefill threshold from measurement
     collect_timeout_s: float = 0.02
     max_retries: int = 2  # per request, after a worker dies or its K/V is lost in transfer
+    # Host tier of the KV store: prefill workers export newly cached pages to Ray's object store
+    # ("int8" | "none" compression; "auto": the engines' own K/V compression; None: off). Ray
+    # spills the objects to disk under memory pressure, which gives the disk tier.
+    host_copies: str | None = "auto"
+    host_cache_bytes: int = 256 << 20  # index capacity for host copies, on top of cache_bytes
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -98,17 +103,20 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
     transport = _TransportFactory(config.transport)
     prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(
         **_options(config.prefill_resources, config.prefill_tp, has_gpus, max_concurrency=1)).remote(
-        f"prefill-{i}", config.factory, transport, config.prefill_tp, cpus=config.prefill_resources.cpus)
+        f"prefill-{i}", config.factory, transport, config.prefill_tp, cpus=config.prefill_resources.cpus,
+        fetch=_fetch_object)
         for i in range(config.num_prefill)}
     decode = {f"decode-{i}": ray.remote(DecodeWorker).options(
         **_options(config.decode_resources, config.decode_tp, has_gpus, max_concurrency=8)).remote(
-        f"decode-{i}", config.factory, transport, config.decode_tp, cpus=config.decode_resources.cpus)
+        f"decode-{i}", config.factory, transport, config.decode_tp, cpus=config.decode_resources.cpus,
+        fetch=_fetch_object)
         for i in range(config.num_decode)}
     sched = ray.remote(Scheduler).options(
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
         config.name, prefill, decode, config.policy, config.cache_bytes, config.calibrate,
-        config.local_prefill_stall_s, config.collect_timeout_s, config.max_retries)
+        config.local_prefill_stall_s, config.collect_timeout_s, config.max_retries,
+        _host_copies(config), config.host_cache_bytes)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())
@@ -116,6 +124,17 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         handle.shutdown()
         raise
     return handle
+
+
+def _host_copies(config: DeploymentConfig) -> str | None:
+    if config.host_copies != "auto":
+        return config.host_copies
+    return getattr(config.factory, "compression", "none")
+
+
+def _fetch_object(ref):
+    """How workers resolve a host copy's reference (PrefillJob.host_prefix)."""
+    return ray.get(ref, timeout=30.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,8 @@ class WorkerEngines:
     max_seq_len: int
     kv_bytes_per_page: int
     max_slots: int = 0  # decode batch capacity (decode workers)
+    export_pages: Callable | None = None  # (pages, compression) -> EncodedKV: a host copy of full pages
+    import_pages: Callable | None = None  # ([EncodedKV]) -> new pool pages holding them (one reference)
 
     @property
     def page_size(self) -> int:
@@ -72,6 +74,7 @@ class JaxEngineFactory:
         from raypd.engine.prefill import PrefillEngine
         from raypd.engine.runner import ModelRunner
         from raypd.transfer import recv_into, send_prefill
+        from raypd.transfer.engines import export_pages, import_pages
 
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -87,7 +90,9 @@ class JaxEngineFactory:
             model=types.SimpleNamespace(config=model.config, tokenizer=model.tokenizer),
             max_seq_len=runner.max_seq_len,
             kv_bytes_per_page=paged.kv_bytes_per_page(model.config, runner.page_size),
-            max_slots=runner.config.max_slots)
+            max_slots=runner.config.max_slots,
+            export_pages=lambda pages, c: export_pages(runner, pages, c),
+            import_pages=lambda encs: import_pages(runner, encs))
 
 
 def _compression(request: Request, default: str) -> str:
@@ -121,6 +126,12 @@ def _mock_recv_into(decode: MockDecodeEngine, request: Request, out: PrefillOutp
     enc = transport.recv(handle, 30.0)
     payload = KVPayload(np.asarray(enc.k), np.asarray(enc.v), enc.num_tokens)
     return decode.insert(request, out, payload)
+
+
+def _mock_export(prefill: _MockPrefill, pages: list[int]) -> EncodedKV:
+    G = prefill.allocator.page_size
+    kv = np.zeros((1, len(pages), G, 1, 1), np.float32)  # the mock keeps no K/V per page
+    return EncodedKV("none", len(pages) * G, "float32", kv, kv.copy())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,4 +169,6 @@ class MockEngineFactory:
             send=lambda req, out, t: _mock_send(prefill, out, t, self.prefill_delay_s),
             recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t, self.recv_delay_s),
             model=types.SimpleNamespace(config=config, tokenizer=None),
-            max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots)
+            max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots,
+            export_pages=lambda pages, c: _mock_export(prefill, pages),
+            import_pages=lambda encs: prefill.allocator.allocate(sum(e.num_pages for e in encs)))

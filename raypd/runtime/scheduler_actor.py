@@ -37,6 +37,7 @@ from raypd.api import encode_prompt
 from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
 from raypd.runtime.workers import PrefillJob, PrefillResult
+from scheduler.kv_index import KIND_HOST
 from scheduler import (CostModel, DecodeWorkerState, KVIndex, Location, Placement, PolicyConfig,
                        PrefillWorkerState, Rejection, RequestSpec, TransferState, admit, fit, place)
 
@@ -74,7 +75,8 @@ class Scheduler:
     def __init__(self, name: str, prefill_workers: dict, decode_workers: dict,
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None,
                  calibrate: bool = False, local_prefill_stall_s: float | None = None,
-                 collect_timeout_s: float = 0.02, max_retries: int = 2):
+                 collect_timeout_s: float = 0.02, max_retries: int = 2, host_copies: str | None = None,
+                 host_cache_bytes: int = 256 << 20):
         self.name = name
         self.prefill_workers, self.decode_workers = dict(prefill_workers), dict(decode_workers)
         self.policy, self.cache_bytes, self.calibrate = policy, cache_bytes, calibrate
@@ -90,6 +92,8 @@ class Scheduler:
         self._num_computed_tokens = 0
         self._rejections: dict[str, int] = defaultdict(int)  # reason -> count
         self.max_retries = max_retries
+        self.host_copies, self.host_cache_bytes = host_copies, host_cache_bytes  # None: no host tier
+        self._host_objects: dict[str, list] = {}  # key -> [payload ObjectRef, pages the index still holds]
         self._dead: dict[str, str] = {}  # worker -> why it was dropped
         self._num_retries = 0
 
@@ -102,7 +106,8 @@ class Scheduler:
         self.model = types.SimpleNamespace(config=first["model"].config, tokenizer=first["model"].tokenizer)
         self.max_seq_len = min(i["max_seq_len"] for i in infos)
         pool_bytes = sum(i["max_pages"] for i in infos) * self.kv_bytes_per_page
-        self.index = KVIndex(self.page_size, self.cache_bytes if self.cache_bytes is not None else pool_bytes // 2)
+        cache_bytes = self.cache_bytes if self.cache_bytes is not None else pool_bytes // 2
+        self.index = KVIndex(self.page_size, cache_bytes + (self.host_cache_bytes if self.host_copies else 0))
         self.cost = default_cost_model(self.kv_bytes_per_page // self.page_size)
         if self.calibrate:
             await self._calibrate()
@@ -245,7 +250,8 @@ class Scheduler:
                     index=dict(num_entries=stats.num_entries, used_bytes=stats.used_bytes,
                                max_bytes=stats.max_bytes, hit_rate=stats.hit_rate,
                                num_hit_pages=stats.num_hit_pages, num_miss_pages=stats.num_miss_pages,
-                               num_evicted=stats.num_evicted),
+                               num_evicted=stats.num_evicted, num_host_objects=len(self._host_objects),
+                               host_copies=self.host_copies),
                     transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self._transfer_stats.items()],
                     rejections=dict(self._rejections), num_retries=self._num_retries,
                     dead_workers=dict(self._dead),
@@ -301,6 +307,9 @@ class Scheduler:
 
     def _place(self, spec: RequestSpec, prompt_ids: list[int], now: float):
         match = self.index.match_prefix(prompt_ids, spec.max_cached_pages)
+        if self.host_copies:
+            spec = dataclasses.replace(spec, num_host_pages=sum(1 for _ in itertools.takewhile(
+                lambda locs: any(loc.kind == KIND_HOST for loc in locs), match.locations)))
         transfer = TransferState(dict(self._backlog))
         return place(spec, self._prefill_states(spec, match), self._decode_states(match), self.cost, now,
                      self.policy, transfer), match
@@ -322,10 +331,11 @@ class Scheduler:
             self._queue.popleft()
             t.timings["queue_s"] = now - t.spec.arrival_s
             w = decision.prefill_worker_id
-            k = min(decision.num_cached_pages, match.num_worker_pages(w))
+            f = decision.num_fetched_pages
+            k = min(decision.num_cached_pages - f, match.num_worker_pages(w))
             t.placement = decision
-            self._prefilling[rid] = (t.request.prompt_ids, match.hashes[:k])
-            self.index.acquire(match.hashes[:k], now)
+            self._prefilling[rid] = (t.request.prompt_ids, match.hashes[:k + f])
+            self.index.acquire(match.hashes[:k + f], now)
             prompt_pages = -(-t.spec.prompt_len // self.page_size)
             need_here = (t.spec.num_pages_needed if decision.is_local_prefill else prompt_pages) - k
             self._make_room(w, need_here + sum(self._pending[w].values()), now)
@@ -337,12 +347,24 @@ class Scheduler:
                 kv = self.cost.kv_bytes(t.spec.prompt_len)
                 self._backlog[w] += kv
                 self._backlog[decision.decode_worker_id] += kv
-            job = PrefillJob(t.request, list(match.worker_pages.get(w, []))[:k])
+            job = PrefillJob(t.request, list(match.worker_pages.get(w, []))[:k],
+                             host_prefix=self._host_prefix(match, k, f))
             (local if decision.is_local_prefill else remote)[w].append(job)
         for w, jobs in remote.items():
             self._spawn(self._run_prefill(w, jobs))
         for d, jobs in local.items():
             self.decode_workers[d].submit_local.remote(jobs)
+
+    def _host_prefix(self, match, first: int, n: int) -> list[tuple[object, list[int]]]:
+        """Host copies of matched pages [first, first + n): (payload ref, positions), in order."""
+        out: list[tuple[object, list[int], str]] = []
+        for locs in match.locations[first:first + n]:
+            loc = next(loc for loc in locs if loc.kind == KIND_HOST)
+            if out and out[-1][2] == loc.object_ref_key:
+                out[-1][1].append(loc.page)
+            else:
+                out.append((self._host_objects[loc.object_ref_key][0], [loc.page], loc.object_ref_key))
+        return [(ref, idx) for ref, idx, _ in out]
 
     def _make_room(self, worker: str, need: int, now: float) -> None:
         """Evict cached pages of `worker` until `need` pages are free (as last reported)."""
@@ -354,7 +376,13 @@ class Scheduler:
     def _free_locations(self, locations) -> list:
         by_worker = defaultdict(list)
         for loc in locations:
-            if loc.worker_id in self._all_workers():  # a dead worker's pages went with it
+            if loc.kind == KIND_HOST:
+                held = self._host_objects.get(loc.object_ref_key)
+                if held is not None:
+                    held[1] -= 1
+                    if held[1] <= 0:  # the last page of that object: drop it
+                        del self._host_objects[loc.object_ref_key]
+            elif loc.worker_id in self._all_workers():  # a dead worker's pages went with it
                 by_worker[loc.worker_id].append(loc.page)
         refs = []
         for w, pages in by_worker.items():
@@ -397,7 +425,7 @@ class Scheduler:
                 self._fail(rid, ("failed", f"prefill on {worker} failed: {res}"))
                 continue
             self._sent_by[res.handle.transfer_id] = worker
-            self._publish(worker, res)
+            self._publish(worker, res, job.prefix_pages)
             if t is None or t.error is not None:  # aborted meanwhile
                 self.prefill_workers[worker].release_transfers.remote([res.handle])
                 continue
@@ -415,11 +443,20 @@ class Scheduler:
         self._overhead_s += time.perf_counter() - t0
         self._dispatch()
 
-    def _publish(self, worker: str, res: PrefillResult) -> None:
-        """New full prompt pages into the index; unpin the prefix; free what the index returns."""
+    def _publish(self, worker: str, res: PrefillResult, own_pages: list[int] = ()) -> None:
+        """New full prompt pages into the index; unpin the prefix; free what the index returns.
+        With the host tier on, a prefill worker also exports the pages that have no host copy
+        yet (the call is queued on the worker before any free of those pages can be)."""
         rid = res.output.request_id
         prompt_ids, _ = self._prefilling[rid]
         now = time.monotonic()
+        pages = list(own_pages) + list(res.cached_pages)
+        if self.host_copies and res.cached_pages and worker in self.prefill_workers:
+            run = self.index.host_run(prompt_ids, len(pages))
+            if run < len(pages):
+                refs = self.prefill_workers[worker].export_pages.options(num_returns=2).remote(
+                    pages[run:], self.host_copies)
+                self._spawn(self._finish_export(prompt_ids, run, len(pages) - run, refs))
         locations = [None] * res.num_prefix_pages + [
             Location.in_worker(worker, p, self.kv_bytes_per_page) for p in res.cached_pages]
         self._num_computed_tokens += res.num_computed_tokens
@@ -432,6 +469,26 @@ class Scheduler:
             gone = published.redundant + [loc for ev in published.evicted for loc in ev.locations]
             self._free_locations(gone)
         self._unpin(rid)
+
+    async def _finish_export(self, prompt_ids: list[int], first: int, n: int, refs) -> None:
+        """Record a host copy of pages [first, first + n) of `prompt_ids` once it exists."""
+        info_ref, payload_ref = refs
+        try:
+            info = await info_ref
+        except Exception as e:  # noqa: BLE001 - no host copy this time; the pool copy stands
+            log.warning("host copy export failed: %s", e)
+            return
+        key = f"host-{next(self._ids)}"
+        self._host_objects[key] = [payload_ref, n]
+        per_page = info["num_bytes"] // n
+        locations = [None] * first + [Location.on_host(info["node_id"], key, i, per_page, self.host_copies)
+                                      for i in range(n)]
+        try:
+            published = self.index.publish(prompt_ids, locations, time.monotonic())
+        except ValueError:  # the prefix left the index meanwhile: the copy has nothing to extend
+            del self._host_objects[key]
+            return
+        self._free_locations(published.redundant + [loc for ev in published.evicted for loc in ev.locations])
 
     def _unpin(self, rid: str) -> None:
         _, pinned = self._prefilling.pop(rid, (None, []))

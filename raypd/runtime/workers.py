@@ -54,6 +54,10 @@ class PrefillJob:
     request: Request
     prefix_pages: list[int] = dataclasses.field(default_factory=list)
     retain: bool = True  # keep the new full prompt pages for the KV index
+    # Host copies of the pages right after `prefix_pages`, in order: (payload, page positions in
+    # it). A payload is an EncodedKV or a reference the worker's `fetch` resolves (a Ray
+    # ObjectRef in a deployment). Fetched pages join the prefix; if a fetch fails they are computed.
+    host_prefix: list[tuple[object, list[int]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -62,10 +66,11 @@ class PrefillResult:
 
     output: PrefillOutput  # .pages emptied (they are the sender's business)
     handle: object | None  # TransferHandle; None when prefilled on the decode worker itself
-    cached_pages: list[int]  # retained full prompt pages after the reused prefix, in order
-    num_prefix_pages: int  # leading pages reused from the cache
+    cached_pages: list[int]  # retained full prompt pages after the worker's own prefix, in order
+    num_prefix_pages: int  # leading pages reused from the worker's own pool
     num_computed_tokens: int
     prefill_s: float
+    num_fetched_pages: int = 0  # pages after the own prefix loaded from host copies
 
 
 @dataclasses.dataclass
@@ -89,13 +94,31 @@ class DecodeReport:
                     or self.freed)
 
 
-def _retain(prefill, out: PrefillOutput, retain: bool) -> tuple[list[int], int]:
-    """One reference on the newly computed full prompt pages (after the reused prefix)."""
-    G = prefill.allocator.page_size
-    num_prefix = out.num_cached_tokens // G
-    keep = list(out.pages[num_prefix: out.prompt_len // G]) if retain else []
+def _retain(prefill, out: PrefillOutput, retain: bool, num_own: int) -> list[int]:
+    """One reference on the full prompt pages after the worker's own `num_own` prefix pages
+    (fetched from host copies or computed now), for the KV index."""
+    keep = list(out.pages[num_own: out.prompt_len // prefill.allocator.page_size]) if retain else []
     prefill.allocator.incref(keep)
-    return keep, num_prefix
+    return keep
+
+
+def _identity(x):
+    return x
+
+
+def _load_host_prefix(engines: WorkerEngines, fetch: Callable, job: PrefillJob) -> list[int]:
+    """Pages holding the job's host-copy prefix (one reference each), or [] when a copy cannot
+    be fetched (lost, evicted): the engine then computes those tokens."""
+    if not job.host_prefix or engines.import_pages is None:
+        return []
+    from raypd.engine.kv_codec import take_pages
+
+    try:
+        return engines.import_pages([take_pages(fetch(payload), idx) for payload, idx in job.host_prefix])
+    except Exception:  # noqa: BLE001 - a cache miss, not a failure
+        log.warning("host copy of %s's prefix could not be loaded; computing it", job.request.request_id,
+                    exc_info=True)
+        return []
 
 
 def pin_to_cpus(cpus) -> None:
@@ -112,17 +135,28 @@ def pin_to_cpus(cpus) -> None:
     os.sched_setaffinity(0, cpus)
 
 
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except ImportError:
+        return "local"
+
+
 def _calibration_request(n: int, rng, vocab_size: int, tag: str, max_tokens: int = 1) -> Request:
     ids = rng.integers(3, max(4, min(vocab_size, 259)), size=n).tolist()
     return Request(f"calibrate-{tag}-{n}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1, cpus=None):
+    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1, cpus=None,
+                 fetch: Callable = _identity):
         self.worker_id = worker_id
         pin_to_cpus(cpus)
         self.engines: WorkerEngines = factory.build("prefill", tp)
         self.transport = transport_factory()
+        self.fetch = fetch
         self._sent: dict[str, object] = {}  # transfer_id -> handle, until the decode side has it
         self.num_computed_tokens = 0
 
@@ -133,21 +167,23 @@ class PrefillWorker:
         for job in jobs:  # one at a time: a failing request leaves the others untouched
             rid = job.request.request_id
             start = time.perf_counter()
+            fetched = _load_host_prefix(self.engines, self.fetch, job)
             try:
-                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages)})
+                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
                 handle = self.engines.send(job.request, out, self.transport)
                 self._sent[handle.transfer_id] = handle
-                cached, num_prefix = _retain(self.engines.prefill, out, job.retain)
+                cached = _retain(self.engines.prefill, out, job.retain, len(job.prefix_pages))
             except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
                 log.exception("prefill of %s failed", rid)
                 results.append(e)
                 continue
             finally:
                 self.engines.prefill.release(rid)
+                self.engines.prefill.allocator.free(fetched)
             computed = out.prompt_len - out.num_cached_tokens
             self.num_computed_tokens += computed
-            results.append(PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, num_prefix,
-                                         computed, time.perf_counter() - start))
+            results.append(PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, len(job.prefix_pages),
+                                         computed, time.perf_counter() - start, len(fetched)))
         return results, self.engines.prefill.allocator.num_free
 
     def release_transfers(self, handles: list) -> None:
@@ -159,6 +195,14 @@ class PrefillWorker:
     def free_pages(self, pages: list[int]) -> None:
         """Drop the references `prefill` retained on these pages (the index let them go)."""
         self.engines.prefill.allocator.free(pages)
+
+    def export_pages(self, pages: list[int], compression: str) -> tuple[dict, object]:
+        """A host copy of retained pages. -> (small facts, the payload). Under Ray this runs
+        with num_returns=2, so the payload stays in this node's object store and the caller
+        holds only its reference."""
+        enc = self.engines.export_pages(pages, compression)
+        node = os.environ.get("RAYPD_NODE_ID") or _node_id()
+        return dict(node_id=node, num_bytes=enc.num_bytes, num_pages=len(pages)), enc
 
     def info(self) -> dict:
         e = self.engines
@@ -197,18 +241,19 @@ class PrefillWorker:
 
 class DecodeWorker:
     def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1,
-                 start: bool = True, idle_s: float = 0.002, cpus=None):
+                 start: bool = True, idle_s: float = 0.002, cpus=None, fetch: Callable = _identity):
         self.worker_id = worker_id
         pin_to_cpus(cpus)
         self.engines: WorkerEngines = factory.build("decode", tp)
         self.transport = transport_factory()
+        self.fetch = fetch
         self.idle_s = idle_s
         self._cv = threading.Condition()  # guards _inbox and _report
         self._engine_lock = threading.Lock()  # held while the engines run (loop or calibrate)
         self._inbox: list[tuple] = []
         self._report = DecodeReport()
         self._context: dict[str, int] = {}  # running rid -> tokens of context
-        self._local: dict[str, tuple[PrefillJob, float]] = {}  # local prefills in progress
+        self._local: dict[str, tuple[PrefillJob, float, int]] = {}  # local prefills in progress
         self._stopped = False
         self.num_computed_tokens = 0  # prompt tokens prefilled locally
         self._thread: threading.Thread | None = None
@@ -323,14 +368,18 @@ class DecodeWorker:
         rid = request.request_id
         if not hasattr(prefill, "step"):
             return self._prefill_local(job)
+        start = time.perf_counter()
+        fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
-            prefill.add(request, list(job.prefix_pages),
+            prefill.add(request, list(job.prefix_pages) + fetched,
                         reserve_tokens=len(request.prompt_ids) + request.params.max_tokens)
         except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
             prefill.release(rid)
             self._record(error=(rid, f"{type(e).__name__}: {e}"))
             return
-        self._local[rid] = (job, time.perf_counter())
+        finally:
+            prefill.allocator.free(fetched)  # `add` took its own reference
+        self._local[rid] = (job, start, len(fetched))
 
     def _prefill_chunk(self) -> None:
         try:
@@ -343,8 +392,8 @@ class DecodeWorker:
                 self._record(error=(rid, f"{type(e).__name__}: {e}"))
             return
         for out in outs:
-            job, start = self._local.pop(out.request_id)
-            self._finish_local(job, out, start)
+            job, start, num_fetched = self._local.pop(out.request_id)
+            self._finish_local(job, out, start, num_fetched)
 
     def _prefill_local(self, job: PrefillJob) -> None:
         request, prefill = job.request, self.engines.prefill
@@ -357,12 +406,12 @@ class DecodeWorker:
             return
         self._finish_local(job, out, start)
 
-    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float) -> None:
+    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0) -> None:
         request, prefill = job.request, self.engines.prefill
         rid = request.request_id
         cached: list[int] = []
         try:
-            cached, num_prefix = _retain(prefill, out, job.retain)
+            cached = _retain(prefill, out, job.retain, len(job.prefix_pages))
             first = self.engines.decode.insert(request, out, None)
         except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
             prefill.allocator.free(cached)
@@ -372,8 +421,9 @@ class DecodeWorker:
         prefill.release(rid)  # the decode engine holds its own reference on the prompt pages
         computed = out.prompt_len - out.num_cached_tokens
         self.num_computed_tokens += computed
-        self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached, num_prefix,
-                                             computed, time.perf_counter() - start))
+        self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached,
+                                             len(job.prefix_pages), computed, time.perf_counter() - start,
+                                             num_fetched))
         self._started(request, out, first)
 
     def _started(self, request: Request, out: PrefillOutput, first: TokenOutput) -> None:

@@ -73,6 +73,28 @@ def write_payload(decode: DecodeEngine, enc: kv_codec.EncodedKV) -> list[int]:
     return pages
 
 
+def export_pages(runner, pages: list[int], compression: str) -> kv_codec.EncodedKV:
+    """Full pages of a pool as a payload (a host copy for the KV store)."""
+    return kv_codec.encode(runner.cache, list(pages), len(pages) * runner.page_size, compression)
+
+
+def import_pages(runner, encs: list[kv_codec.EncodedKV]) -> list[int]:
+    """Write payloads of full pages (host copies) into new pages of `runner`'s pool, in order.
+    -> the pages (one reference held by the caller). All or nothing."""
+    cfg, pages = runner.cfg, []
+    try:
+        for enc in encs:
+            kv_codec.check_fits(enc, cfg.num_layers, runner.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                runner.allocator.pages_for)
+            new = runner.allocator.allocate(enc.num_pages)
+            pages += new
+            runner.cache = kv_codec.decode_into(runner.cache, new, on_mesh(runner, enc))
+    except BaseException:
+        runner.allocator.free(pages)
+        raise
+    return pages
+
+
 def recv_into(decode: DecodeEngine, request: Request, out: PrefillOutput, handle: TransferHandle,
               transport: KVTransport, timeout_s: float = DEFAULT_TIMEOUT_S) -> TokenOutput:
     """Called by the decode process: receive the K/V and start decoding the request.
