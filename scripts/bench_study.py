@@ -10,8 +10,9 @@ other is measured):
                  by a measured sweep: `tune`);
   disaggregated  one prefill worker pinned to core 0 and one decode worker pinned to core 1;
                  every prompt is prefilled remotely and its K/V moved through the transport.
-Prefix reuse is off (KV index capacity 0, distinct random prompts, cache cleared before every
-point). Parts, in order:
+Prefix reuse is off (KV index capacity 0, no host copies, distinct random prompts, cache cleared
+before every point). Run it from a clean checkout of one commit (`git worktree add`): the Ray
+workers import the runtime from the tree this script is in, at the moment each one starts. Parts, in order:
   baseline  unloaded TTFT / TPOT of each mode (one request at a time); the SLOs are multiples of
             the better mode's unloaded p50 (--ttft-slo-scale, --tpot-slo-scale);
   tune      colocated chunk size: goodput under those SLOs on the long-prompt workload at one rate;
@@ -92,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attainment", type=float, default=0.9, help="target SLO attainment for goodput")
     p.add_argument("--max-slots", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tables", action="store_true", help="print markdown tables of the JSON in --out, run nothing")
     return p.parse_args(argv)
 
 
@@ -125,7 +127,7 @@ def mode_kwargs(mode: str, args) -> dict:
     from raypd.runtime.deployment import Resources
     from scheduler import PolicyConfig
 
-    common = dict(cache_bytes=0, local_prefill_stall_s=None)
+    common = dict(cache_bytes=0, host_copies=None, local_prefill_stall_s=None)  # no prefix reuse
     if args.mock:
         from raypd.runtime.engines import MockEngineFactory
 
@@ -402,12 +404,61 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_tables(out: Path) -> str:
+    """Markdown tables of the study JSON files in `out` (for docs/BENCHMARKS.md)."""
+    f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    lines = []
+    for wl in WORKLOADS:
+        path = out / f"study_{wl}.json"
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())
+        slo = res["slo"]
+        lines += [f"#### {wl} (SLO: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= {slo['tpot_s'] * 1e3:.1f} ms)", "",
+                  "| req/s | mode | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | goodput (req/s) | SLO attainment "
+                  "| p99 TPOT colo / disagg | load avg |", "|---|---|---|---|---|---|---|---|"]
+        for rate in sorted({p["rate"] for p in res["points"]}):
+            by = {p["mode"]: p for p in res["points"] if p["rate"] == rate}
+            r = study.ratio(by["colocated"]["summary"]["tpot_ms"]["p99"], by["disaggregated"]["summary"]["tpot_ms"]["p99"])
+            for m in MODES:
+                s = by[m]["summary"]
+                lines.append(f"| {rate:g} | {m} | {f(s['ttft_ms']['p50'])} / {f(s['ttft_ms']['p99'])} "
+                             f"| {f(s['tpot_ms']['p50'], 1)} / {f(s['tpot_ms']['p99'], 1)} | {f(s['goodput'], 2)} "
+                             f"| {f(s['slo_attainment'] * 100)}% | {f(r, 2) + 'x' if m == MODES[0] else ''} "
+                             f"| {'-'.join(f(x, 1) for x in by[m].get('load_avg_1min', ()))} |")
+        lines += ["", "| mode, req/s | queue | prefill | transfer | other | decode (mean ms) |", "|---|---|---|---|---|---|"]
+        for rate in sorted({p["rate"] for p in res["points"]}):
+            for p in res["points"]:
+                if p["rate"] == rate:
+                    b = p["breakdown_s"]
+                    lines.append(f"| {p['mode']} {rate:g} | " + " | ".join(f(b.get(k, 0) * 1e3) for k in
+                                 ("queue", "prefill", "transfer", "other", "decode")) + " |")
+        lines.append("")
+    path = out / "study_pd.json"
+    if path.exists():
+        pd = json.loads(path.read_text())
+        lines += [f"#### P:D ratios, long_prompt at {pd['rate']:g} req/s", "",
+                  "| P:D | nodes | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | goodput | attainment "
+                  "| queue / prefill / transfer / other / decode (mean ms) |", "|---|---|---|---|---|---|---|"]
+        for p in pd["points"]:
+            s, b = p["summary"], p["breakdown_s"]
+            lines.append(f"| {p['num_prefill']}:{p['num_decode']} | {p['num_nodes']} | {f(s['ttft_ms']['p50'])} / "
+                         f"{f(s['ttft_ms']['p99'])} | {f(s['tpot_ms']['p50'], 1)} / {f(s['tpot_ms']['p99'], 1)} "
+                         f"| {f(s['goodput'], 2)} | {f((s['slo_attainment'] or 0) * 100)}% | "
+                         + " / ".join(f(b.get(k, 0) * 1e3) for k in ("queue", "prefill", "transfer", "other", "decode"))
+                         + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.tables:
+        print(markdown_tables(args.out or ROOT / "docs/results"))
+        return {}
     parts = set(args.parts.split(","))
     if not parts <= {"baseline", "tune", "sweep", "pd"}:
         raise SystemExit(f"unknown parts in {args.parts!r}")

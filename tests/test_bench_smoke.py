@@ -148,6 +148,6 @@ def test_study_modes_get_the_same_cores(monkeypatch):
     assert set(colo["decode_resources"].cpus) == set(dis["prefill_resources"].cpus) | set(dis["decode_resources"].cpus)
     assert not set(dis["prefill_resources"].cpus) & set(dis["decode_resources"].cpus)
     assert colo["policy"].local_prefill_max_len >= 4096 and dis["policy"].local_prefill_max_len == 0
-    assert colo["cache_bytes"] == dis["cache_bytes"] == 0
+    assert colo["cache_bytes"] == dis["cache_bytes"] == 0 and colo["host_copies"] is dis["host_copies"] is None
     assert colo["local_prefill_stall_s"] is dis["local_prefill_stall_s"] is None  # calibration keeps the policy
     assert bench_study.engine_config(args, 256).prefill_buckets[-1] == 256  # the colocated chunk
