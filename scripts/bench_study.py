@@ -70,9 +70,9 @@ class Plan:
 
 
 FULL = Plan(chunks=(512, 256, 128), tune_rate=0.7,
-            rates=dict(long_prompt=(0.4, 0.7, 1.0, 1.4, 2.0), chat=(1.0, 2.0, 3.0, 4.0, 6.0)),
+            rates=dict(long_prompt=(0.4, 0.7, 1.0, 1.4, 2.0), chat=(0.5, 1.0, 2.0, 3.0, 4.0, 6.0)),
             min_requests=24, min_duration_s=24.0, num_baseline=6, num_warmup=24,
-            pd_configs=((1, 1), (2, 1), (1, 2)), pd_rate=1.0, pd_requests=24)
+            pd_configs=((1, 1), (2, 1), (1, 2)), pd_rate=1.4, pd_requests=34)
 QUICK = Plan(chunks=(512, 128), tune_rate=1.0, rates=dict(long_prompt=(0.5, 1.5), chat=(1.0, 4.0)),
              min_requests=10, min_duration_s=5.0, num_baseline=3, num_warmup=10,
              pd_configs=((1, 1), (2, 1)), pd_rate=1.0, pd_requests=10)
