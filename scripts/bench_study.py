@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attainment", type=float, default=0.9, help="target SLO attainment for goodput")
     p.add_argument("--max-slots", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tables", action="store_true", help="print markdown tables of the JSON in --out, run nothing")
+    p.add_argument("--tables", action="store_true", help="print markdown tables of the JSON in --out and redraw its plots; run nothing")
     return p.parse_args(argv)
 
 
@@ -369,7 +369,8 @@ def plots(out: Path, res: dict) -> list[Path]:
                                                                if p["mode"] == m]) for m in MODES}
     paths.append(report.attainment_plot(out / f"study_{wl}_attainment.png", curves,
                                         f"{wl}: SLO attainment vs rate", res["analysis"]["target"]))
-    bars = {f"{p['mode'][:6]} {p['rate']:g}": p["breakdown_s"]
+    short = dict(colocated="colo", disaggregated="disagg")
+    bars = {f"{short[p['mode']]} {p['rate']:g}": p["breakdown_s"]
             for rate in rates for p in sorted(pts, key=lambda p: p["mode"]) if p["rate"] == rate}
     paths.append(report.breakdown_plot(out / f"study_{wl}_breakdown.png", bars,
                                        f"{wl}: mean latency breakdown (mode, req/s)"))
@@ -456,8 +457,12 @@ def markdown_tables(out: Path) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    if args.tables:
-        print(markdown_tables(args.out or ROOT / "docs/results"))
+    if args.tables:  # and redraw the plots from the JSON
+        out = args.out or ROOT / "docs/results"
+        for wl in WORKLOADS:
+            if (out / f"study_{wl}.json").exists():
+                plots(out, json.loads((out / f"study_{wl}.json").read_text()))
+        print(markdown_tables(out))
         return {}
     parts = set(args.parts.split(","))
     if not parts <= {"baseline", "tune", "sweep", "pd"}:
