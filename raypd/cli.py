@@ -195,7 +195,8 @@ def _serve_ray(args: argparse.Namespace, server_kw: dict):
     from raypd.runtime.deployment import ROOT
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(address=args.address, include_dashboard=False if args.address is None else None,
+    # Without --address, always a fresh local cluster (never one some other process started).
+    ray.init(address=args.address or "local", include_dashboard=False if args.address is None else None,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     for sig, handler in handlers.items():  # ray.init puts its own on SIGTERM (exit at once)
         signal.signal(sig, handler)

@@ -175,6 +175,7 @@ class KVIndex:
         self.max_idle_s = max_idle_s
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._worker_pages: dict[tuple[str, int], int] = {}  # (worker_id, page) -> hash
+        self._num_worker_pages: Counter[str] = Counter()  # worker_id -> pages of its pool held
         self.used_bytes = 0
         self._now_s = float("-inf")
         self._num_hits = self._num_misses = self._num_evicted = 0
@@ -202,6 +203,14 @@ class KVIndex:
         self._num_hits += len(matched)
         self._num_misses += num_full - len(matched)
         return PrefixMatch(matched, locations, worker_pages, num_full)
+
+    def num_worker_pages(self, worker_id: str) -> int:
+        """Pages of `worker_id`'s pool the index holds (pinned ones included)."""
+        return self._num_worker_pages[worker_id]
+
+    def holds(self, worker_id: str, page: int) -> bool:
+        """Whether the index holds page `page` of `worker_id`'s pool."""
+        return (worker_id, page) in self._worker_pages
 
     def host_run(self, token_ids: Sequence[int], max_pages: int | None = None) -> int:
         """How many leading full pages of `token_ids` have a host copy (no stats, no recency)."""
@@ -277,6 +286,7 @@ class KVIndex:
                     self.used_bytes += loc.kv_bytes
                     if loc.kind == KIND_WORKER:
                         self._worker_pages[(loc.worker_id, loc.page)] = h
+                        self._num_worker_pages[loc.worker_id] += 1
             parent = h
         published = hashes[:len(locations)]
         if published:
@@ -342,6 +352,7 @@ class KVIndex:
         self.used_bytes -= loc.kv_bytes
         if loc.kind == KIND_WORKER:
             del self._worker_pages[(loc.worker_id, loc.page)]
+            self._num_worker_pages[loc.worker_id] -= 1
 
     def _remove(self, h: int) -> Evicted:
         e = self._entries.pop(h)
@@ -351,6 +362,7 @@ class KVIndex:
         for loc in e.locations:
             if loc.kind == KIND_WORKER:
                 del self._worker_pages[(loc.worker_id, loc.page)]
+                self._num_worker_pages[loc.worker_id] -= 1
         self.used_bytes -= e.kv_bytes
         self._num_evicted += bool(e.locations)
         return Evicted(h, tuple(e.locations))
@@ -408,4 +420,5 @@ class KVIndex:
         for h, e in self._entries.items():
             assert e.num_children == children.get(h, 0), f"{h:x}: child count"
         assert worker_pages == self._worker_pages, "worker page map out of date"
+        assert +self._num_worker_pages == Counter(w for w, _ in worker_pages), "worker page counts"
         assert self.used_bytes == sum(e.kv_bytes for e in self._entries.values()), "used_bytes"

@@ -137,8 +137,8 @@ def deployment():
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowMockFactory reaches the workers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="raypd-grpc-tests",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             namespace="raypd-grpc-tests", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
     from raypd.runtime.deployment import Resources
 
     factory = SlowMockFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=100,

@@ -71,8 +71,11 @@ def test_workers_in_process_equal_local_backend(reference, compression, record_p
     dw.submit([(r, res.output, res.handle) for r, res in zip(reqs[1:], results)])
     dw.submit_local([PrefillJob(reqs[0])])  # the 1-token prompt prefills on the decode worker
     tokens = {r.request_id: [] for r in reqs}
+    finished = []  # (rid, token ids, pages): finished requests' full pages, retained for the index
     while dw.run_once():
-        for rid, toks in dw.collect(0).tokens.items():
+        report = dw.collect(0)
+        finished += report.finished
+        for rid, toks in report.tokens.items():
             tokens[rid].extend(t[0] for t in toks)
     got, want = [tokens[r.request_id] for r in reqs], reference[:len(reqs)]
     if compression == "none":
@@ -85,6 +88,12 @@ def test_workers_in_process_equal_local_backend(reference, compression, record_p
     pw.release_transfers([res.handle for res in results])
     # retained full prompt pages (for the KV index) are all that is left; free them
     pw.free_pages([p for res in results for p in res.cached_pages])
+    G = ENGINE.page_size  # prompt + generated tokens with K/V (all but the last token), full pages
+    assert {rid: toks for rid, toks, _ in finished} == {
+        r.request_id: (r.prompt_ids + tokens[r.request_id])[:(len(r.prompt_ids) + MAX_TOKENS - 1) // G * G]
+        for r in reqs if (len(r.prompt_ids) + MAX_TOKENS - 1) // G}
+    dw.free_pages([p for _, _, pages in finished for p in pages])
+    dw.run_once()
     assert pw.status()["used_pages"] == [0] and dw.status()["used_pages"] == [0]
     assert pw.status()["num_pending_transfers"] == 0 and transport.num_pending == 0
 
@@ -96,7 +105,7 @@ def test_workers_in_process_equal_local_backend(reference, compression, record_p
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="raypd-tests",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="raypd-tests",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
     yield ray
     ray.shutdown()
@@ -171,6 +180,21 @@ def test_prefix_hit_skips_work_same_output(model_deployment):
     assert second.token_ids == first.token_ids
     s = model_deployment.status()
     assert s["index"]["num_entries"] == 4 and s["index"]["hit_rate"] > 0
+    assert_baseline(model_deployment)
+
+
+def test_finished_requests_publish_their_pages_for_the_next_turn(model_deployment):
+    """A finished request's full pages, generated tokens included, go to the KV index on its
+    decode worker: a second turn (prompt + answer + 1 token) prefills there, on the decode
+    worker itself, computing only what follows those pages, with the same greedy output."""
+    (p,) = prompts((40,), seed=6)
+    turn1 = model_deployment.generate([p], max_tokens=30, ignore_eos=True)[0]
+    follow = p + turn1.token_ids + [5]  # 71 tokens; K/V of the first 69 exist, 4 full pages
+    turn2 = model_deployment.generate([follow], max_tokens=MAX_TOKENS, ignore_eos=True)[0]
+    assert turn2.metrics["is_local_prefill"] and turn2.metrics["num_computed_tokens"] == 71 - 4 * 16
+    ref = raypd.generate([follow], model=LocalBackend(models.load("tiny-random"), ENGINE), max_tokens=MAX_TOKENS,
+                         ignore_eos=True, backend="local")[0]
+    assert turn2.token_ids == ref.token_ids
     assert_baseline(model_deployment)
 
 

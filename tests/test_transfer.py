@@ -45,7 +45,7 @@ ENGINE = EngineConfig(page_size=16, num_pages=48, max_slots=4, max_seq_len=256, 
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
     yield ray
     ray.shutdown()

@@ -26,6 +26,11 @@ class DecodeEngine:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids if eos_ids is not None else runner.cfg.eos_token_ids)
         self._running: dict[str, Sequence] = {}
+        # When set, a request that finishes keeps one reference on its full pages (prompt and
+        # generated tokens with K/V in the pool), listed in `finished` as (request_id, token
+        # ids of those pages, pages) for the caller to cache or free.
+        self.retain_finished = False
+        self.finished: list[tuple[str, list[int], list[int]]] = []
 
     @property
     def allocator(self):
@@ -111,8 +116,15 @@ class DecodeEngine:
             outs.append(o)
         return outs
 
-    def _finish(self, request_id: str) -> None:
+    def _finish(self, request_id: str, retain: bool = True) -> None:
         seq = self._running.pop(request_id)
+        if retain and self.retain_finished:
+            n = seq.next_position // self.runner.page_size  # full pages with K/V written
+            if n:
+                keep = seq.pages[:n]
+                self.allocator.incref(keep)
+                tokens = (list(seq.request.prompt_ids) + seq.output_ids)[: n * self.runner.page_size]
+                self.finished.append((request_id, tokens, keep))
         self.allocator.free(seq.pages)
 
     def release(self, request_id: str) -> TokenOutput | None:
@@ -120,7 +132,7 @@ class DecodeEngine:
         seq = self._running.get(request_id)
         if seq is None:
             return None
-        self._finish(request_id)
+        self._finish(request_id, retain=False)
         return TokenOutput(request_id, -1, 0.0, FINISH_ABORT)
 
     def sequence(self, request_id: str) -> Sequence | None:

@@ -180,13 +180,29 @@ class Deployment:
         self.name, self._scheduler, self._actors = name, scheduler, list(actors)
         self._is_shut_down = False
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, timeout_s: float | None = None):
         if self._is_shut_down:
             raise errors.DeploymentNotRunning(f"deployment {self.name!r} was shut down")
         try:
-            return ray.get(getattr(self._scheduler, method).remote(*args))
+            return ray.get(getattr(self._scheduler, method).remote(*args), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise errors.DeploymentNotRunning(f"deployment {self.name!r} did not answer {method} within "
+                                              f"{timeout_s} s") from None
         except ray.exceptions.RayActorError as e:
             raise errors.DeploymentNotRunning(f"deployment {self.name!r} is not running: {e}") from None
+
+    def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
+        """New tokens of each submitted request since the last poll; waits up to `timeout_s`
+        for any. -> {id: {"tokens": [(id, logprob, finish, text)], "finished", "error", "metrics"}}"""
+        return self._call("poll", list(request_ids), timeout_s, timeout_s=timeout_s + 30.0)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop requests: their pages and slots are freed. Unknown or ended ids are ignored."""
+        self._call("abort", list(request_ids), timeout_s=30.0)
+
+    def info(self) -> dict:
+        """model (.config, .tokenizer), max_seq_len, page_size, num_pages_total, max_slots, ..."""
+        return self._call("info", timeout_s=60.0)
 
     def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
                kv_compression: str | None = None) -> list[str]:
@@ -253,8 +269,8 @@ class Deployment:
 
         return chunks()
 
-    def status(self) -> dict:
-        return self._call("status")
+    def status(self, timeout_s: float | None = 60.0) -> dict:
+        return self._call("status", timeout_s=timeout_s)
 
     def clear_cache(self) -> int:
         """Drop every cached prefix page (the KV index and the workers' pools). -> pages freed."""

@@ -259,6 +259,14 @@ class Scheduler:
                     overhead_ms_per_request=1e3 * self._overhead_s / max(1, self._num_requests),
                     num_requests=self._num_requests)
 
+    async def info(self) -> dict:
+        """The deployment's shapes: model (.config, .tokenizer), context, pool and batch sizes."""
+        decode = [self._infos[d] for d in self.decode_workers]
+        return dict(name=self.name, model=self.model, max_seq_len=self.max_seq_len, page_size=self.page_size,
+                    num_pages_total=sum(i["max_pages"] for i in decode),
+                    max_slots=sum(i["max_slots"] for i in decode),
+                    num_prefill=len(self.prefill_workers), num_decode=len(self.decode_workers))
+
     async def _worker_status(self, workers: dict) -> list[dict]:
         """Status of each live worker; one found dead is dropped (its requests fail over where
         their in-flight calls notice)."""
@@ -300,7 +308,9 @@ class Scheduler:
         out = []
         for d in self.decode_workers:
             s, held = self._decode_stats[d], self._pending[d]
-            out.append(DecodeWorkerState(d, s["num_free_slots"] - len(held), self._free[d] - sum(held.values()),
+            # Pages the index caches there count as free: placement evicts them when needed.
+            free = self._free[d] + self.index.num_worker_pages(d) - sum(held.values())
+            out.append(DecodeWorkerState(d, s["num_free_slots"] - len(held), free,
                                          self._infos[d]["max_pages"], s["num_running"], s["context_len"],
                                          match.num_worker_pages(d) if match else 0))
         return out
@@ -341,7 +351,9 @@ class Scheduler:
             self._make_room(w, need_here + sum(self._pending[w].values()), now)
             self._pending[w][rid] = need_here
             if not decision.is_local_prefill:
-                self._pending[decision.decode_worker_id][rid] = t.spec.num_pages_needed
+                d = decision.decode_worker_id
+                self._make_room(d, t.spec.num_pages_needed + sum(self._pending[d].values()), now)
+                self._pending[d][rid] = t.spec.num_pages_needed
                 est = next(e for e in decision.estimates if e.worker_id == w)
                 self._queued_s[w] += est.prefill_s
                 kv = self.cost.kv_bytes(t.spec.prompt_len)
@@ -470,6 +482,20 @@ class Scheduler:
             self._free_locations(gone)
         self._unpin(rid)
 
+    def _publish_finished(self, d: str, tokens: list[int], pages: list[int]) -> None:
+        """A finished request's full pages (prompt and generated tokens) on decode worker `d`
+        into the index, so a follow-up turn reuses them. The worker holds one reference on each;
+        pages the index already holds there keep theirs, so the extra reference is dropped."""
+        held = [self.index.holds(d, p) for p in pages]
+        locations = [None if h else Location.in_worker(d, p, self.kv_bytes_per_page) for p, h in zip(pages, held)]
+        extra = [Location.in_worker(d, p, 0) for p, h in zip(pages, held) if h]
+        try:
+            published = self.index.publish(tokens, locations, time.monotonic())
+        except ValueError:  # an earlier page left the index meanwhile: cache nothing
+            self._free_locations([Location.in_worker(d, p, 0) for p in pages])
+            return
+        self._free_locations(extra + published.redundant + [loc for ev in published.evicted for loc in ev.locations])
+
     async def _finish_export(self, prompt_ids: list[int], first: int, n: int, refs) -> None:
         """Record a host copy of pages [first, first + n) of `prompt_ids` once it exists."""
         info_ref, payload_ref = refs
@@ -523,6 +549,8 @@ class Scheduler:
         self._free[d] = report.num_free_pages
         self._decode_stats[d] = dict(num_free_slots=report.num_free_slots, num_running=report.num_running,
                                      context_len=report.context_len)
+        for _, tokens, pages in report.finished:
+            self._publish_finished(d, tokens, pages)
         for res in report.prefilled:
             self._publish(d, res)
             t = self._tracked.get(res.output.request_id)

@@ -83,6 +83,7 @@ class DecodeReport:
     started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
     received: list = dataclasses.field(default_factory=list)  # (TransferHandle, recv seconds) now in the pool
     prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
+    finished: list[tuple] = dataclasses.field(default_factory=list)  # (rid, token ids, retained pages)
     freed: list[int] = dataclasses.field(default_factory=list)  # pages `free_pages` released
     num_free_pages: int = 0
     num_free_slots: int = 0
@@ -91,7 +92,7 @@ class DecodeReport:
 
     def is_empty(self) -> bool:
         return not (self.tokens or self.errors or self.started or self.received or self.prefilled
-                    or self.freed)
+                    or self.freed or self.finished)
 
 
 def _retain(prefill, out: PrefillOutput, retain: bool, num_own: int) -> list[int]:
@@ -247,6 +248,9 @@ class DecodeWorker:
         self.engines: WorkerEngines = factory.build("decode", tp)
         self.transport = transport_factory()
         self.fetch = fetch
+        decode = self.engines.decode
+        if getattr(decode, "allocator", None) is self.engines.prefill.allocator:  # one pool: cacheable
+            decode.retain_finished = True  # finished requests' pages go to the KV index
         self.idle_s = idle_s
         self._cv = threading.Condition()  # guards _inbox and _report
         self._engine_lock = threading.Lock()  # held while the engines run (loop or calibrate)
@@ -345,6 +349,10 @@ class DecodeWorker:
             outs = self.engines.decode.decode_step() if self.engines.decode.num_running else []
             for o in outs:
                 self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
+            finished = getattr(self.engines.decode, "finished", None)
+            if finished:
+                self._record(finished=finished)
+                finished.clear()
             self._record(outputs=outs)
         return bool(inbox or outs or chunked)
 
@@ -442,7 +450,7 @@ class DecodeWorker:
             self._record(outputs=[o])
 
     def _record(self, outputs=(), error=None, started=None, received=None, prefilled=None, freed=(),
-                retryable: bool = False) -> None:
+                retryable: bool = False, finished=()) -> None:
         with self._cv:
             r = self._report
             for o in outputs:
@@ -461,6 +469,7 @@ class DecodeWorker:
             if prefilled is not None:
                 r.prefilled.append(prefilled)
             r.freed.extend(freed)
+            r.finished.extend(finished)
             self._cv.notify_all()
 
     # -- status and calibration ----------------------------------------------------------------

@@ -155,15 +155,13 @@ class RayStream:
             _abort(self._deployment, self.request_id)
 
 
-# The deployment handle has no public per-request poll/abort (its `stream` hides the request id
-# and waits up to 5 s per poll), so these two reach its scheduler the way `Deployment._chunks` does.
 def _poll(deployment, request_id: str, timeout_s: float) -> dict:
-    return deployment._call("poll", [request_id], timeout_s)[request_id]
+    return deployment.poll([request_id], timeout_s)[request_id]
 
 
 def _abort(deployment, request_id: str) -> None:
     try:
-        deployment._call("abort", [request_id])
+        deployment.abort([request_id])
     except errors.DeploymentNotRunning:
         pass
 
@@ -219,7 +217,10 @@ class RayBackend:
             self._in_flight -= 1
 
     def server_info(self) -> dict:
-        s = self.deployment.status()
+        s = self.deployment.status(timeout_s=self.status_timeout_s)
+        if not self.num_pages_total:
+            info = self.deployment.info()
+            self.num_pages_total, self.max_slots = info["num_pages_total"], info["max_slots"]
         return dict(num_running=sum(w["num_running"] for w in s["decode"]),
                     num_pages_used=sum(sum(w["used_pages"]) for w in s["prefill"] + s["decode"]),
                     num_pages_total=self.num_pages_total, max_slots=self.max_slots)
