@@ -1,7 +1,9 @@
 """Runtime benchmark (small; the full study is [bench]): prefix reuse TTFT and scheduler overhead.
 
   1. TTFT of a 2048-token prompt, cold (nothing cached) vs warm (its first 90% was served
-     before, so the prefill worker reuses those pages from the KV index and computes the rest).
+     before, so the prefill worker reuses those pages from the KV index and computes the rest),
+     and warm from the host tier: the pool copies were dropped (`clear_cache(pools_only=True)`),
+     so the shared pages are fetched from their host copies in the object store.
      Each pair uses fresh random prompts; one pair runs first to compile every shape.
      TTFT is measured by the scheduler: from `submit` to the first token reaching it (prefill,
      K/V transfer to the decode worker, insert).
@@ -36,6 +38,7 @@ def main() -> int:
                     help="chunk lengths compiled for prefill; the warm prompt's uncached tail is padded "
                          "to one of them, so coarse buckets cap the speedup")
     ap.add_argument("--num-overhead-requests", type=int, default=64)
+    ap.add_argument("--host-copies", default="none", choices=["none", "int8"], help="host tier compression")
     ap.add_argument("--append", type=Path, default=None, help="append a Runtime section to this markdown file")
     args = ap.parse_args()
 
@@ -50,31 +53,43 @@ def main() -> int:
     engine = EngineConfig(page_size=16, max_seq_len=args.prompt_len + 64, kv_memory_bytes=512 << 20,
                           max_slots=8, prefill_buckets=tuple(int(b) for b in args.prefill_buckets.split(",")))
     start = time.perf_counter()
-    d = raypd.serve(args.model, name="bench-runtime", engine_config=engine, calibrate=True)
+    d = raypd.serve(args.model, name="bench-runtime", engine_config=engine, calibrate=True,
+                    host_copies=args.host_copies)
     startup_s = time.perf_counter() - start
     log(f"deployment up in {startup_s:.0f} s: {json.dumps(d.status()['calibration'].get('cost'))}")
     rng = np.random.default_rng(0)
     n, shared = args.prompt_len, int(args.prompt_len * args.shared)
 
-    def pair():
+    def wait_for_host_copy():
+        deadline = time.monotonic() + 60
+        while d.status()["index"]["num_host_objects"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def pair(from_host: bool):
         base = rng.integers(3, 259, size=n).tolist()
         warm = base[:shared] + rng.integers(3, 259, size=n - shared).tolist()
         (cold_c,) = d.generate([base], max_tokens=2, ignore_eos=True)
+        if from_host:
+            wait_for_host_copy()
+            d.clear_cache(pools_only=True)
         (warm_c,) = d.generate([warm], max_tokens=2, ignore_eos=True)
-        log(f"cold TTFT {cold_c.metrics['ttft_s'] * 1e3:.0f} ms, warm {warm_c.metrics['ttft_s'] * 1e3:.0f} ms "
-            f"({warm_c.metrics['num_computed_tokens']} tokens computed)")
+        log(f"cold TTFT {cold_c.metrics['ttft_s'] * 1e3:.0f} ms, warm{' (host copy)' if from_host else ''} "
+            f"{warm_c.metrics['ttft_s'] * 1e3:.0f} ms ({warm_c.metrics['num_computed_tokens']} tokens computed)")
         return cold_c.metrics, warm_c.metrics
 
-    pair()  # compile every shape both paths use
-    d.clear_cache()
-    colds, warms = [], []
-    for _ in range(args.repeats):
-        c, w = pair()
-        colds.append(c)
-        warms.append(w)
+    for from_host in (False, True):  # compile every shape each path uses
+        pair(from_host)
         d.clear_cache()
+    colds, warms, hosts = [], [], []
+    for _ in range(args.repeats):
+        for from_host, out in ((False, warms), (True, hosts)):
+            c, w = pair(from_host)
+            colds.append(c)
+            out.append(w)
+            d.clear_cache()
     cold_s = statistics.median(m["ttft_s"] for m in colds)
     warm_s = statistics.median(m["ttft_s"] for m in warms)
+    host_s = statistics.median(m["ttft_s"] for m in hosts)
 
     before = d.status()
     prompts = [rng.integers(3, 259, size=32).tolist() for _ in range(args.num_overhead_requests)]
@@ -91,7 +106,9 @@ def main() -> int:
 
     result = dict(model=args.model, prompt_len=n, shared_len=shared, cold_ttft_s=cold_s, warm_ttft_s=warm_s,
                   speedup=cold_s / warm_s, cold_computed=colds[0]["num_computed_tokens"],
-                  warm_computed=warms[0]["num_computed_tokens"], overhead_ms_per_request=overhead_ms,
+                  warm_computed=warms[0]["num_computed_tokens"], host_ttft_s=host_s, host_speedup=cold_s / host_s,
+                  host_computed=hosts[0]["num_computed_tokens"], host_copies=args.host_copies,
+                  overhead_ms_per_request=overhead_ms,
                   num_overhead_requests=args.num_overhead_requests, overhead_batch_s=batch_s, repeats=args.repeats,
                   startup_s=startup_s, local_prefill_max_len=after["local_prefill_max_len"],
                   cost=after["calibration"].get("cost"))
@@ -120,6 +137,8 @@ scheduler (submit -> first token at the scheduler: prefill + transfer + insert);
 | cold (nothing cached) | {r['cold_ttft_s'] * 1e3:.0f} ms | {r['cold_computed']} |
 | warm ({r['shared_len']} tokens shared with an earlier prompt) | {r['warm_ttft_s'] * 1e3:.0f} ms | {r['warm_computed']} |
 | speedup (target >= 5x) | {r['speedup']:.1f}x | |
+| warm from host copies ({r['host_copies']}; pool copies dropped first) | {r['host_ttft_s'] * 1e3:.0f} ms | {r['host_computed']} |
+| speedup from the host tier | {r['host_speedup']:.1f}x | |
 
 Scheduler overhead: {r['overhead_ms_per_request']:.3f} ms per request (target <= 2 ms): time spent
 in the scheduler actor's own code (validation and tokenization, admission, placement, KV index

@@ -272,9 +272,10 @@ class Deployment:
     def status(self, timeout_s: float | None = 60.0) -> dict:
         return self._call("status", timeout_s=timeout_s)
 
-    def clear_cache(self) -> int:
-        """Drop every cached prefix page (the KV index and the workers' pools). -> pages freed."""
-        return self._call("clear_cache")
+    def clear_cache(self, pools_only: bool = False) -> int:
+        """Drop every cached prefix page (the KV index, the workers' pools and host copies); with
+        `pools_only`, only the pool copies (the host tier keeps its copies). -> copies dropped."""
+        return self._call("clear_cache", pools_only)
 
     def shutdown(self) -> None:
         """Stop the deployment: queued requests fail, actors end. Idempotent."""

@@ -281,9 +281,14 @@ class Scheduler:
                 out.append(reply)
         return out
 
-    async def clear_cache(self) -> int:
-        """Evict every unpinned page of the index and free it on its worker. -> pages freed."""
-        evicted = self.index.evict(time.monotonic(), need_bytes=self.index.max_bytes + self.index.used_bytes + 1)
+    async def clear_cache(self, pools_only: bool = False) -> int:
+        """Evict every unpinned page of the index and free it on its worker; with `pools_only`,
+        only the workers' pool copies go (host copies stay). -> copies dropped."""
+        now = time.monotonic()
+        if pools_only:
+            evicted = [ev for w in self._all_workers() for ev in self.index.evict_worker(w, 1 << 62, now)]
+        else:
+            evicted = self.index.evict(now, need_bytes=self.index.max_bytes + self.index.used_bytes + 1)
         locations = [loc for ev in evicted for loc in ev.locations]
         await asyncio.gather(*self._free_locations(locations))
         return len(locations)

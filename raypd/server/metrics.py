@@ -134,6 +134,11 @@ def deployment_families(s: dict) -> list:
         _counter("raypd_scheduler_requests", "Requests the scheduler accepted (any client)", s["num_requests"]),
         _gauge("raypd_scheduler_overhead_seconds", "Mean scheduler time spent per request",
                s["overhead_ms_per_request"] / 1e3),
+        _gauge("raypd_kv_store_host_objects", "Host copies (object store) the KV store holds",
+               index.get("num_host_objects", 0)),
+        _counter("raypd_scheduler_retries", "Requests placed again after a worker died or K/V was lost in transfer",
+                 s.get("num_retries", 0)),
+        _gauge("raypd_dead_workers", "Workers the scheduler dropped after they died", len(s.get("dead_workers", {}))),
     ]
 
 
