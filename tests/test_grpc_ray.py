@@ -344,6 +344,9 @@ def test_metrics_show_store_transfer_and_rejections(endpoint, stub):
     assert m['raypd_scheduler_rejections_total{reason="no_capacity"}'] >= 1
     assert m['raypd_rejections_total{reason="no_capacity"}'] >= 1
     assert m["raypd_ttft_seconds_count"] >= 2 and m["raypd_tpot_seconds_count"] >= 2
-    assert m['raypd_request_phase_seconds_count{phase="transfer"}'] >= 2
+    # the first request's K/V moved; the second may prefill on the decode worker, which holds
+    # the first one's finished pages
+    assert m['raypd_request_phase_seconds_count{phase="transfer"}'] >= 1
+    assert m['raypd_request_phase_seconds_count{phase="prefill"}'] >= 2
     assert m['raypd_requests_total{code="ok"}'] >= 2 and "raypd_running_requests" in m
     assert 'raypd_kv_pages_used{worker="decode-0"}' in m and "raypd_queued_requests" in m
