@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from raypd.engine.api import PrefillOutput, Request, SamplingParams, TokenOutput
+from raypd.engine.pages import OutOfPages
 from raypd.runtime.engines import WorkerEngines
 from raypd.transfer.base import TransferError
 
@@ -362,7 +363,9 @@ class DecodeWorker:
         try:
             first = self.engines.recv_into(request, out, handle, self.transport)
         except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
-            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, TransferError))
+            # K/V lost on the way, or no room here after all (the scheduler's view of free pages
+            # lags the pool): the scheduler places the request again
+            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, (TransferError, OutOfPages)))
             return
         finally:
             self.transport.release(handle)
