@@ -34,6 +34,17 @@ def _worker(d, worker_id: str):
     raise LookupError(worker_id)
 
 
+def _busy(actor) -> bool:
+    """Whether a worker (one call at a time) is inside a call: a no-op call gets no answer soon."""
+    import ray
+
+    try:
+        ray.get(actor.__ray_call__.remote(lambda self: None), timeout=0.2)
+        return False
+    except ray.exceptions.GetTimeoutError:
+        return True
+
+
 def _wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -94,11 +105,11 @@ def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray
 
 
 def test_prefill_worker_dying_mid_prefill_is_retried(ray_session):  # noqa: F811
-    d = _serve("failover-prefill", prefill_delay_s=1.5)
+    d = _serve("failover-prefill", prefill_delay_s=3.0)
     try:
         victim = _worker(d, "prefill-0")  # asked now: a busy worker answers only after its prefill
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
-        time.sleep(0.5)  # prefill-0 (ties go to the lower id) is inside its 1.5 s prefill
+        _wait_for(lambda: _busy(victim), what="prefill-0 (ties go to the lower id) to start its prefill")
         import ray
 
         ray.kill(victim)
@@ -139,7 +150,7 @@ def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session):  # n
 
 def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F811
     """Both prefill workers die in turn: with max_retries=1 the request fails, naming why."""
-    factory = MockEngineFactory(prefill_delay_s=1.0, num_pages=64)
+    factory = MockEngineFactory(prefill_delay_s=3.0, num_pages=64)
     d = raypd.serve(name="failover-give-up", factory=factory, calibrate=False, num_prefill=2, max_retries=1,
                     policy=PolicyConfig(local_prefill_max_len=0), prefill_resources=_small(),
                     decode_resources=_small())
@@ -148,10 +159,10 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F8
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4))
         import ray
 
-        time.sleep(0.4)
+        _wait_for(lambda: _busy(workers[0]), what="prefill-0 to start")
         ray.kill(workers[0])
         _wait_for(lambda: d.status()["num_retries"] == 1, what="the first retry")
-        time.sleep(0.4)
+        _wait_for(lambda: _busy(workers[1]), what="prefill-1 to start")
         ray.kill(workers[1])
         thread.join(60)
         assert isinstance(result.get("error"), errors.RequestFailed), result
