@@ -112,6 +112,11 @@ def test_breakdown_with_stage_timings_adds_up_to_e2e():
     both = metrics.breakdown_s([remote, local, rec(0.0, [], status="rejected")])
     assert both == pytest.approx(dict(queue=0.05, prefill=0.225, transfer=0.025, other=0.1, decode=0.45))
     assert sum(both.values()) == pytest.approx((1.1 + 0.6) / 2)  # mean E2E
+    # The remote prefill's wait in its worker's call queue (0.06 of "other") counts as queueing.
+    waited = rec(1.0, [1.5, 1.8, 2.1], server_timings=dict(queue_s=0.1, prefill_wait_s=0.06, prefill_s=0.25,
+                                                           transfer_s=0.05))
+    assert metrics.breakdown_one_s(waited) == pytest.approx(
+        dict(queue=0.16, prefill=0.25, transfer=0.05, other=0.04, decode=0.6))
     # One completed request without the target's timings: the client-side split for all.
     assert set(metrics.breakdown_s([remote, rec(0.0, [0.2, 0.3])])) == {"ttft", "decode"}
 

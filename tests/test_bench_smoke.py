@@ -78,7 +78,7 @@ def test_bad_arguments_are_refused_before_any_work(capsys):
 
 
 class FakeDeployment:
-    """Deployment's submit / _call("poll" | "abort") from a script: a 3-token request arrives
+    """Deployment's submit / poll / abort from a script: a 3-token request arrives
     as a chunk of 2 then a chunk of 1 with the scheduler's metrics; prompts of 9 tokens are
     rejected at submit, prompts of 8 fail in a worker."""
 
@@ -102,10 +102,10 @@ class FakeDeployment:
                              dict(tokens=[fin], finished=True, error=None, metrics=m)])
         return [rid]
 
-    def _call(self, method, ids, *rest):
-        if method == "abort":
-            self.aborted += ids
-            return None
+    def abort(self, ids):
+        self.aborted += ids
+
+    def poll(self, ids, timeout_s):
         self.polls.append(list(ids))
         return {rid: self.script[rid].pop(0) for rid in ids if self.script[rid]}
 

@@ -137,7 +137,8 @@ STAGES = ("queue_s", "prefill_s", "transfer_s")  # the target's own per-request 
 def breakdown_one_s(r: RequestRecord) -> dict[str, float] | None:
     """One completed request's E2E split into parts that add up to it, in seconds, when the
     target timed its stages (`queue_s` and `prefill_s`; `transfer_s` only when K/V moved, else 0):
-      queue     admission to placement on a worker (the scheduler's queue),
+      queue     admission to placement on a worker (the scheduler's queue), plus, for a remote
+                prefill, its wait in the worker's call queue (`prefill_wait_s`),
       prefill   the prefill as its worker timed it (for a remote prefill: compute + send),
       transfer  receiving the K/V into the decode worker's pool,
       other     the rest of the client's TTFT: waits between stages (behind other prefills on
@@ -147,7 +148,9 @@ def breakdown_one_s(r: RequestRecord) -> dict[str, float] | None:
     t = r.server_timings
     if not r.is_ok or t.get("queue_s") is None or t.get("prefill_s") is None:
         return None
-    queue, prefill, transfer = t["queue_s"], t["prefill_s"], t.get("transfer_s") or 0.0
+    # a remote prefill's wait in its worker's call queue counts as queueing
+    queue = t["queue_s"] + (t.get("prefill_wait_s") or 0.0)
+    prefill, transfer = t["prefill_s"], t.get("transfer_s") or 0.0
     ttft = ttft_s(r)
     return dict(queue=queue, prefill=prefill, transfer=transfer, other=ttft - queue - prefill - transfer,
                 decode=e2e_s(r) - ttft)

@@ -161,7 +161,7 @@ class RayTarget:
         finally:
             if not is_finished:
                 self.poller.drop(rid)
-                self.handle._call("abort", [rid])
+                self.handle.abort([rid])
 
     def status(self) -> dict:
         return self.handle.status()
@@ -176,8 +176,9 @@ def stage_timings(m: dict | None) -> dict:
     """The scheduler's per-request metrics (Deployment.stream's last chunk) as server timings:
     stage seconds, the scheduler's own TTFT, where the prompt was prefilled."""
     m = m or {}
-    out = {k: m[k] for k in ("queue_s", "prefill_s", "transfer_s", "is_local_prefill", "prefill_worker",
-                             "decode_worker", "num_computed_tokens") if m.get(k) is not None}
+    keys = ("queue_s", "prefill_wait_s", "prefill_s", "transfer_s", "is_local_prefill", "prefill_worker",
+            "decode_worker", "num_computed_tokens")
+    out = {k: m[k] for k in keys if m.get(k) is not None}
     if m.get("ttft_s") is not None:
         out["server_ttft_s"] = m["ttft_s"]
     return out
@@ -224,7 +225,7 @@ class _Poller:
                     return
                 ids = list(self._queues)
             try:
-                out = self.handle._call("poll", ids, self.timeout_s)
+                out = self.handle.poll(ids, self.timeout_s)
             except Exception as e:  # noqa: BLE001 - every waiting request fails with it
                 out = {rid: dict(tokens=[], finished=True, error=("failed", f"{type(e).__name__}: {e}"),
                                  metrics={}) for rid in ids}

@@ -410,6 +410,7 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     async def _run_prefill(self, worker: str, jobs: list[PrefillJob]) -> None:
         placed = {job.request.request_id: self._tracked[job.request.request_id].placement for job in jobs}
+        sent_s = time.monotonic()
         try:
             results, num_free = await self.prefill_workers[worker].prefill.remote(jobs)
         except RayActorError as e:  # the worker died: place its requests again elsewhere
@@ -448,6 +449,8 @@ class Scheduler:
                 continue
             t.num_computed_tokens = res.num_computed_tokens
             t.timings["prefill_s"] = res.prefill_s
+            # the rest of the call: its wait in the worker's queue, the batch's other jobs, RPCs
+            t.timings["prefill_wait_s"] = max(0.0, time.monotonic() - sent_s - res.prefill_s)
             self._handles[res.handle.transfer_id] = rid
             self._in_flight[rid] = res.handle
             by_decode[t.placement.decode_worker_id].append((job.request, res.output, res.handle))
