@@ -17,7 +17,18 @@ Lifecycle of a request:
      token, transfer handle) to the decode worker (`DecodeWorker.submit`).
   4. One collect loop per decode worker long-polls `DecodeWorker.collect`: tokens of all its
      requests in one chunk; received transfers are released on the prefill side.
+     A finished request's full pages (prompt and generated tokens) are published on its
+     decode worker (`_publish_finished`), so the next turn of a conversation reuses them.
   5. `poll` (client) returns each request's new tokens in chunks, and its end.
+Host tier (`host_copies`): after publishing a prefill worker's new pages, the scheduler asks
+that worker to export the pages with no host copy yet (`export_pages`, two return values: the
+payload stays in the worker node's object store, owned by the scheduler); once it exists the
+index records it (`Location.on_host`). Placement may then fetch those pages on any worker
+(`PrefillJob.host_prefix`); evicting the last page of an object drops its reference.
+Failover: a worker whose call fails with RayActorError is dropped (`_worker_died`: out of
+placement, its pages out of the index) and its requests go back to the head of the queue
+(`_retry`); a K/V transfer the decode worker could not receive is retried the same way after a
+liveness probe of its sender. A request with tokens already resumes from prompt + those tokens.
 Time for the policies is `time.monotonic()`, passed in.
 """
 
