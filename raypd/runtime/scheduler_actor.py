@@ -610,10 +610,10 @@ class Scheduler:
             if tokens[-1][2] is not None:
                 t.is_finished = True
         for rid, message in report.errors.items():
-            if rid in report.retryable:  # the K/V was lost on the way: prefill again
+            if rid in report.retryable:  # K/V lost on the way, or no room there after all: place again
                 t = self._tracked.get(rid)
                 sender = t.placement.prefill_worker_id if t is not None and t.placement else None
-                self._spawn(self._retry_after_probe(rid, sender, f"K/V transfer failed ({message})"))
+                self._spawn(self._retry_after_probe(rid, sender, f"decode worker {d}: {message}"))
             else:
                 self._fail(rid, ("failed", f"decode worker {d}: {message}"))
 

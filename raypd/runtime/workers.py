@@ -384,9 +384,9 @@ class DecodeWorker:
         try:
             prefill.add(request, list(job.prefix_pages) + fetched,
                         reserve_tokens=len(request.prompt_ids) + request.params.max_tokens)
-        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+        except Exception as e:  # noqa: BLE001 - the request fails here (no room: placed again), the worker goes on
             prefill.release(rid)
-            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
             return
         finally:
             prefill.allocator.free(fetched)  # `add` took its own reference
