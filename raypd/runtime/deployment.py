@@ -33,6 +33,9 @@ from raypd.transfer import DEFAULT_BACKEND, make_transport
 from scheduler import PolicyConfig
 
 NAMESPACE = "raypd"
+# A prefill worker runs one call at a time (its engine is not shared); `status` runs in this
+# group of its own, so a liveness probe or a metrics scrape never waits behind a long prefill.
+STATUS_GROUP = "status"
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -101,7 +104,7 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         raise ValueError(f"a deployment named {config.name!r} is already running; shut it down or pick another name")
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     transport = _TransportFactory(config.transport)
-    prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(
+    prefill = {f"prefill-{i}": ray.remote(concurrency_groups={STATUS_GROUP: 1})(PrefillWorker).options(
         **_options(config.prefill_resources, config.prefill_tp, has_gpus, max_concurrency=1)).remote(
         f"prefill-{i}", config.factory, transport, config.prefill_tp, cpus=config.prefill_resources.cpus,
         fetch=_fetch_object)

@@ -65,6 +65,14 @@ def _rejected(r: Rejection) -> tuple:
                                                  r.reason.value, r.ttft_s, r.retry_after_s))
 
 
+def _status(worker, own_group: bool):
+    """A worker's `status` call; `own_group` for prefill workers, whose status runs in a
+    concurrency group of its own (deployment.STATUS_GROUP), never queued behind a prefill."""
+    if own_group:
+        return worker.status.options(concurrency_group="status").remote()
+    return worker.status.remote()
+
+
 @dataclasses.dataclass
 class _Tracked:
     request: Request
@@ -281,7 +289,8 @@ class Scheduler:
     async def _worker_status(self, workers: dict) -> list[dict]:
         """Status of each live worker; one found dead is dropped (its requests fail over where
         their in-flight calls notice)."""
-        replies = await asyncio.gather(*[w.status.remote() for w in workers.values()], return_exceptions=True)
+        own_group = workers is self.prefill_workers
+        replies = await asyncio.gather(*[_status(w, own_group) for w in workers.values()], return_exceptions=True)
         out = []
         for w, reply in zip(list(workers), replies):
             if isinstance(reply, RayActorError):
@@ -634,7 +643,7 @@ class Scheduler:
         """A transfer failed: find out whether its sender is still alive, then prefill again."""
         if sender in self.prefill_workers:
             try:
-                await asyncio.wait_for(self.prefill_workers[sender].status.remote(), 10.0)
+                await asyncio.wait_for(_status(self.prefill_workers[sender], True), 10.0)
             except (RayActorError, asyncio.TimeoutError) as e:
                 self._worker_died(sender, e)
         self._retry(rid, why)
