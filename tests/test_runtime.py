@@ -10,6 +10,7 @@ entries leaking (checked after every test).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -306,6 +307,25 @@ def test_host_copies_give_prefix_reuse_across_workers(ray_session, compression):
             print(f"INT8 host copy: {np.mean([a == b for a, b in zip(second.token_ids, ref)]):.0%} of tokens agree")
             assert second.token_ids[0] == ref[0]
         assert d.status()["index"]["host_copies"] == compression
+        assert_baseline(d)
+    finally:
+        d.shutdown()
+
+
+def test_layer_streaming_between_workers_equals_local(ray_session, reference):
+    """`stream_layers`: the prefill worker sends each request's K/V to the decode worker one
+    layer group at a time during the prefill; outputs equal the local backend's."""
+    d = raypd.serve("tiny-random", name="streamed", engine_config=dataclasses.replace(ENGINE, layer_groups=2),
+                    calibrate=False, policy=PolicyConfig(local_prefill_max_len=0), stream_layers=True,
+                    prefill_resources=_small(), decode_resources=_small())
+    try:
+        out = d.generate(prompts(ALL_LENGTHS)[:12], max_tokens=MAX_TOKENS, ignore_eos=True)
+        assert [c.token_ids for c in out] == reference[:12]
+        assert all(not c.metrics["is_local_prefill"] for c in out)
+        s = d.status()
+        assert s["decode"][0]["num_streamed"] == 12  # every K/V arrived as layer parts
+        (stats,) = s["transfer"]
+        assert stats["count"] == 12 and stats["bytes"] > 0
         assert_baseline(d)
     finally:
         d.shutdown()

@@ -69,6 +69,9 @@ class DeploymentConfig:
     # spills the objects to disk under memory pressure, which gives the disk tier.
     host_copies: str | None = "auto"
     host_cache_bytes: int = 256 << 20  # index capacity for host copies, on top of cache_bytes
+    # Prefill workers stream each request's K/V to its decode worker one layer group at a time
+    # while the later groups compute (EngineConfig.layer_groups > 1 to overlap anything).
+    stream_layers: bool = False
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -119,7 +122,7 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
         config.name, prefill, decode, config.policy, config.cache_bytes, config.calibrate,
         config.local_prefill_stall_s, config.collect_timeout_s, config.max_retries,
-        _host_copies(config), config.host_cache_bytes)
+        _host_copies(config), config.host_cache_bytes, config.stream_layers)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())

@@ -44,6 +44,7 @@ class WorkerEngines:
     max_slots: int = 0  # decode batch capacity (decode workers)
     export_pages: Callable | None = None  # (pages, compression) -> EncodedKV: a host copy of full pages
     import_pages: Callable | None = None  # ([EncodedKV]) -> new pool pages holding them (one reference)
+    compression: str = "none"  # the deployment's K/V compression (a request may name its own)
 
     @property
     def page_size(self) -> int:
@@ -92,7 +93,7 @@ class JaxEngineFactory:
             kv_bytes_per_page=paged.kv_bytes_per_page(model.config, runner.page_size),
             max_slots=runner.config.max_slots,
             export_pages=lambda pages, c: export_pages(runner, pages, c),
-            import_pages=lambda encs: import_pages(runner, encs))
+            import_pages=lambda encs: import_pages(runner, encs), compression=compression)
 
 
 def _compression(request: Request, default: str) -> str:

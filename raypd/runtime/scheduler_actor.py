@@ -95,7 +95,7 @@ class Scheduler:
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None,
                  calibrate: bool = False, local_prefill_stall_s: float | None = None,
                  collect_timeout_s: float = 0.02, max_retries: int = 2, host_copies: str | None = None,
-                 host_cache_bytes: int = 256 << 20):
+                 host_cache_bytes: int = 256 << 20, stream_layers: bool = False):
         self.name = name
         self.prefill_workers, self.decode_workers = dict(prefill_workers), dict(decode_workers)
         self.policy, self.cache_bytes, self.calibrate = policy, cache_bytes, calibrate
@@ -112,6 +112,7 @@ class Scheduler:
         self._rejections: dict[str, int] = defaultdict(int)  # reason -> count
         self.max_retries = max_retries
         self.host_copies, self.host_cache_bytes = host_copies, host_cache_bytes  # None: no host tier
+        self.stream_layers = stream_layers  # prefill workers stream K/V to the decode worker by layer group
         self._host_objects: dict[str, list] = {}  # key -> [payload ObjectRef, pages the index still holds]
         self._dead: dict[str, str] = {}  # worker -> why it was dropped
         self._num_retries = 0
@@ -386,6 +387,8 @@ class Scheduler:
                 self._backlog[decision.decode_worker_id] += kv
             job = PrefillJob(t.request, list(match.worker_pages.get(w, []))[:k],
                              host_prefix=self._host_prefix(match, k, f))
+            if self.stream_layers and not decision.is_local_prefill:
+                job.stream_to = self.decode_workers[decision.decode_worker_id]
             (local if decision.is_local_prefill else remote)[w].append(job)
         for w, jobs in remote.items():
             self._spawn(self._run_prefill(w, jobs))

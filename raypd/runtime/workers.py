@@ -59,6 +59,24 @@ class PrefillJob:
     # it). A payload is an EncodedKV or a reference the worker's `fetch` resolves (a Ray
     # ObjectRef in a deployment). Fetched pages join the prefix; if a fetch fails they are computed.
     host_prefix: list[tuple[object, list[int]]] = dataclasses.field(default_factory=list)
+    # Layer streaming: the decode worker (an actor handle) that receives this request's K/V
+    # layer group by layer group while the prefill runs (`DecodeWorker.receive_parts`); None:
+    # the whole K/V is sent after the prefill.
+    stream_to: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamHandle:
+    """Stands for a streamed request's K/V where a TransferHandle would: the payloads went to
+    the decode worker as layer parts; this tells it to insert once they are all in."""
+
+    transfer_id: str
+    request_id: str
+    backend: str
+    compression: str
+    num_tokens: int
+    num_bytes: int
+    num_parts: int
 
 
 @dataclasses.dataclass
@@ -159,6 +177,7 @@ class PrefillWorker:
         self.engines: WorkerEngines = factory.build("prefill", tp)
         self.transport = transport_factory()
         self.fetch = fetch
+        self._sender = None  # StreamingSender, built on the first streamed job
         self._sent: dict[str, object] = {}  # transfer_id -> handle, until the decode side has it
         self.num_computed_tokens = 0
 
@@ -171,8 +190,11 @@ class PrefillWorker:
             start = time.perf_counter()
             fetched = _load_host_prefix(self.engines, self.fetch, job)
             try:
-                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
-                handle = self.engines.send(job.request, out, self.transport)
+                if job.stream_to is not None and hasattr(self.engines.prefill, "step"):
+                    out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
+                else:
+                    (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
+                    handle = self.engines.send(job.request, out, self.transport)
                 self._sent[handle.transfer_id] = handle
                 cached = _retain(self.engines.prefill, out, job.retain, len(job.prefix_pages))
             except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
@@ -188,10 +210,38 @@ class PrefillWorker:
                                          computed, time.perf_counter() - start, len(fetched)))
         return results, self.engines.prefill.allocator.num_free
 
+    def _prefill_streamed(self, job: PrefillJob, prefix: list[int]) -> tuple[PrefillOutput, StreamHandle]:
+        """Prefill one request with its K/V streamed to `job.stream_to` layer group by layer
+        group (raypd/transfer/streaming.py) while the later groups compute."""
+        from raypd.transfer.streaming import StreamingSender
+
+        parts = []
+
+        def emit(part) -> None:
+            parts.append(part)
+            job.stream_to.receive_parts.remote([part])
+
+        if self._sender is None:
+            self._sender = StreamingSender(self.engines.prefill, self.transport, emit, self.engines.compression)
+        self._sender.emit = emit
+        self._sender.add(job.request, prefix)
+        outs: list[PrefillOutput] = []
+        while not outs:
+            outs = self._sender.step()
+        (out,) = outs
+        h = parts[0].handle
+        handle = StreamHandle(f"stream-{h.transfer_id}", job.request.request_id, h.backend, h.compression,
+                              out.prompt_len, sum(p.handle.num_bytes for p in parts), len(parts))
+        return out, handle
+
     def release_transfers(self, handles: list) -> None:
         """The decode side has these payloads: drop the sender's buffers."""
         for h in handles:
-            if self._sent.pop(h.transfer_id, None) is not None:
+            if self._sent.pop(h.transfer_id, None) is None:
+                continue
+            if isinstance(h, StreamHandle):
+                self._sender.release(h.request_id)  # its parts' payloads (the pages went already)
+            else:
                 self.transport.release(h)
 
     def free_pages(self, pages: list[int]) -> None:
@@ -259,6 +309,12 @@ class DecodeWorker:
         self._report = DecodeReport()
         self._context: dict[str, int] = {}  # running rid -> tokens of context
         self._local: dict[str, tuple[PrefillJob, float, int]] = {}  # local prefills in progress
+        self._receiver = None  # StreamingReceiver, built on the first layer part
+        self._parts_seen: dict[str, float] = {}  # streamed rid -> when its last part arrived
+        self._stream_failed: dict[str, str] = {}  # streamed rid -> why its K/V cannot be used
+        self._awaiting: dict[str, tuple] = {}  # streamed rid -> (request, out, handle, since)
+        self.stream_timeout_s = 30.0
+        self.num_streamed = 0  # requests inserted from layer-streamed K/V
         self._stopped = False
         self.num_computed_tokens = 0  # prompt tokens prefilled locally
         self._thread: threading.Thread | None = None
@@ -269,6 +325,10 @@ class DecodeWorker:
     def submit(self, items: list[tuple[Request, PrefillOutput, object]]) -> None:
         """Requests prefilled elsewhere: (request, prefill output, transfer handle)."""
         self._put([("remote", *item) for item in items])
+
+    def receive_parts(self, parts: list) -> None:
+        """Layer parts of streamed K/V (`LayerPart`), straight from a prefill worker."""
+        self._put([("part", part) for part in parts])
 
     def submit_local(self, jobs: list[PrefillJob]) -> None:
         """Requests to prefill here, on the decode worker's own pool."""
@@ -344,6 +404,10 @@ class DecodeWorker:
                     self._record(freed=args[0])
                 elif kind == "abort":
                     self._abort(args[0])
+                elif kind == "part":
+                    self._on_part(args[0])
+            if self._awaiting or self._parts_seen:
+                self._check_streams()
             chunked = bool(self._local)
             if chunked:  # one prefill chunk per iteration, between decode steps
                 self._prefill_chunk()
@@ -357,8 +421,55 @@ class DecodeWorker:
             self._record(outputs=outs)
         return bool(inbox or outs or chunked)
 
+    def _on_part(self, part) -> None:
+        from raypd.transfer.streaming import StreamingReceiver
+
+        if self._receiver is None:
+            self._receiver = StreamingReceiver(self.engines.decode, self.transport, self.stream_timeout_s)
+        rid = part.request_id
+        self._parts_seen[rid] = time.monotonic()
+        try:
+            self._receiver.on_part(part)
+        except Exception as e:  # noqa: BLE001 - the stream is dropped; its request is placed again
+            self._stream_failed[rid] = f"{type(e).__name__}: {e}"
+
+    def _check_streams(self) -> None:
+        """Insert streamed requests whose layers are all in; fail (for a retry) those whose
+        stream broke or stalled; drop parts nobody claimed within the timeout."""
+        now = time.monotonic()
+        for rid, (request, out, handle, since) in list(self._awaiting.items()):
+            failed = self._stream_failed.pop(rid, None)
+            if failed is None and self._receiver is not None and self._receiver.is_complete(rid):
+                del self._awaiting[rid]
+                self._parts_seen.pop(rid, None)
+                try:
+                    first = self._receiver.insert(request, out)
+                except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
+                    self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
+                    self._record(received=(handle, now - since))
+                    continue
+                self._record(received=(handle, now - since))
+                self.num_streamed += 1
+                self._started(request, out, first)
+            elif failed is not None or now - since > self.stream_timeout_s:
+                del self._awaiting[rid]
+                self._parts_seen.pop(rid, None)
+                if self._receiver is not None:
+                    self._receiver.abort(rid)
+                why = failed or f"streamed K/V incomplete after {self.stream_timeout_s:.0f} s"
+                self._record(error=(rid, why), retryable=True)
+                self._record(received=(handle, now - since))
+        for rid, seen in list(self._parts_seen.items()):  # orphans: no request came for them
+            if rid not in self._awaiting and now - seen > 2 * self.stream_timeout_s:
+                del self._parts_seen[rid]
+                self._stream_failed.pop(rid, None)
+                self._receiver.abort(rid)
+
     def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
         rid = request.request_id
+        if isinstance(handle, StreamHandle):  # its K/V comes (or came) as layer parts
+            self._awaiting[rid] = (request, out, handle, time.monotonic())
+            return
         start = time.perf_counter()
         try:
             first = self.engines.recv_into(request, out, handle, self.transport)
@@ -443,6 +554,11 @@ class DecodeWorker:
         self._record(outputs=[first], started=request.request_id)
 
     def _abort(self, rid: str) -> None:
+        awaiting = self._awaiting.pop(rid, None)
+        if awaiting is not None:
+            self._record(received=(awaiting[2], 0.0))  # the sender may drop its payloads
+        if self._parts_seen.pop(rid, None) is not None:
+            self._receiver.abort(rid)
         if self._local.pop(rid, None) is not None:  # still prefilling here
             self.engines.prefill.release(rid)
             self._record(error=(rid, "aborted"))
@@ -485,7 +601,7 @@ class DecodeWorker:
     def status(self) -> dict:
         return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
                     num_running=self.engines.decode.num_running, num_inbox=len(self._inbox),
-                    num_local_prefills=len(self._local),
+                    num_local_prefills=len(self._local), num_streamed=self.num_streamed,
                     num_computed_tokens=self.num_computed_tokens)
 
     def calibrate(self, batch_sizes: list[int], context_len: int, seed: int = 0) -> dict:
