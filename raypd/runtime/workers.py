@@ -226,8 +226,12 @@ class PrefillWorker:
         self._sender.emit = emit
         self._sender.add(job.request, prefix)
         outs: list[PrefillOutput] = []
-        while not outs:
-            outs = self._sender.step()
+        try:
+            while not outs:
+                outs = self._sender.step()
+        except BaseException:
+            self._sender.release(job.request.request_id)  # payloads sent so far, and its pages
+            raise
         (out,) = outs
         h = parts[0].handle
         handle = StreamHandle(f"stream-{h.transfer_id}", job.request.request_id, h.backend, h.compression,
