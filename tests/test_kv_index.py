@@ -264,3 +264,18 @@ def test_invariants_hold_under_random_operations(seed):
     idx.check()
     assert idx.used_bytes == 0 and idx.lru_order() == []
     assert all(sorted(pages) == list(range(1, 40)) for pages in free.values())  # every page came back
+
+
+def test_host_copies_group_pages_and_drop_an_object_with_its_last_page():
+    from raypd.runtime.host_copies import HostCopies
+
+    host = HostCopies()
+    a, b = host.add("ref-a", 2), host.add("ref-b", 1)
+    locs = [(Location.on_host("n", a, 0, 8),), (w("A", 3), Location.on_host("n", a, 1, 8)),
+            (Location.on_host("n", b, 0, 8),)]
+    assert host.prefix(locs) == [("ref-a", [0, 1]), ("ref-b", [0])]
+    host.drop_page(a)
+    assert len(host) == 2  # one page of a is still in the index
+    host.drop_page(a)
+    host.discard(b)
+    assert len(host) == 0

@@ -28,7 +28,8 @@ from raypd.engine.api import Request, SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
 from raypd.runtime.engines import JaxEngineFactory, MockEngineFactory
-from raypd.runtime.workers import DecodeWorker, PrefillJob, PrefillWorker
+from raypd.runtime.decode_worker import DecodeWorker
+from raypd.runtime.workers import PrefillJob, PrefillWorker
 from raypd.transfer import make_transport
 from scheduler import PolicyConfig
 

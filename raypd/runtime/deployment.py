@@ -28,7 +28,8 @@ from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
 from raypd.runtime.engines import JaxEngineFactory
 from raypd.runtime.scheduler_actor import Scheduler
-from raypd.runtime.workers import DecodeWorker, PrefillWorker
+from raypd.runtime.decode_worker import DecodeWorker
+from raypd.runtime.workers import PrefillWorker
 from raypd.transfer import DEFAULT_BACKEND, make_transport
 from scheduler import PolicyConfig
 

@@ -47,6 +47,7 @@ from ray.exceptions import RayActorError
 from raypd.api import encode_prompt
 from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
+from raypd.runtime.host_copies import HostCopies
 from raypd.runtime.workers import PrefillJob, PrefillResult
 from scheduler.kv_index import KIND_HOST
 from scheduler import (CostModel, DecodeWorkerState, KVIndex, Location, Placement, PolicyConfig,
@@ -113,7 +114,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.host_copies, self.host_cache_bytes = host_copies, host_cache_bytes  # None: no host tier
         self.stream_layers = stream_layers  # prefill workers stream K/V to the decode worker by layer group
-        self._host_objects: dict[str, list] = {}  # key -> [payload ObjectRef, pages the index still holds]
+        self._host = HostCopies()  # the host tier's objects
         self._dead: dict[str, str] = {}  # worker -> why it was dropped
         self._num_retries = 0
 
@@ -270,7 +271,7 @@ class Scheduler:
                     index=dict(num_entries=stats.num_entries, used_bytes=stats.used_bytes,
                                max_bytes=stats.max_bytes, hit_rate=stats.hit_rate,
                                num_hit_pages=stats.num_hit_pages, num_miss_pages=stats.num_miss_pages,
-                               num_evicted=stats.num_evicted, num_host_objects=len(self._host_objects),
+                               num_evicted=stats.num_evicted, num_host_objects=len(self._host),
                                host_copies=self.host_copies),
                     transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self._transfer_stats.items()],
                     rejections=dict(self._rejections), num_retries=self._num_retries,
@@ -386,7 +387,7 @@ class Scheduler:
                 self._backlog[w] += kv
                 self._backlog[decision.decode_worker_id] += kv
             job = PrefillJob(t.request, list(match.worker_pages.get(w, []))[:k],
-                             host_prefix=self._host_prefix(match, k, f))
+                             host_prefix=self._host.prefix(match.locations[k:k + f]))
             if self.stream_layers and not decision.is_local_prefill:
                 job.stream_to = self.decode_workers[decision.decode_worker_id]
             (local if decision.is_local_prefill else remote)[w].append(job)
@@ -394,17 +395,6 @@ class Scheduler:
             self._spawn(self._run_prefill(w, jobs))
         for d, jobs in local.items():
             self.decode_workers[d].submit_local.remote(jobs)
-
-    def _host_prefix(self, match, first: int, n: int) -> list[tuple[object, list[int]]]:
-        """Host copies of matched pages [first, first + n): (payload ref, positions), in order."""
-        out: list[tuple[object, list[int], str]] = []
-        for locs in match.locations[first:first + n]:
-            loc = next(loc for loc in locs if loc.kind == KIND_HOST)
-            if out and out[-1][2] == loc.object_ref_key:
-                out[-1][1].append(loc.page)
-            else:
-                out.append((self._host_objects[loc.object_ref_key][0], [loc.page], loc.object_ref_key))
-        return [(ref, idx) for ref, idx, _ in out]
 
     def _make_room(self, worker: str, need: int, now: float) -> None:
         """Evict cached pages of `worker` until `need` pages are free (as last reported)."""
@@ -417,11 +407,7 @@ class Scheduler:
         by_worker = defaultdict(list)
         for loc in locations:
             if loc.kind == KIND_HOST:
-                held = self._host_objects.get(loc.object_ref_key)
-                if held is not None:
-                    held[1] -= 1
-                    if held[1] <= 0:  # the last page of that object: drop it
-                        del self._host_objects[loc.object_ref_key]
+                self._host.drop_page(loc.object_ref_key)
             elif loc.worker_id in self._all_workers():  # a dead worker's pages went with it
                 by_worker[loc.worker_id].append(loc.page)
         refs = []
@@ -535,15 +521,14 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - no host copy this time; the pool copy stands
             log.warning("host copy export failed: %s", e)
             return
-        key = f"host-{next(self._ids)}"
-        self._host_objects[key] = [payload_ref, n]
+        key = self._host.add(payload_ref, n)
         per_page = info["num_bytes"] // n
         locations = [None] * first + [Location.on_host(info["node_id"], key, i, per_page, self.host_copies)
                                       for i in range(n)]
         try:
             published = self.index.publish(prompt_ids, locations, time.monotonic())
         except ValueError:  # the prefix left the index meanwhile: the copy has nothing to extend
-            del self._host_objects[key]
+            self._host.discard(key)
             return
         self._free_locations(published.redundant + [loc for ev in published.evicted for loc in ev.locations])
 

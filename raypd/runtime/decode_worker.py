@@ -1,0 +1,405 @@
+"""The decode worker: a plain Python class (tests build it directly; Ray is applied in
+raypd/runtime/deployment.py). It builds its engines in its own process from a factory
+(raypd/runtime/engines.py) and a `KVTransport` from a transport factory.
+
+DecodeWorker: a decode loop runs continuously in a background thread. Every call the scheduler
+makes (`submit`, `submit_local`, `free_pages`, `abort`) only files an item in the inbox, so
+the engines are touched by the loop thread alone. Each loop iteration:
+  1. takes the whole inbox: remote prefills are received into the pool (`engines.recv_into`)
+     and inserted; local prefills (short prompts under conditional disaggregation, or every
+     prompt in colocated mode) are queued on the worker's own prefill engine over the same
+     pool;
+  2. runs one chunk of the queued local prefills (at most the largest prefill bucket of
+     tokens, as the colocated engine does) and inserts the prompts it finished, without a copy;
+  3. runs one `decode_step` for every running request (continuous batching: new requests join
+     between steps);
+  4. appends every produced token to a report buffer.
+  `collect(timeout_s)` hands the buffered report over (tokens of all requests, in chunks) and
+  waits up to `timeout_s` when it is empty: one RPC per chunk of many tokens and requests,
+  never one per token per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from raypd.engine.api import PrefillOutput, Request, TokenOutput
+from raypd.engine.pages import OutOfPages
+from raypd.runtime.engines import WorkerEngines
+from raypd.runtime.workers import (PrefillJob, PrefillResult, StreamHandle, _calibration_request, _identity,
+                                   _load_host_prefix, _retain, pin_to_cpus)
+from raypd.transfer.base import TransferError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DecodeReport:
+    """Decode worker -> scheduler, one per `collect`: everything since the last one."""
+
+    tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
+    retryable: list[str] = dataclasses.field(default_factory=list)  # of those, K/V lost in transfer: retry
+    started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
+    received: list = dataclasses.field(default_factory=list)  # (TransferHandle, recv seconds) now in the pool
+    prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
+    finished: list[tuple] = dataclasses.field(default_factory=list)  # (rid, token ids, retained pages)
+    freed: list[int] = dataclasses.field(default_factory=list)  # pages `free_pages` released
+    num_free_pages: int = 0
+    num_free_slots: int = 0
+    num_running: int = 0
+    context_len: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.tokens or self.errors or self.started or self.received or self.prefilled
+                    or self.freed or self.finished)
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, factory, transport_factory: Callable, tp: int = 1,
+                 start: bool = True, idle_s: float = 0.002, cpus=None, fetch: Callable = _identity):
+        self.worker_id = worker_id
+        pin_to_cpus(cpus)
+        self.engines: WorkerEngines = factory.build("decode", tp)
+        self.transport = transport_factory()
+        self.fetch = fetch
+        decode = self.engines.decode
+        if getattr(decode, "allocator", None) is self.engines.prefill.allocator:  # one pool: cacheable
+            decode.retain_finished = True  # finished requests' pages go to the KV index
+        self.idle_s = idle_s
+        self._cv = threading.Condition()  # guards _inbox and _report
+        self._engine_lock = threading.Lock()  # held while the engines run (loop or calibrate)
+        self._inbox: list[tuple] = []
+        self._report = DecodeReport()
+        self._context: dict[str, int] = {}  # running rid -> tokens of context
+        self._local: dict[str, tuple[PrefillJob, float, int]] = {}  # local prefills in progress
+        self._receiver = None  # StreamingReceiver, built on the first layer part
+        self._parts_seen: dict[str, float] = {}  # streamed rid -> when its last part arrived
+        self._stream_failed: dict[str, str] = {}  # streamed rid -> why its K/V cannot be used
+        self._awaiting: dict[str, tuple] = {}  # streamed rid -> (request, out, handle, since)
+        self.stream_timeout_s = 30.0
+        self.num_streamed = 0  # requests inserted from layer-streamed K/V
+        self._stopped = False
+        self.num_computed_tokens = 0  # prompt tokens prefilled locally
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # -- calls from the scheduler (any thread): file an item, return at once -------------------
+    def submit(self, items: list[tuple[Request, PrefillOutput, object]]) -> None:
+        """Requests prefilled elsewhere: (request, prefill output, transfer handle)."""
+        self._put([("remote", *item) for item in items])
+
+    def receive_parts(self, parts: list) -> None:
+        """Layer parts of streamed K/V (`LayerPart`), straight from a prefill worker."""
+        self._put([("part", part) for part in parts])
+
+    def submit_local(self, jobs: list[PrefillJob]) -> None:
+        """Requests to prefill here, on the decode worker's own pool."""
+        self._put([("local", job) for job in jobs])
+
+    def free_pages(self, pages: list[int]) -> None:
+        self._put([("free", list(pages))])
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._put([("abort", rid) for rid in request_ids])
+
+    def _put(self, items: list[tuple]) -> None:
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError(f"decode worker {self.worker_id} is stopped")
+            self._inbox.extend(items)
+            self._cv.notify_all()
+
+    def collect(self, timeout_s: float = 0.05) -> DecodeReport:
+        """Everything produced since the last call; waits up to `timeout_s` while there is none."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._report.is_empty() and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            report, self._report = self._report, DecodeReport()
+        d = self.engines.decode
+        report.num_free_pages = d.allocator.num_free
+        report.num_running = d.num_running
+        report.num_free_slots = self.engines.max_slots - d.num_running
+        report.context_len = sum(self._context.values())
+        return report
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"decode-{self.worker_id}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 - keep serving; the failing items were reported
+                log.exception("decode loop iteration failed")
+                busy = False
+            if not busy:
+                with self._cv:
+                    if not self._inbox and not self._stopped:
+                        self._cv.wait(self.idle_s if self.engines.decode.num_running else 0.05)
+
+    def run_once(self) -> bool:
+        """One loop iteration (module doc). Returns whether there was anything to do."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        with self._engine_lock:
+            for kind, *args in inbox:
+                if kind == "remote":
+                    self._insert_remote(*args)
+                elif kind == "local":
+                    self._add_local(*args)
+                elif kind == "free":
+                    self.engines.prefill.allocator.free(args[0])
+                    self._record(freed=args[0])
+                elif kind == "abort":
+                    self._abort(args[0])
+                elif kind == "part":
+                    self._on_part(args[0])
+            if self._awaiting or self._parts_seen:
+                self._check_streams()
+            chunked = bool(self._local)
+            if chunked:  # one prefill chunk per iteration, between decode steps
+                self._prefill_chunk()
+            outs = self.engines.decode.decode_step() if self.engines.decode.num_running else []
+            for o in outs:
+                self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
+            finished = getattr(self.engines.decode, "finished", None)
+            if finished:
+                self._record(finished=finished)
+                finished.clear()
+            self._record(outputs=outs)
+        return bool(inbox or outs or chunked)
+
+    def _on_part(self, part) -> None:
+        from raypd.transfer.streaming import StreamingReceiver
+
+        if self._receiver is None:
+            self._receiver = StreamingReceiver(self.engines.decode, self.transport, self.stream_timeout_s)
+        rid = part.request_id
+        self._parts_seen[rid] = time.monotonic()
+        try:
+            self._receiver.on_part(part)
+        except Exception as e:  # noqa: BLE001 - the stream is dropped; its request is placed again
+            self._stream_failed[rid] = f"{type(e).__name__}: {e}"
+
+    def _check_streams(self) -> None:
+        """Insert streamed requests whose layers are all in; fail (for a retry) those whose
+        stream broke or stalled; drop parts nobody claimed within the timeout."""
+        now = time.monotonic()
+        for rid, (request, out, handle, since) in list(self._awaiting.items()):
+            failed = self._stream_failed.pop(rid, None)
+            if failed is None and self._receiver is not None and self._receiver.is_complete(rid):
+                del self._awaiting[rid]
+                self._parts_seen.pop(rid, None)
+                try:
+                    first = self._receiver.insert(request, out)
+                except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
+                    self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
+                    self._record(received=(handle, now - since))
+                    continue
+                self._record(received=(handle, now - since))
+                self.num_streamed += 1
+                self._started(request, out, first)
+            elif failed is not None or now - since > self.stream_timeout_s:
+                del self._awaiting[rid]
+                self._parts_seen.pop(rid, None)
+                if self._receiver is not None:
+                    self._receiver.abort(rid)
+                why = failed or f"streamed K/V incomplete after {self.stream_timeout_s:.0f} s"
+                self._record(error=(rid, why), retryable=True)
+                self._record(received=(handle, now - since))
+        for rid, seen in list(self._parts_seen.items()):  # orphans: no request came for them
+            if rid not in self._awaiting and now - seen > 2 * self.stream_timeout_s:
+                del self._parts_seen[rid]
+                self._stream_failed.pop(rid, None)
+                self._receiver.abort(rid)
+
+    def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
+        rid = request.request_id
+        if isinstance(handle, StreamHandle):  # its K/V comes (or came) as layer parts
+            self._awaiting[rid] = (request, out, handle, time.monotonic())
+            return
+        start = time.perf_counter()
+        try:
+            first = self.engines.recv_into(request, out, handle, self.transport)
+        except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
+            # K/V lost on the way, or no room here after all (the scheduler's view of free pages
+            # lags the pool): the scheduler places the request again
+            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, (TransferError, OutOfPages)))
+            return
+        finally:
+            self.transport.release(handle)
+            self._record(received=(handle, time.perf_counter() - start))
+        self._started(request, out, first)
+
+    def _add_local(self, job: PrefillJob) -> None:
+        """Queue a local prefill. The JAX engine runs it in chunks between decode steps (as the
+        colocated engine does); an engine without `add`/`step` (the mock) runs it at once."""
+        request, prefill = job.request, self.engines.prefill
+        rid = request.request_id
+        if not hasattr(prefill, "step"):
+            return self._prefill_local(job)
+        start = time.perf_counter()
+        fetched = _load_host_prefix(self.engines, self.fetch, job)
+        try:
+            prefill.add(request, list(job.prefix_pages) + fetched,
+                        reserve_tokens=len(request.prompt_ids) + request.params.max_tokens)
+        except Exception as e:  # noqa: BLE001 - the request fails here (no room: placed again), the worker goes on
+            prefill.release(rid)
+            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
+            return
+        finally:
+            prefill.allocator.free(fetched)  # `add` took its own reference
+        self._local[rid] = (job, start, len(fetched))
+
+    def _prefill_chunk(self) -> None:
+        try:
+            outs = self.engines.prefill.step()
+        except Exception as e:  # noqa: BLE001 - fail the chunk's requests, keep serving
+            log.exception("local prefill chunk failed")
+            for rid in list(self._local):
+                self.engines.prefill.release(rid)
+                self._local.pop(rid)
+                self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        for out in outs:
+            job, start, num_fetched = self._local.pop(out.request_id)
+            self._finish_local(job, out, start, num_fetched)
+
+    def _prefill_local(self, job: PrefillJob) -> None:
+        request, prefill = job.request, self.engines.prefill
+        start = time.perf_counter()
+        try:
+            (out,) = prefill.prefill([request], {request.request_id: list(job.prefix_pages)})
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            prefill.release(request.request_id)
+            self._record(error=(request.request_id, f"{type(e).__name__}: {e}"))
+            return
+        self._finish_local(job, out, start)
+
+    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0) -> None:
+        request, prefill = job.request, self.engines.prefill
+        rid = request.request_id
+        cached: list[int] = []
+        try:
+            cached = _retain(prefill, out, job.retain, len(job.prefix_pages))
+            first = self.engines.decode.insert(request, out, None)
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            prefill.allocator.free(cached)
+            prefill.release(rid)
+            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            return
+        prefill.release(rid)  # the decode engine holds its own reference on the prompt pages
+        computed = out.prompt_len - out.num_cached_tokens
+        self.num_computed_tokens += computed
+        self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached,
+                                             len(job.prefix_pages), computed, time.perf_counter() - start,
+                                             num_fetched))
+        self._started(request, out, first)
+
+    def _started(self, request: Request, out: PrefillOutput, first: TokenOutput) -> None:
+        if not first.is_finished:
+            self._context[request.request_id] = out.prompt_len + 1
+        self._record(outputs=[first], started=request.request_id)
+
+    def _abort(self, rid: str) -> None:
+        awaiting = self._awaiting.pop(rid, None)
+        if awaiting is not None:
+            self._record(received=(awaiting[2], 0.0))  # the sender may drop its payloads
+        if self._parts_seen.pop(rid, None) is not None:
+            self._receiver.abort(rid)
+        if self._local.pop(rid, None) is not None:  # still prefilling here
+            self.engines.prefill.release(rid)
+            self._record(error=(rid, "aborted"))
+            return
+        o = self.engines.decode.release(rid)
+        self._context.pop(rid, None)
+        if o is not None:
+            self._record(outputs=[o])
+
+    def _record(self, outputs=(), error=None, started=None, received=None, prefilled=None, freed=(),
+                retryable: bool = False, finished=()) -> None:
+        with self._cv:
+            r = self._report
+            for o in outputs:
+                r.tokens.setdefault(o.request_id, []).append((o.token_id, o.logprob, o.finish_reason, o.text))
+                if o.is_finished:
+                    self._context.pop(o.request_id, None)
+            if error is not None:
+                r.errors[error[0]] = error[1]
+                if retryable:
+                    r.retryable.append(error[0])
+                r.started.append(error[0])
+            if started is not None:
+                r.started.append(started)
+            if received is not None:
+                r.received.append(received)
+            if prefilled is not None:
+                r.prefilled.append(prefilled)
+            r.freed.extend(freed)
+            r.finished.extend(finished)
+            self._cv.notify_all()
+
+    # -- status and calibration ----------------------------------------------------------------
+    def info(self) -> dict:
+        e = self.engines
+        return dict(worker_id=self.worker_id, model=e.model, max_seq_len=e.max_seq_len, page_size=e.page_size,
+                    kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.decode.allocator.num_pages - 1,
+                    max_slots=e.max_slots)
+
+    def status(self) -> dict:
+        return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
+                    num_running=self.engines.decode.num_running, num_inbox=len(self._inbox),
+                    num_local_prefills=len(self._local), num_streamed=self.num_streamed,
+                    num_computed_tokens=self.num_computed_tokens)
+
+    def calibrate(self, batch_sizes: list[int], context_len: int, seed: int = 0) -> dict:
+        """Time one decode step for each batch size (contexts of `context_len` tokens) and a
+        local prefill of `context_len` tokens. -> {"decode": [(B, B * S, s)], "prefill": [(n, 0, s)]}."""
+        rng = np.random.default_rng(seed)
+        e, vocab = self.engines, self.engines.model.config.vocab_size
+        decode_samples, prefill_samples = [], []
+        with self._engine_lock:
+            for B in batch_sizes:
+                reqs = [_calibration_request(context_len, rng, vocab, f"{self.worker_id}-{B}-{i}", 16)
+                        for i in range(B)]
+                try:
+                    for r in reqs:
+                        start = time.perf_counter()
+                        (out,) = e.prefill.prefill([r], {})
+                        prefill_s = time.perf_counter() - start
+                        e.decode.insert(r, out, None)
+                        e.prefill.release(r.request_id)
+                    times = []  # the first step may compile; the fastest of the rest is the step time
+                    for _ in range(4):
+                        start = time.perf_counter()
+                        e.decode.decode_step()
+                        times.append(time.perf_counter() - start)
+                    decode_samples.append((B, B * (context_len + 2), min(times[1:])))
+                    prefill_samples.append((context_len, 0, prefill_s))
+                finally:
+                    for r in reqs:
+                        e.prefill.release(r.request_id)
+                        e.decode.release(r.request_id)
+        return dict(decode=decode_samples, prefill=prefill_samples)
