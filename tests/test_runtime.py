@@ -248,6 +248,15 @@ def test_early_rejection_and_bad_input(mock_deployment):
     assert_baseline(mock_deployment)
 
 
+def test_bad_deployment_settings_are_refused_before_anything_starts():
+    from raypd.runtime.deployment import DeploymentConfig
+
+    with pytest.raises(ValueError, match="host_copies must be"):
+        DeploymentConfig(host_copies="fp4")
+    with pytest.raises(ValueError, match="max_retries"):
+        DeploymentConfig(max_retries=-1)
+
+
 def test_connect_and_shutdown_errors(ray_session):
     with pytest.raises(errors.DeploymentNotFound, match="no raypd deployment named 'nope'"):
         raypd.connect("nope")

@@ -79,6 +79,11 @@ class DeploymentConfig:
             raise ValueError(f"need num_prefill >= 0 and num_decode >= 1, got {self.num_prefill}, {self.num_decode}")
         if self.prefill_tp < 1 or self.decode_tp < 1:
             raise ValueError(f"tp must be >= 1, got prefill_tp={self.prefill_tp}, decode_tp={self.decode_tp}")
+        if self.host_copies not in (None, "auto", "none", "int8"):
+            raise ValueError(f"host_copies must be None, 'auto', 'none' or 'int8', got {self.host_copies!r}")
+        if self.max_retries < 0 or self.host_cache_bytes < 0:
+            raise ValueError(f"max_retries and host_cache_bytes must be >= 0, got {self.max_retries}, "
+                             f"{self.host_cache_bytes}")
 
 
 def _options(res: Resources, tp: int, has_gpus: bool, **extra) -> dict:
