@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 from typing import Mapping, Sequence
 
 from scheduler.cost_model import CostModel
@@ -283,3 +284,31 @@ def _late(request: RequestSpec, ttft_s: float, config: PolicyConfig) -> Rejectio
     return Rejection(request.request_id, RejectReason.DEADLINE,
                      f"predicted TTFT {ttft_s * 1e3:.1f} ms exceeds the SLO {request.ttft_slo_s * 1e3:.1f} ms",
                      ttft_s=ttft_s, retry_after_s=max(config.min_retry_after_s, ttft_s - request.ttft_slo_s))
+
+
+def predict_queue_waits(slot_free_s: Sequence[float], queue: Sequence[tuple[float, int]], step_s: float,
+                        num_prefill_workers: int = 1) -> list[float]:
+    """Seconds until each queued request could start its own prefill, in FIFO order: the later
+    of a decode slot coming free and the prefill work ahead of it being done.
+
+    slot_free_s: for every decode slot of every live worker, seconds until it is free (0 for a
+    free one; a running request's remaining tokens x `step_s`); queue: (prefill seconds,
+    max_tokens) of each queued request, head first. Each request takes the earliest free slot
+    and holds it for its prefill and its tokens. No slot at all: infinity for every one."""
+    heap = list(slot_free_s)
+    if not heap:
+        return [float("inf")] * len(queue)
+    heapq.heapify(heap)
+    waits, prefill_ahead_s = [], 0.0
+    for prefill_s, max_tokens in queue:
+        waits.append(max(heap[0], prefill_ahead_s / max(1, num_prefill_workers)))
+        t = heapq.heappop(heap)
+        heapq.heappush(heap, t + prefill_s + max_tokens * step_s)
+        prefill_ahead_s += prefill_s
+    return waits
+
+def admit_deadline(request: RequestSpec, placed_ttft_s: float, queue_wait_s: float,
+                   config: PolicyConfig = PolicyConfig()) -> Rejection | None:
+    """At arrival, for a request with a TTFT SLO: DEADLINE when the wait for its turn plus its
+    placement's predicted TTFT (prefill queue, fetch, prefill, transfer backlog) misses the SLO."""
+    return _late(request, queue_wait_s + placed_ttft_s, config)

@@ -85,3 +85,20 @@ def write_tokenizer_json(path) -> dict[str, int]:
     tok.add_special_tokens(["<s>", "</s>", "<eot>"])
     tok.save(str(path / "tokenizer.json"))
     return vocab
+
+
+# ---------------------------------------------------------------- test tiers
+# `pytest -m unit`: no Ray cluster, no subprocess servers (minutes); `-m integration`: the rest.
+# CI runs both. A test is integration when its module starts Ray or servers, or it uses a Ray fixture.
+INTEGRATION_MODULES = {"test_runtime", "test_runtime_aborts", "test_runtime_cluster", "test_runtime_failover",
+                       "test_grpc", "test_grpc_ray", "test_ray_job", "test_cli", "test_openai", "test_openai_ray"}
+RAY_FIXTURES = {"ray_session", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in INTEGRATION_MODULES or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

@@ -267,9 +267,9 @@ def test_invariants_hold_under_random_operations(seed):
 
 
 def test_host_copies_group_pages_and_drop_an_object_with_its_last_page():
-    from raypd.runtime.host_copies import HostCopies
+    from scheduler.kv_store import HostObjects
 
-    host = HostCopies()
+    host = HostObjects()
     a, b = host.add("ref-a", 2), host.add("ref-b", 1)
     locs = [(Location.on_host("n", a, 0, 8),), (w("A", 3), Location.on_host("n", a, 1, 8)),
             (Location.on_host("n", b, 0, 8),)]

@@ -126,9 +126,11 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
     sched = ray.remote(Scheduler).options(
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
-        config.name, prefill, decode, config.policy, config.cache_bytes, config.calibrate,
-        config.local_prefill_stall_s, config.collect_timeout_s, config.max_retries,
-        _host_copies(config), config.host_cache_bytes, config.stream_layers)
+        config.name, prefill, decode, policy=config.policy, cache_bytes=config.cache_bytes,
+        calibrate=config.calibrate, local_prefill_stall_s=config.local_prefill_stall_s,
+        collect_timeout_s=config.collect_timeout_s, max_retries=config.max_retries,
+        host_copies=_host_copies(config), host_cache_bytes=config.host_cache_bytes,
+        stream_layers=config.stream_layers)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())

@@ -1,0 +1,654 @@
+"""The scheduler as a state machine: every method is an event (with `now_s`) and returns the
+actions to carry out. No Ray, threads or asyncio: the Ray actor (raypd/runtime/scheduler_actor.py)
+turns actions into calls and call results into events; a simulator can drive the same object
+on a virtual clock.
+
+Lifecycle of a request (`phase`):
+  queued     `submit`: admitted (bounded queue) and queued FIFO. Every event ends by placing
+             queued requests (`_dispatch`, policy.place): Wait keeps the head queued, a
+             Rejection ends it, a Placement pins its cached prefix, reserves pages and a slot
+             and sends it to a prefill worker (`RunPrefill`) or, for a short uncached prompt,
+             to its decode worker (`RunLocalPrefill`).
+  prefilling the prefill runs. Its call (`_Call`) holds the pins, the prefill worker's page
+             reservation and its share of that worker's queue; the call ends when its result
+             comes back (`prefill_done`, or a decode report for a local prefill), whatever
+             became of the request meanwhile: the new pages are published to the KV store
+             and the pins released.
+  handoff    a remote prefill is done: the first token is known and the K/V is on its way
+             (`Insert` to the decode worker); the request counts in the transfer backlog
+             until the decode worker reports it received.
+  decoding   the decode worker reported it started (`decode_report`): its reservation is
+             now real pages there. Tokens accumulate until a client `poll` takes them.
+  ended      finished, failed, rejected or aborted: `_end` releases what the request holds
+             (reservations, backlog, a transfer in flight), once. A finished request's full
+             pages are published on its decode worker for the next turn.
+Failover: a worker that died (`worker_died`, or `prefill_done` with `lost=True`) leaves
+placement and the store, and its requests go back to the head of the queue (`_retry`); a
+request with tokens resumes from prompt + tokens so far. A K/V transfer the decode worker
+could not receive asks for a liveness probe of its sender (`ProbeWorker`), then retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import defaultdict, deque
+from typing import Sequence
+
+from scheduler.cost_model import CostModel
+from scheduler.kv_store import ExportPages, FreePages, KVStore
+from scheduler.policy import (DecodeWorkerState, Placement, PolicyConfig, PrefillWorkerState, Rejection,
+                              RequestSpec, TransferState, admit, admit_deadline, place, predict_queue_waits)
+
+QUEUED, PREFILLING, HANDOFF, DECODING, ENDED = "queued", "prefilling", "handoff", "decoding", "ended"
+PREFILL, DECODE = "prefill", "decode"
+
+
+# ---------------------------------------------------------------- actions (scheduler -> workers)
+@dataclasses.dataclass(frozen=True)
+class PrefillTask:
+    """One request for a prefill: `prefix_pages` of the worker's own pool hold its cached
+    prefix, `host_prefix` the host copies after them; `stream_to` names the decode worker that
+    receives its K/V layer by layer (None: sent whole after the prefill)."""
+
+    call_id: int
+    request: object  # raypd.engine.api.Request
+    prefix_pages: tuple[int, ...] = ()
+    host_prefix: tuple = ()
+    stream_to: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPrefill:
+    worker: str
+    tasks: tuple[PrefillTask, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLocalPrefill:
+    worker: str  # a decode worker
+    tasks: tuple[PrefillTask, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Insert:
+    """Hand prefilled requests to a decode worker: (request, prefill output, transfer handle)."""
+
+    worker: str
+    items: tuple[tuple, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortOnWorker:
+    worker: str
+    request_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseTransfers:
+    """The receiver has the K/V (or nobody will): the sender drops its payloads."""
+
+    worker: str
+    handles: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeWorker:
+    """Is `worker` alive? Answer with `probe_done(request_id, worker, is_alive, why, now_s)`."""
+
+    worker: str
+    request_id: str
+    why: str
+
+
+Action = RunPrefill | RunLocalPrefill | Insert | AbortOnWorker | ReleaseTransfers | ProbeWorker | FreePages | ExportPages
+
+
+# ---------------------------------------------------------------- state
+@dataclasses.dataclass
+class WorkerState:
+    role: str  # PREFILL | DECODE
+    max_pages: int
+    max_slots: int = 0
+    num_free_pages: int = 0  # as last reported (plus pages freed since)
+    num_free_slots: int = 0  # decode: as last reported
+    num_running: int = 0
+    context_len: int = 0
+    reserved: dict = dataclasses.field(default_factory=dict)  # rid -> pages a placed request will take (decode side)
+    call_pages: dict = dataclasses.field(default_factory=dict)  # call id -> pages a prefill call will take
+    queued_s: float = 0.0  # predicted prefill work sent and not returned
+    backlog_bytes: int = 0  # K/V bytes placed to move out of / into this worker, not yet received
+
+    @property
+    def num_reserved_pages(self) -> int:
+        return sum(self.reserved.values()) + sum(self.call_pages.values())
+
+
+@dataclasses.dataclass
+class RequestState:
+    request: object  # raypd.engine.api.Request (request_id, prompt_ids, params.max_tokens, ...)
+    spec: RequestSpec
+    num_prompt_tokens: int  # of the original prompt (a resumed request's prompt is longer)
+    max_tokens: int  # asked for originally
+    phase: str = QUEUED
+    placement: Placement | None = None
+    tokens: list = dataclasses.field(default_factory=list)  # (id, logprob, finish, text) not yet polled
+    generated: list[int] = dataclasses.field(default_factory=list)  # every token id so far
+    error: tuple | None = None  # ("rejected" | "failed" | ..., message, ...) as raypd.runtime.errors.to_wire
+    first_token_s: float | None = None
+    num_computed_tokens: int | None = None
+    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, prefill_wait_s, transfer_s
+    retries: int = 0
+    backlog: tuple | None = None  # (prefill worker, decode worker, bytes) in the transfer backlog
+    transfer_id: str | None = None  # K/V on its way to the decode worker
+
+    @property
+    def is_finished(self) -> bool:
+        return self.phase == ENDED
+
+
+@dataclasses.dataclass
+class _Call:
+    """A prefill under way on `worker` (remote, or local on a decode worker)."""
+
+    call_id: int
+    request_id: str
+    worker: str
+    placement: Placement
+    prompt_ids: list[int]
+    pins: list[int]
+    own_pages: list[int]
+    estimate_s: float
+    sent_s: float
+
+
+def _rejected(r: Rejection) -> tuple:
+    return ("rejected", f"request rejected ({r.reason.value}): {r.message}", r.reason.value, r.ttft_s,
+            r.retry_after_s)
+
+
+class SchedulerCore:
+    def __init__(self, name: str, workers: dict[str, WorkerState], store: KVStore, cost: CostModel,
+                 policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False):
+        self.name = name
+        self.workers = dict(workers)  # live workers only
+        self.store, self.cost, self.policy = store, cost, policy
+        self.page_size = store.page_size
+        self.max_retries, self.stream_layers = max_retries, stream_layers
+        self.requests: dict[str, RequestState] = {}
+        self.queue: deque[str] = deque()
+        self.calls: dict[int, _Call] = {}
+        self.local_calls: dict[tuple[str, str], int] = {}  # (decode worker, rid) -> call id
+        self.transfers: dict[str, tuple] = {}  # transfer id -> (rid, sender, handle, receiver)
+        self.dead: dict[str, str] = {}  # worker -> why it left
+        self.is_running = True
+        self.rejections: dict[str, int] = defaultdict(int)  # reason -> count
+        self.transfer_stats = defaultdict(lambda: dict(count=0, bytes=0, seconds=0.0))  # (backend, compression)
+        self.num_retries = self.num_requests = self.num_computed_tokens = 0
+        self._ids = itertools.count()
+        self._call_ids = itertools.count()
+
+    def _of(self, role: str) -> list[str]:
+        return [w for w, s in self.workers.items() if s.role == role]
+
+    # ------------------------------------------------------------------ client events
+    def submit(self, requests: Sequence[object], ttft_slo_s: float | None, now_s: float,
+               make_request=None) -> tuple[list[str] | tuple, list]:
+        """Admit and queue validated requests, all or none. `requests` are
+        (prompt ids, params, kv_compression) and `make_request(rid, prompt_ids, params,
+        kv_compression)` builds the engine's Request. -> (ids, actions) or (error, actions)."""
+        if not self.is_running:
+            return ("not_running", f"deployment {self.name!r} is shut down"), []
+        new = []
+        for prompt_ids, params, kv_compression in requests:
+            rid = f"{self.name}-{next(self._ids)}"
+            spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now_s, ttft_slo_s)
+            reject = admit(spec, len(self.queue) + len(new), self.policy, self._prefill_states(None))
+            if reject is not None:
+                self.rejections[reject.reason.value] += 1
+                return _rejected(reject), []
+            new.append(RequestState(make_request(rid, list(prompt_ids), params, kv_compression), spec,
+                                    len(prompt_ids), params.max_tokens))
+        ids = [r.spec.request_id for r in new]
+        self.requests.update(zip(ids, new))
+        self.queue.extend(ids)
+        self.num_requests += len(new)
+        actions = self._dispatch(now_s)
+        # Early rejection: each new request was placed, rejected by placement, or waits behind
+        # others; one that waits is placed once now, and with a TTFT SLO its wait for a slot
+        # and for the prefill work ahead of it counts too, to learn whether it could make it.
+        error = next((r.error for r in new if r.error is not None), None)
+        waits = self._queue_waits() if ttft_slo_s is not None and error is None else {}
+        for r in new:
+            if error is None and r.phase == QUEUED:
+                decision, _ = self._place(r, now_s)
+                if not isinstance(decision, Rejection) and r.spec.ttft_slo_s is not None:
+                    decision = admit_deadline(r.spec, decision.ttft_s, waits[r.spec.request_id], self.policy)
+                if isinstance(decision, Rejection):
+                    self.rejections[decision.reason.value] += 1
+                    error = _rejected(decision)
+        if error is not None:
+            actions += self.abort(ids, now_s)
+            return error, actions
+        return ids, actions
+
+    def poll(self, request_ids: Sequence[str]) -> dict:
+        """New tokens of each request since the last poll; an ended request is forgotten once
+        polled. -> {rid: {"tokens", "finished", "error", "metrics"}}"""
+        out = {}
+        for rid in request_ids:
+            r = self.requests.get(rid)
+            if r is None:
+                out[rid] = dict(tokens=[], finished=True, error=("failed", f"unknown request {rid}"), metrics={})
+                continue
+            tokens, r.tokens = r.tokens, []
+            p = r.placement
+            metrics = dict(ttft_s=(r.first_token_s - r.spec.arrival_s) if r.first_token_s else None, **r.timings,
+                           num_computed_tokens=r.num_computed_tokens, prompt_tokens=r.num_prompt_tokens,
+                           is_local_prefill=p.is_local_prefill if p else None,
+                           prefill_worker=p.prefill_worker_id if p else None,
+                           decode_worker=p.decode_worker_id if p else None)
+            out[rid] = dict(tokens=tokens, finished=r.is_finished, error=r.error, metrics=metrics)
+            if r.is_finished:
+                del self.requests[rid]
+        return out
+
+    def has_news(self, request_ids: Sequence[str]) -> bool:
+        """Whether `poll(request_ids)` would return anything."""
+        return any(rid not in self.requests or self.requests[rid].tokens or self.requests[rid].is_finished
+                   for rid in request_ids)
+
+    def abort(self, request_ids: Sequence[str], now_s: float) -> list:
+        """The client gave up: the requests end and are forgotten; a decode worker holding one
+        stops it. A prefill under way finishes (its call releases what it holds)."""
+        by_worker = defaultdict(list)
+        actions: list = []
+        for rid in request_ids:
+            r = self.requests.pop(rid, None)
+            if r is None:
+                continue
+            if r.phase != QUEUED and r.placement is not None and r.placement.decode_worker_id in self.workers:
+                by_worker[r.placement.decode_worker_id].append(rid)
+            actions += self._end(r, None)
+        actions += [AbortOnWorker(d, tuple(rids)) for d, rids in by_worker.items()]
+        return actions + self._dispatch(now_s)
+
+    def shutdown(self) -> None:
+        for rid in list(self.queue):
+            self._end(self.requests[rid], ("not_running", f"deployment {self.name!r} was shut down"))
+        self.is_running = False
+
+    def clear_cache(self, now_s: float, pools_only: bool = False) -> list:
+        return self._freed(self.store.clear(list(self.workers), now_s, pools_only))
+
+    # ------------------------------------------------------------------ worker events
+    def prefill_done(self, worker: str, tasks: Sequence[PrefillTask], results: Sequence, now_s: float,
+                     num_free_pages: int | None = None, lost: str | None = None) -> list:
+        """A `RunPrefill` call returned: per task a PrefillResult or an error message (str).
+        `lost`: the worker died during the call (no results); its requests are retried."""
+        actions: list = []
+        if lost is not None:
+            actions += self.worker_died(worker, lost, now_s)
+            for task in tasks:
+                call = self._end_call(task.call_id)
+                r = self.requests.get(call.request_id) if call else None
+                actions += self._unpin(call)
+                if r is not None and r.placement is call.placement:
+                    actions += self._retry(r, f"prefill worker {worker} died", now_s)
+            return actions + self._dispatch(now_s)
+        ws = self.workers.get(worker)
+        if ws is not None and num_free_pages is not None:
+            ws.num_free_pages = num_free_pages
+        by_decode = defaultdict(list)
+        for task, res in zip(tasks, results):
+            call = self._end_call(task.call_id)
+            if call is None:
+                continue
+            r = self.requests.get(call.request_id)
+            is_current = r is not None and not r.is_finished and r.placement is call.placement
+            if isinstance(res, str):
+                actions += self._unpin(call)
+                if is_current:
+                    actions += self._end(r, ("failed", f"prefill on {worker} failed: {res}"))
+                continue
+            actions += self._publish_prefill(worker, call, res, now_s, can_export=ws is not None)
+            if not is_current:  # aborted or retried meanwhile: nobody takes this K/V
+                actions.append(ReleaseTransfers(worker, (res.handle,)))
+                continue
+            r.phase = HANDOFF
+            r.num_computed_tokens = res.num_computed_tokens
+            r.timings["prefill_s"] = res.prefill_s
+            # the rest of the call: its wait in the worker's queue, the batch's other jobs, RPCs
+            r.timings["prefill_wait_s"] = max(0.0, now_s - call.sent_s - res.prefill_s)
+            r.transfer_id = res.handle.transfer_id
+            d = r.placement.decode_worker_id
+            self.transfers[r.transfer_id] = (call.request_id, worker, res.handle, d)
+            if d in self.workers:
+                by_decode[d].append((r.request, res.output, res.handle))
+            else:
+                actions += self._retry(r, f"decode worker {d} died", now_s)
+        actions += [Insert(d, tuple(items)) for d, items in by_decode.items()]
+        return actions + self._dispatch(now_s)
+
+    def decode_report(self, d: str, report, now_s: float) -> list:
+        """What a decode worker did since its last report (raypd.runtime.decode_worker.DecodeReport)."""
+        ws = self.workers.get(d)
+        if ws is None:
+            return []
+        actions: list = []
+        ws.num_free_pages, ws.num_free_slots = report.num_free_pages, report.num_free_slots
+        ws.num_running, ws.context_len = report.num_running, report.context_len
+        for _, tokens, pages in report.finished:
+            actions += self._freed(self.store.publish_finished(d, tokens, pages, now_s))
+        for res in report.prefilled:  # local prefills done
+            rid = res.output.request_id
+            call = self._end_call(self.local_calls.pop((d, rid), None))
+            if call is not None:
+                actions += self._publish_prefill(d, call, res, now_s, can_export=False)
+            r = self.requests.get(rid)
+            if r is not None and not r.is_finished:
+                r.num_computed_tokens = res.num_computed_tokens
+                r.timings["prefill_s"] = res.prefill_s
+        for rid in report.errors:  # a local prefill that failed still held its pins
+            call = self._end_call(self.local_calls.pop((d, rid), None))
+            actions += self._unpin(call)
+        for rid in report.started:
+            ws.reserved.pop(rid, None)
+            r = self.requests.get(rid)
+            if r is not None and r.phase in (PREFILLING, HANDOFF):
+                r.phase = DECODING
+        for h, recv_s in report.received:
+            stats = self.transfer_stats[(h.backend, h.compression)]
+            stats["count"] += 1
+            stats["bytes"] += h.num_bytes
+            stats["seconds"] += recv_s
+            rid, sender, handle, _ = self.transfers.pop(h.transfer_id, (None,) * 4)
+            r = self.requests.get(rid) if rid else None
+            if r is not None and r.transfer_id == h.transfer_id:
+                r.timings["transfer_s"] = recv_s
+                r.transfer_id = None
+                self._release_backlog(r)
+            if sender in self.workers:
+                actions.append(ReleaseTransfers(sender, (handle,)))
+        for rid, tokens in report.tokens.items():
+            r = self.requests.get(rid)
+            if r is None or r.is_finished:
+                continue
+            if r.first_token_s is None:
+                r.first_token_s = now_s
+            r.tokens.extend(tokens)
+            r.generated.extend(t[0] for t in tokens if t[0] >= 0)
+            if tokens[-1][2] is not None:
+                actions += self._end(r, None)
+        for rid, message in report.errors.items():
+            r = self.requests.get(rid)
+            if r is None or r.is_finished:
+                continue
+            if rid in report.retryable:  # K/V lost on the way, or no room there after all
+                sender = r.placement.prefill_worker_id if r.placement else None
+                why = f"decode worker {d}: {message}"
+                if sender in self.workers and sender != d:
+                    actions.append(ProbeWorker(sender, rid, why))
+                else:
+                    actions += self._retry(r, why, now_s)
+            else:
+                actions += self._end(r, ("failed", f"decode worker {d}: {message}"))
+        return actions + self._dispatch(now_s)
+
+    def probe_done(self, request_id: str, worker: str, is_alive: bool, why: str, now_s: float) -> list:
+        """The answer to a `ProbeWorker`: a dead sender leaves; the request is placed again."""
+        actions = [] if is_alive else self.worker_died(worker, f"no answer to a probe ({why})", now_s)
+        r = self.requests.get(request_id)
+        if r is not None:
+            actions += self._retry(r, why, now_s)
+        return actions + self._dispatch(now_s)
+
+    def worker_died(self, w: str, why: str, now_s: float) -> list:
+        """Drop a dead worker: no placement sees it again, the store forgets its pages, its
+        local prefills end, and requests decoding there (or headed there) start over."""
+        ws = self.workers.pop(w, None)
+        if ws is None:
+            return []
+        self.dead[w] = why
+        self.store.remove_worker(w)
+        actions: list = []
+        for (d, rid), call_id in list(self.local_calls.items()):
+            if d == w:
+                del self.local_calls[(d, rid)]
+                actions += self._unpin(self._end_call(call_id))
+        for tid, (rid, sender, handle, receiver) in list(self.transfers.items()):
+            if sender == w:  # its payloads went with it; the receiver reports the loss
+                self.transfers[tid] = (rid, None, None, receiver)
+            elif receiver == w:  # nobody will take them now
+                del self.transfers[tid]
+                if sender in self.workers:
+                    actions.append(ReleaseTransfers(sender, (handle,)))
+                if rid in self.requests:
+                    self.requests[rid].transfer_id = None
+        if ws.role == DECODE:
+            for r in list(self.requests.values()):
+                if r.placement is not None and r.placement.decode_worker_id == w and not r.is_finished \
+                        and r.phase != QUEUED:
+                    actions += self._retry(r, f"decode worker {w} died", now_s)
+        return actions + self._dispatch(now_s)
+
+    def add_host_copy(self, token_ids: Sequence[int], first: int, num_pages: int, node_id: str, num_bytes: int,
+                      payload, now_s: float) -> list:
+        return self._freed(self.store.add_host_copy(token_ids, first, num_pages, node_id, num_bytes, payload, now_s))
+
+    # ------------------------------------------------------------------ ending and retrying
+    def _end(self, r: RequestState, error: tuple | None) -> list:
+        """Every end goes here, once: the request releases what it holds."""
+        if r.is_finished:
+            return []
+        r.phase, r.error = ENDED, error
+        if error is not None and error[0] == "rejected":
+            self.rejections[error[2]] += 1
+        return self._release(r)
+
+    def _release(self, r: RequestState) -> list:
+        """Reservations on every worker, the transfer backlog, and K/V still on its way (the
+        sender keeps it until someone releases it)."""
+        rid = r.spec.request_id
+        if rid in self.queue:
+            self.queue.remove(rid)
+        for ws in self.workers.values():
+            ws.reserved.pop(rid, None)
+        self._release_backlog(r)
+        actions: list = []
+        if r.transfer_id is not None and r.phase != ENDED:  # starting over: the decode worker never got it
+            _, sender, handle, _ = self.transfers.pop(r.transfer_id, (None,) * 4)
+            if sender in self.workers:
+                actions.append(ReleaseTransfers(sender, (handle,)))
+            r.transfer_id = None
+        return actions
+
+    def _release_backlog(self, r: RequestState) -> None:
+        if r.backlog is not None:
+            w, d, kv = r.backlog
+            for x in (w, d):
+                if x in self.workers:
+                    self.workers[x].backlog_bytes = max(0, self.workers[x].backlog_bytes - kv)
+            r.backlog = None
+
+    def _retry(self, r: RequestState, why: str, now_s: float) -> list:
+        """Queue a request again at the head of the queue after a worker or a transfer failed.
+        One that has produced tokens resumes: its prompt becomes prompt + tokens so far and it
+        asks for the rest (greedy output is unchanged; the engine recomputes the K/V)."""
+        if r.is_finished:
+            return []
+        actions = self._release(r)
+        if r.retries >= self.max_retries:
+            return actions + self._end(r, ("failed", f"{why}; gave up after {r.retries} retries"))
+        r.retries += 1
+        self.num_retries += 1
+        req, params = r.request, r.request.params
+        if r.generated:
+            left = r.max_tokens - len(r.generated)
+            prompt = list(req.prompt_ids[:r.num_prompt_tokens]) + r.generated
+            r.request = dataclasses.replace(req, prompt_ids=prompt,
+                                            params=dataclasses.replace(params, max_tokens=left))
+        r.spec = dataclasses.replace(r.spec, prompt_len=len(r.request.prompt_ids),
+                                     max_tokens=r.request.params.max_tokens, ttft_slo_s=None)
+        r.placement, r.phase = None, QUEUED
+        self.queue.appendleft(r.spec.request_id)
+        return actions
+
+    # ------------------------------------------------------------------ calls
+    def _end_call(self, call_id: int | None) -> _Call | None:
+        call = self.calls.pop(call_id, None) if call_id is not None else None
+        if call is not None and call.worker in self.workers:
+            ws = self.workers[call.worker]
+            ws.call_pages.pop(call.call_id, None)
+            ws.queued_s = max(0.0, ws.queued_s - call.estimate_s)
+        return call
+
+    def _unpin(self, call: _Call | None) -> list:
+        if call is not None and call.pins:
+            self.store.unpin(call.pins)
+            call.pins = []
+        return []
+
+    def _publish_prefill(self, worker: str, call: _Call, res, now_s: float, can_export: bool) -> list:
+        """A prefill's new full prompt pages into the store; the call's pins go."""
+        self.num_computed_tokens += res.num_computed_tokens
+        if worker in self.workers:
+            actions = self._freed(self.store.publish_prefill(
+                worker, call.prompt_ids, call.own_pages, res.num_prefix_pages, res.cached_pages, now_s,
+                can_export and self.workers[worker].role == PREFILL))
+        else:  # the worker is gone, and its pages with it
+            actions = []
+        self._unpin(call)
+        return actions
+
+    def _freed(self, actions: list) -> list:
+        """Count pages freed on live workers as free (until their next report); drop the rest."""
+        out = []
+        for a in actions:
+            if isinstance(a, FreePages):
+                if a.worker not in self.workers:
+                    continue
+                self.workers[a.worker].num_free_pages += len(a.pages)
+            out.append(a)
+        return out
+
+    # ------------------------------------------------------------------ placement
+    def _prefill_states(self, match) -> list[PrefillWorkerState]:
+        return [PrefillWorkerState(w, queued_s=self.workers[w].queued_s,
+                                   num_cached_pages=match.num_worker_pages(w) if match else 0)
+                for w in self._of(PREFILL)]
+
+    def _decode_states(self, match) -> list[DecodeWorkerState]:
+        out = []
+        for d in self._of(DECODE):
+            s = self.workers[d]
+            # Pages the store caches there count as free: placement evicts them when needed.
+            free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages
+            out.append(DecodeWorkerState(d, s.num_free_slots - len(s.reserved), free, s.max_pages,
+                                         s.num_running, s.context_len, match.num_worker_pages(d) if match else 0))
+        return out
+
+    def _place(self, r: RequestState, now_s: float):
+        match = self.store.match(r.request.prompt_ids, r.spec.max_cached_pages)
+        spec = dataclasses.replace(r.spec, num_host_pages=self.store.num_host_pages(match))
+        transfer = TransferState({w: s.backlog_bytes for w, s in self.workers.items()})
+        return place(spec, self._prefill_states(match), self._decode_states(match), self.cost, now_s,
+                     self.policy, transfer), match
+
+    def _queue_waits(self) -> dict[str, float]:
+        """Predicted wait of each queued request for its turn (policy.predict_queue_waits)."""
+        decode = [self.workers[d] for d in self._of(DECODE)]
+        step_s = max((self.cost.predict_decode_step_s(s.max_slots, s.context_len) for s in decode), default=0.0)
+        busy = [max(0, q.max_tokens - len(q.generated)) * step_s for q in self.requests.values()
+                if q.phase not in (QUEUED, ENDED)]
+        slots = busy + [0.0] * max(0, sum(s.max_slots for s in decode) - len(busy))
+        queue = [(self.cost.predict_prefill_s(self.requests[rid].spec.prompt_len),
+                  self.requests[rid].spec.max_tokens) for rid in self.queue]
+        waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1)
+        return dict(zip(self.queue, waits))
+
+    def _make_room(self, worker: str, need: int, now_s: float) -> list:
+        """Evict cached pages of `worker` until `need` pages are free (as last reported)."""
+        return self._freed(self.store.make_room(worker, need - self.workers[worker].num_free_pages, now_s))
+
+    def _dispatch(self, now_s: float) -> list:
+        """Place queued requests in order (module doc) and send them, batched per worker."""
+        actions: list = []
+        remote, local = defaultdict(list), defaultdict(list)
+        while self.queue and self.is_running:
+            r = self.requests[self.queue[0]]
+            decision, match = self._place(r, now_s)
+            if isinstance(decision, Rejection):
+                actions += self._end(r, _rejected(decision))
+                continue
+            if not isinstance(decision, Placement):
+                break  # Wait: FIFO, try again on the next event
+            self.queue.popleft()
+            rid = r.spec.request_id
+            r.timings["queue_s"] = now_s - r.spec.arrival_s
+            r.placement, r.phase = decision, PREFILLING
+            w, d = decision.prefill_worker_id, decision.decode_worker_id
+            f = decision.num_fetched_pages
+            k = min(decision.num_cached_pages - f, match.num_worker_pages(w))
+            pins = match.hashes[:k + f]
+            self.store.pin(pins, now_s)
+            prompt_pages = -(-r.spec.prompt_len // self.page_size)
+            need_here = (r.spec.num_pages_needed if decision.is_local_prefill else prompt_pages) - k
+            actions += self._make_room(w, need_here + self.workers[w].num_reserved_pages, now_s)
+            est = next(e for e in decision.estimates if e.worker_id == w)
+            call = _Call(next(self._call_ids), rid, w, decision, list(r.request.prompt_ids), list(pins),
+                         list(match.worker_pages.get(w, []))[:k], 0.0, now_s)
+            self.calls[call.call_id] = call
+            if decision.is_local_prefill:
+                self.workers[d].reserved[rid] = need_here
+                self.local_calls[(d, rid)] = call.call_id
+            else:
+                self.workers[w].call_pages[call.call_id] = need_here
+                actions += self._make_room(d, r.spec.num_pages_needed + self.workers[d].num_reserved_pages, now_s)
+                self.workers[d].reserved[rid] = r.spec.num_pages_needed
+                call.estimate_s = est.prefill_s
+                self.workers[w].queued_s += est.prefill_s
+                kv = self.cost.kv_bytes(r.spec.prompt_len)
+                self.workers[w].backlog_bytes += kv
+                self.workers[d].backlog_bytes += kv
+                r.backlog = (w, d, kv)
+            task = PrefillTask(call.call_id, r.request, tuple(call.own_pages),
+                               tuple(self.store.host_prefix(match.locations[k:k + f])),
+                               d if self.stream_layers and not decision.is_local_prefill else None)
+            (local[d] if decision.is_local_prefill else remote[w]).append(task)
+        actions += [RunPrefill(w, tuple(tasks)) for w, tasks in remote.items()]
+        actions += [RunLocalPrefill(d, tuple(tasks)) for d, tasks in local.items()]
+        return actions
+
+    # ------------------------------------------------------------------ status and invariants
+    def stats(self) -> dict:
+        return dict(name=self.name, is_running=self.is_running, num_queued=len(self.queue),
+                    num_tracked=len(self.requests), index=self.store.stats(),
+                    transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self.transfer_stats.items()],
+                    rejections=dict(self.rejections), num_retries=self.num_retries, dead_workers=dict(self.dead),
+                    local_prefill_max_len=self.policy.local_prefill_max_len, num_requests=self.num_requests)
+
+    def is_idle(self) -> bool:
+        """Nothing queued, running, reserved, pinned or in flight."""
+        return not (self.queue or self.requests or self.calls or self.transfers or any(
+            s.reserved or s.call_pages or s.backlog_bytes or s.queued_s for s in self.workers.values()))
+
+    def check(self) -> None:
+        """Invariants between the tables (tests call it after every event)."""
+        live = {rid for rid, r in self.requests.items() if not r.is_finished}
+        for rid in self.queue:
+            assert rid in self.requests and self.requests[rid].phase == QUEUED, f"{rid}: queued but not QUEUED"
+        for w, s in self.workers.items():
+            for rid in s.reserved:
+                assert rid in live and self.requests[rid].placement is not None \
+                    and self.requests[rid].placement.decode_worker_id == w, f"{w}: reservation of {rid} leaked"
+            for call_id in s.call_pages:
+                assert call_id in self.calls and self.calls[call_id].worker == w, f"{w}: call {call_id} leaked"
+            owed = sum(r.backlog[2] for r in self.requests.values() if r.backlog and w in r.backlog[:2])
+            assert s.backlog_bytes == owed, f"{w}: backlog {s.backlog_bytes} != {owed} owed by requests"
+        for r in self.requests.values():
+            if r.is_finished:
+                assert r.backlog is None and r.spec.request_id not in self.queue, f"{r.spec.request_id}: ended, holds"
+        for (d, rid), call_id in self.local_calls.items():
+            assert call_id in self.calls and self.calls[call_id].worker == d, "local call table"
+        self.store.check()
