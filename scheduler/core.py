@@ -36,115 +36,13 @@ from collections import defaultdict, deque
 from typing import Sequence
 
 from scheduler.cost_model import CostModel
-from scheduler.kv_store import ExportPages, FreePages, KVStore
+from scheduler.kv_store import FreePages, KVStore
 from scheduler.policy import (DecodeWorkerState, Placement, PolicyConfig, PrefillWorkerState, Rejection,
-                              RequestSpec, TransferState, admit, admit_deadline, place, predict_queue_waits)
-
-QUEUED, PREFILLING, HANDOFF, DECODING, ENDED = "queued", "prefilling", "handoff", "decoding", "ended"
-PREFILL, DECODE = "prefill", "decode"
-
-
-# ---------------------------------------------------------------- actions (scheduler -> workers)
-@dataclasses.dataclass(frozen=True)
-class PrefillTask:
-    """One request for a prefill: `prefix_pages` of the worker's own pool hold its cached
-    prefix, `host_prefix` the host copies after them; `stream_to` names the decode worker that
-    receives its K/V layer by layer (None: sent whole after the prefill)."""
-
-    call_id: int
-    request: object  # raypd.engine.api.Request
-    prefix_pages: tuple[int, ...] = ()
-    host_prefix: tuple = ()
-    stream_to: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPrefill:
-    worker: str
-    tasks: tuple[PrefillTask, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunLocalPrefill:
-    worker: str  # a decode worker
-    tasks: tuple[PrefillTask, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Insert:
-    """Hand prefilled requests to a decode worker: (request, prefill output, transfer handle)."""
-
-    worker: str
-    items: tuple[tuple, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class AbortOnWorker:
-    worker: str
-    request_ids: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReleaseTransfers:
-    """The receiver has the K/V (or nobody will): the sender drops its payloads."""
-
-    worker: str
-    handles: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeWorker:
-    """Is `worker` alive? Answer with `probe_done(request_id, worker, is_alive, why, now_s)`."""
-
-    worker: str
-    request_id: str
-    why: str
-
-
-Action = RunPrefill | RunLocalPrefill | Insert | AbortOnWorker | ReleaseTransfers | ProbeWorker | FreePages | ExportPages
-
-
-# ---------------------------------------------------------------- state
-@dataclasses.dataclass
-class WorkerState:
-    role: str  # PREFILL | DECODE
-    max_pages: int
-    max_slots: int = 0
-    num_free_pages: int = 0  # as last reported (plus pages freed since)
-    num_free_slots: int = 0  # decode: as last reported
-    num_running: int = 0
-    context_len: int = 0
-    reserved: dict = dataclasses.field(default_factory=dict)  # rid -> pages a placed request will take (decode side)
-    call_pages: dict = dataclasses.field(default_factory=dict)  # call id -> pages a prefill call will take
-    queued_s: float = 0.0  # predicted prefill work sent and not returned
-    backlog_bytes: int = 0  # K/V bytes placed to move out of / into this worker, not yet received
-
-    @property
-    def num_reserved_pages(self) -> int:
-        return sum(self.reserved.values()) + sum(self.call_pages.values())
-
-
-@dataclasses.dataclass
-class RequestState:
-    request: object  # raypd.engine.api.Request (request_id, prompt_ids, params.max_tokens, ...)
-    spec: RequestSpec
-    num_prompt_tokens: int  # of the original prompt (a resumed request's prompt is longer)
-    max_tokens: int  # asked for originally
-    phase: str = QUEUED
-    placement: Placement | None = None
-    tokens: list = dataclasses.field(default_factory=list)  # (id, logprob, finish, text) not yet polled
-    generated: list[int] = dataclasses.field(default_factory=list)  # every token id so far
-    error: tuple | None = None  # ("rejected" | "failed" | ..., message, ...) as raypd.runtime.errors.to_wire
-    first_token_s: float | None = None
-    num_computed_tokens: int | None = None
-    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, prefill_wait_s, transfer_s
-    retries: int = 0
-    backlog: tuple | None = None  # (prefill worker, decode worker, bytes) in the transfer backlog
-    transfer_id: str | None = None  # K/V on its way to the decode worker
-
-    @property
-    def is_finished(self) -> bool:
-        return self.phase == ENDED
+                              RequestSpec, TransferState, Wait, admit, admit_deadline, place, predict_queue_waits)
+from scheduler.actions import (AbortOnWorker, Action, Insert, PrefillTask, ProbeWorker,  # noqa: F401 - re-exported
+                               ReleaseTransfers, ReplaceWorker, RunLocalPrefill, RunPrefill)
+from scheduler.state import (DECODE, DECODING, ENDED, HANDOFF, PREFILL, PREFILLING, QUEUED,  # noqa: F401
+                             RequestState, WorkerState)
 
 
 @dataclasses.dataclass
@@ -169,7 +67,8 @@ def _rejected(r: Rejection) -> tuple:
 
 class SchedulerCore:
     def __init__(self, name: str, workers: dict[str, WorkerState], store: KVStore, cost: CostModel,
-                 policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False):
+                 policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False,
+                 max_replacements: int = 0):
         self.name = name
         self.workers = dict(workers)  # live workers only
         self.store, self.cost, self.policy = store, cost, policy
@@ -181,6 +80,9 @@ class SchedulerCore:
         self.local_calls: dict[tuple[str, str], int] = {}  # (decode worker, rid) -> call id
         self.transfers: dict[str, tuple] = {}  # transfer id -> (rid, sender, handle, receiver)
         self.dead: dict[str, str] = {}  # worker -> why it left
+        self.joining: dict[str, str] = {}  # replacement worker -> role, until it joins or fails
+        self.max_replacements, self.num_replacements = max_replacements, 0
+        self._num_ever = {role: sum(1 for s in workers.values() if s.role == role) for role in (PREFILL, DECODE)}
         self.is_running = True
         self.rejections: dict[str, int] = defaultdict(int)  # reason -> count
         self.transfer_stats = defaultdict(lambda: dict(count=0, bytes=0, seconds=0.0))  # (backend, compression)
@@ -412,6 +314,12 @@ class SchedulerCore:
         self.dead[w] = why
         self.store.remove_worker(w)
         actions: list = []
+        if self.num_replacements < self.max_replacements and self.is_running:
+            self.num_replacements += 1
+            new = f"{ws.role}-{self._num_ever[ws.role]}"
+            self._num_ever[ws.role] += 1
+            self.joining[new] = ws.role
+            actions.append(ReplaceWorker(w, new, ws.role))
         for (d, rid), call_id in list(self.local_calls.items()):
             if d == w:
                 del self.local_calls[(d, rid)]
@@ -431,6 +339,22 @@ class SchedulerCore:
                         and r.phase != QUEUED:
                     actions += self._retry(r, f"decode worker {w} died", now_s)
         return actions + self._dispatch(now_s)
+
+    def worker_joined(self, w: str, state: WorkerState, now_s: float) -> list:
+        """A new worker (a replacement, or one added by hand) is healthy: placement sees it."""
+        self.joining.pop(w, None)
+        self.workers[w] = state
+        return self._dispatch(now_s)
+
+    def worker_join_failed(self, w: str, why: str, now_s: float) -> list:
+        """A replacement never became healthy: queued requests stop waiting for it."""
+        self.joining.pop(w, None)
+        self.dead[w] = why
+        return self._dispatch(now_s)
+
+    def is_ready(self) -> bool:
+        """Whether a request submitted now can be served: running, with a live decode worker."""
+        return self.is_running and bool(self._of(DECODE))
 
     def add_host_copy(self, token_ids: Sequence[int], first: int, num_pages: int, node_id: str, num_bytes: int,
                       payload, now_s: float) -> list:
@@ -550,6 +474,8 @@ class SchedulerCore:
 
     def _place(self, r: RequestState, now_s: float):
         match = self.store.match(r.request.prompt_ids, r.spec.max_cached_pages)
+        if not self._of(DECODE) and DECODE in self.joining.values():  # wait for the replacement
+            return Wait(r.spec.request_id, now_s - r.spec.arrival_s), match
         spec = dataclasses.replace(r.spec, num_host_pages=self.store.num_host_pages(match))
         transfer = TransferState({w: s.backlog_bytes for w, s in self.workers.items()})
         return place(spec, self._prefill_states(match), self._decode_states(match), self.cost, now_s,
@@ -626,6 +552,8 @@ class SchedulerCore:
                     num_tracked=len(self.requests), index=self.store.stats(),
                     transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self.transfer_stats.items()],
                     rejections=dict(self.rejections), num_retries=self.num_retries, dead_workers=dict(self.dead),
+                    joining_workers=dict(self.joining), num_replacements=self.num_replacements,
+                    is_ready=self.is_ready(),
                     local_prefill_max_len=self.policy.local_prefill_max_len, num_requests=self.num_requests)
 
     def is_idle(self) -> bool:

@@ -52,16 +52,18 @@ class FakeWorker:
 class FakeCluster:
     def __init__(self, num_prefill: int = 1, num_decode: int = 1, num_pages: int = 64, max_slots: int = 4,
                  policy: PolicyConfig = PolicyConfig(local_prefill_max_len=0), max_retries: int = 2,
-                 cache_bytes: int = 10**9, host_copies: str | None = None):
+                 cache_bytes: int = 10**9, host_copies: str | None = None, max_replacements: int = 0):
         self.workers = {**{f"prefill-{i}": FakeWorker(core.PREFILL, num_pages) for i in range(num_prefill)},
                         **{f"decode-{i}": FakeWorker(core.DECODE, num_pages, max_slots) for i in range(num_decode)}}
         states = {w: core.WorkerState(f.role, num_pages, f.max_slots, num_pages, f.max_slots)
                   for w, f in self.workers.items()}
+        self.num_pages = num_pages
         self.core = core.SchedulerCore("t", states, KVStore(G, 16 * G, cache_bytes, host_copies), COST, policy,
-                                       max_retries)
+                                       max_retries, max_replacements=max_replacements)
         self.now = 0.0
         self.dt = 0.01  # seconds each event takes on the fake clock
         self.probes: list[core.ProbeWorker] = []
+        self.replacements: list[core.ReplaceWorker] = []
         self.exports: list[ExportPages] = []
         self.outputs: dict[str, list] = {}  # rid -> tokens polled
 
@@ -75,6 +77,8 @@ class FakeCluster:
             w = self.workers.get(getattr(a, "worker", None))
             if isinstance(a, core.ProbeWorker):
                 self.probes.append(a)
+            elif isinstance(a, core.ReplaceWorker):
+                self.replacements.append(a)
             elif w is not None and not w.is_alive:
                 continue  # a call to a dead worker: the death is reported by whoever notices
             elif isinstance(a, core.RunPrefill):
@@ -206,6 +210,15 @@ class FakeCluster:
             self.apply(self.core.prefill_done(name, tasks, [], self.tick(), lost="RayActorError: killed"))
         if w.role == core.DECODE:
             self.apply(self.core.worker_died(name, "RayActorError: killed", self.tick()))
+
+    def start_replacements(self) -> None:
+        """Bring up every replacement the core asked for (a fresh worker of the same shape)."""
+        todo, self.replacements = self.replacements, []
+        for a in todo:
+            old = self.workers[a.dead_worker]
+            self.workers[a.new_worker] = FakeWorker(a.role, old.num_pages, old.max_slots)
+            state = core.WorkerState(a.role, old.num_pages, old.max_slots, old.num_pages, old.max_slots)
+            self.apply(self.core.worker_joined(a.new_worker, state, self.tick()))
 
     def answer_probes(self) -> None:
         probes, self.probes = self.probes, []

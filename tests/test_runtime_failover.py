@@ -67,11 +67,11 @@ def _in_background(fn):
     return thread, result
 
 
-def _serve(name: str, num_decode: int = 1, **factory_kw):
+def _serve(name: str, num_decode: int = 1, num_prefill: int = 2, max_replacements: int = 0, **factory_kw):
     factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=64,
                                 **factory_kw)
-    return raypd.serve(name=name, factory=factory, calibrate=False, num_prefill=2, num_decode=num_decode,
-                       policy=PolicyConfig(local_prefill_max_len=0),
+    return raypd.serve(name=name, factory=factory, calibrate=False, num_prefill=num_prefill, num_decode=num_decode,
+                       policy=PolicyConfig(local_prefill_max_len=0), max_replacements=max_replacements,
                        prefill_resources=_small(), decode_resources=_small())
 
 
@@ -152,6 +152,7 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F8
     """Both prefill workers die in turn: with max_retries=1 the request fails, naming why."""
     factory = MockEngineFactory(prefill_delay_s=3.0, num_pages=64)
     d = raypd.serve(name="failover-give-up", factory=factory, calibrate=False, num_prefill=2, max_retries=1,
+                    max_replacements=0,
                     policy=PolicyConfig(local_prefill_max_len=0), prefill_resources=_small(),
                     decode_resources=_small())
     try:
@@ -171,5 +172,29 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F8
             d.generate([PROMPT], max_tokens=2, ttft_slo_s=1e-9)
         assert e.value.reason == "deadline"
         assert d.generate([PROMPT], max_tokens=2)[0].metrics["is_local_prefill"]
+    finally:
+        d.shutdown()
+
+
+def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  # noqa: F811
+    """The only decode worker dies mid-stream: the scheduler starts decode-1 in its place, the
+    stream waits for it (not rejected for lack of workers) and resumes there with the same
+    arithmetic; the deployment reports ready again with full capacity."""
+    d = _serve("replace-decode", num_prefill=1, max_replacements=1, step_delay_s=0.05)
+    try:
+        it = d.stream(PROMPT, max_tokens=20)
+        got = [next(it).token_id for _ in range(3)]
+        import ray
+
+        ray.kill(_worker(d, "decode-0"))
+        got += [c.token_id for c in it]
+        assert len(got) == 20 and got[:3] == [300, 303, 306]
+        s = d.status()
+        assert s["is_ready"] and [w["worker_id"] for w in s["decode"]] == ["decode-1"]
+        assert list(s["dead_workers"]) == ["decode-0"] and s["num_replacements"] == 1
+        again = d.generate([PROMPT] * 4, max_tokens=4)
+        assert [c.token_ids for c in again] == [EXPECTED] * 4
+        assert {c.metrics["decode_worker"] for c in again} == {"decode-1"}
+        assert_baseline(d)
     finally:
         d.shutdown()

@@ -252,3 +252,22 @@ def test_admission_counts_the_queue_ahead_and_keeps_its_promise():
     c.run(accepted)
     assert c.core.stats()["rejections"] == {"deadline": refused}  # no later rejection
     c.assert_baseline()
+
+
+def test_a_dead_worker_is_replaced_and_requests_wait_for_it():
+    c = FakeCluster(max_replacements=1)
+    p = prompts(1)[0]
+    (rid,) = c.submit([p], max_tokens=6)
+    c.finish_prefills()
+    c.step()
+    c.kill("decode-0")  # the only decode worker
+    assert [(a.dead_worker, a.new_worker, a.role) for a in c.replacements] == [("decode-0", "decode-1", "decode")]
+    assert not c.core.is_ready() and c.core.requests[rid].phase == core.QUEUED
+    (waiting,) = c.submit(prompts(1, base=40), max_tokens=2)  # accepted: it waits, not "no workers"
+    c.start_replacements()
+    assert c.core.is_ready()
+    ended = c.run([rid, waiting])
+    assert ended[rid]["metrics"]["decode_worker"] == "decode-1" and ended[waiting]["error"] is None
+    assert c.outputs[rid][:1] == expected(p, 1)
+    c.kill("decode-1")  # the budget is spent: no more replacements, and nothing to wait for
+    assert not c.replacements and c.submit(prompts(1))[2] == "no_workers"

@@ -73,6 +73,9 @@ class DeploymentConfig:
     # Prefill workers stream each request's K/V to its decode worker one layer group at a time
     # while the later groups compute (EngineConfig.layer_groups > 1 to overlap anything).
     stream_layers: bool = False
+    # Workers that die are replaced (a new actor in the same role, on the same resources) up to
+    # this many times in the deployment's life; it joins placement once its engines are up.
+    max_replacements: int = 4
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -81,9 +84,9 @@ class DeploymentConfig:
             raise ValueError(f"tp must be >= 1, got prefill_tp={self.prefill_tp}, decode_tp={self.decode_tp}")
         if self.host_copies not in (None, "auto", "none", "int8"):
             raise ValueError(f"host_copies must be None, 'auto', 'none' or 'int8', got {self.host_copies!r}")
-        if self.max_retries < 0 or self.host_cache_bytes < 0:
-            raise ValueError(f"max_retries and host_cache_bytes must be >= 0, got {self.max_retries}, "
-                             f"{self.host_cache_bytes}")
+        if self.max_retries < 0 or self.host_cache_bytes < 0 or self.max_replacements < 0:
+            raise ValueError(f"max_retries, host_cache_bytes and max_replacements must be >= 0, got "
+                             f"{self.max_retries}, {self.host_cache_bytes}, {self.max_replacements}")
 
 
 def _options(res: Resources, tp: int, has_gpus: bool, **extra) -> dict:
@@ -111,18 +114,9 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     if _find(config.name) is not None:
         raise ValueError(f"a deployment named {config.name!r} is already running; shut it down or pick another name")
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    transport = _TransportFactory(config.transport)
-    prefill = {f"prefill-{i}": ray.remote(concurrency_groups={STATUS_GROUP: 1})(PrefillWorker).options(
-        **_options(config.prefill_resources, config.prefill_tp, has_gpus, max_concurrency=1)).remote(
-        f"prefill-{i}", config.factory, transport, config.prefill_tp, cpus=config.prefill_resources.cpus,
-        fetch=_fetch_object)
-        for i in range(config.num_prefill)}
-    decode = {f"decode-{i}": ray.remote(DecodeWorker).options(
-        **_options(config.decode_resources, config.decode_tp, has_gpus, max_concurrency=8)).remote(
-        f"decode-{i}", config.factory, transport, config.decode_tp, cpus=config.decode_resources.cpus,
-        fetch=_fetch_object)
-        for i in range(config.num_decode)}
+    spawn = WorkerSpawner(config, ray.cluster_resources().get("GPU", 0) > 0)
+    prefill = {f"prefill-{i}": spawn("prefill", f"prefill-{i}") for i in range(config.num_prefill)}
+    decode = {f"decode-{i}": spawn("decode", f"decode-{i}") for i in range(config.num_decode)}
     sched = ray.remote(Scheduler).options(
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
@@ -130,7 +124,7 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         calibrate=config.calibrate, local_prefill_stall_s=config.local_prefill_stall_s,
         collect_timeout_s=config.collect_timeout_s, max_retries=config.max_retries,
         host_copies=_host_copies(config), host_cache_bytes=config.host_cache_bytes,
-        stream_layers=config.stream_layers)
+        stream_layers=config.stream_layers, spawn=spawn, max_replacements=config.max_replacements)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())
@@ -149,6 +143,28 @@ def _host_copies(config: DeploymentConfig) -> str | None:
 def _fetch_object(ref):
     """How workers resolve a host copy's reference (PrefillJob.host_prefix)."""
     return ray.get(ref, timeout=30.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpawner:
+    """Starts one worker actor of a deployment (picklable: the scheduler uses it to replace a
+    worker that died). `spawn(role, worker_id)` -> the actor handle; its engines build in the
+    background (`info` answers once they are up)."""
+
+    config: DeploymentConfig
+    has_gpus: bool
+
+    def __call__(self, role: str, worker_id: str):
+        c, transport = self.config, _TransportFactory(self.config.transport)
+        if role == "prefill":
+            cls = ray.remote(concurrency_groups={STATUS_GROUP: 1})(PrefillWorker)
+            res, tp, concurrency = c.prefill_resources, c.prefill_tp, 1
+        elif role == "decode":
+            cls, res, tp, concurrency = ray.remote(DecodeWorker), c.decode_resources, c.decode_tp, 8
+        else:
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        return cls.options(**_options(res, tp, self.has_gpus, max_concurrency=concurrency)).remote(
+            worker_id, c.factory, transport, tp, cpus=res.cpus, fetch=_fetch_object)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,8 @@ class Scheduler:
     def __init__(self, name: str, prefill_workers: dict, decode_workers: dict, *,
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, calibrate: bool = False,
                  local_prefill_stall_s: float | None = None, collect_timeout_s: float = 0.02, max_retries: int = 2,
-                 host_copies: str | None = None, host_cache_bytes: int = 256 << 20, stream_layers: bool = False):
+                 host_copies: str | None = None, host_cache_bytes: int = 256 << 20, stream_layers: bool = False,
+                 spawn=None, max_replacements: int = 0, join_timeout_s: float = 600.0):
         self.name = name
         self.handles = {**prefill_workers, **decode_workers}
         self._roles = {**{w: core.PREFILL for w in prefill_workers}, **{w: core.DECODE for w in decode_workers}}
@@ -60,6 +61,7 @@ class Scheduler:
         self.local_prefill_stall_s, self.collect_timeout_s = local_prefill_stall_s, collect_timeout_s
         self.max_retries, self.stream_layers = max_retries, stream_layers
         self.host_copies, self.host_cache_bytes = host_copies, host_cache_bytes  # None: no host tier
+        self.spawn, self.max_replacements, self.join_timeout_s = spawn, max_replacements, join_timeout_s
         self.core: core.SchedulerCore | None = None
         self._tasks: set[asyncio.Task] = set()
         self._calibration: dict = {}
@@ -83,7 +85,7 @@ class Scheduler:
         workers = {w: core.WorkerState(self._roles[w], i["max_pages"], i.get("max_slots", 0), i["max_pages"],
                                        i.get("max_slots", 0)) for w, i in infos.items()}
         self.core = core.SchedulerCore(self.name, workers, store, cost, self.policy, self.max_retries,
-                                       self.stream_layers)
+                                       self.stream_layers, self.max_replacements if self.spawn else 0)
         self._changed = asyncio.Condition()
         for d, role in self._roles.items():
             if role == core.DECODE:
@@ -204,6 +206,8 @@ class Scheduler:
                 self._spawn(self._export(a))
             elif isinstance(a, core.ProbeWorker):
                 self._spawn(self._probe(a))
+            elif isinstance(a, core.ReplaceWorker):
+                self._spawn(self._replace(a))
             else:
                 raise TypeError(f"unknown action {a!r}")
         async with self._changed:
@@ -265,6 +269,24 @@ class Scheduler:
         except (RayActorError, asyncio.TimeoutError):
             alive = False
         await self._event("probe_done", a.request_id, a.worker, alive, a.why)
+
+    async def _replace(self, a: core.ReplaceWorker) -> None:
+        """Start a worker in a dead one's role; it joins placement once its engines answer."""
+        log.warning("replacing dead worker %s with %s", a.dead_worker, a.new_worker)
+        try:
+            handle = self.spawn(a.role, a.new_worker)
+            info = await asyncio.wait_for(handle.info.remote(), self.join_timeout_s)
+        except Exception as e:  # noqa: BLE001 - it never came up: requests stop waiting for it
+            log.error("replacement %s failed: %s", a.new_worker, e)
+            await self._event("worker_join_failed", a.new_worker, f"{type(e).__name__}: {e}")
+            return
+        self.handles[a.new_worker], self._roles[a.new_worker], self._infos[a.new_worker] = handle, a.role, info
+        state = core.WorkerState(a.role, info["max_pages"], info.get("max_slots", 0), info["max_pages"],
+                                 info.get("max_slots", 0))
+        await self._event("worker_joined", a.new_worker, state)
+        if a.role == core.DECODE:
+            self._spawn(self._collect_loop(a.new_worker))
+        log.warning("worker %s joined", a.new_worker)
 
     async def _collect_loop(self, d: str) -> None:
         while self.core.is_running and d in self.core.workers:

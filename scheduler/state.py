@@ -1,0 +1,52 @@
+"""The scheduler core's tables: one `WorkerState` per live worker, one `RequestState` per request."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scheduler.policy import Placement, RequestSpec
+
+QUEUED, PREFILLING, HANDOFF, DECODING, ENDED = "queued", "prefilling", "handoff", "decoding", "ended"
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclasses.dataclass
+class WorkerState:
+    role: str  # PREFILL | DECODE
+    max_pages: int
+    max_slots: int = 0
+    num_free_pages: int = 0  # as last reported (plus pages freed since)
+    num_free_slots: int = 0  # decode: as last reported
+    num_running: int = 0
+    context_len: int = 0
+    reserved: dict = dataclasses.field(default_factory=dict)  # rid -> pages a placed request will take (decode side)
+    call_pages: dict = dataclasses.field(default_factory=dict)  # call id -> pages a prefill call will take
+    queued_s: float = 0.0  # predicted prefill work sent and not returned
+    backlog_bytes: int = 0  # K/V bytes placed to move out of / into this worker, not yet received
+
+    @property
+    def num_reserved_pages(self) -> int:
+        return sum(self.reserved.values()) + sum(self.call_pages.values())
+
+
+@dataclasses.dataclass
+class RequestState:
+    request: object  # raypd.engine.api.Request (request_id, prompt_ids, params.max_tokens, ...)
+    spec: RequestSpec
+    num_prompt_tokens: int  # of the original prompt (a resumed request's prompt is longer)
+    max_tokens: int  # asked for originally
+    phase: str = QUEUED
+    placement: Placement | None = None
+    tokens: list = dataclasses.field(default_factory=list)  # (id, logprob, finish, text) not yet polled
+    generated: list[int] = dataclasses.field(default_factory=list)  # every token id so far
+    error: tuple | None = None  # ("rejected" | "failed" | ..., message, ...) as raypd.runtime.errors.to_wire
+    first_token_s: float | None = None
+    num_computed_tokens: int | None = None
+    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, prefill_wait_s, transfer_s
+    retries: int = 0
+    backlog: tuple | None = None  # (prefill worker, decode worker, bytes) in the transfer backlog
+    transfer_id: str | None = None  # K/V on its way to the decode worker
+
+    @property
+    def is_finished(self) -> bool:
+        return self.phase == ENDED
