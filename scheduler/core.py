@@ -75,6 +75,7 @@ class SchedulerCore:
         self.page_size = store.page_size
         self.max_retries, self.stream_layers = max_retries, stream_layers
         self.requests: dict[str, RequestState] = {}
+        self.news: set[str] = set()  # requests with tokens or an end not yet polled
         self.queue: deque[str] = deque()
         self.calls: dict[int, _Call] = {}
         self.local_calls: dict[tuple[str, str], int] = {}  # (decode worker, rid) -> call id
@@ -144,6 +145,7 @@ class SchedulerCore:
                 out[rid] = dict(tokens=[], finished=True, error=("failed", f"unknown request {rid}"), metrics={})
                 continue
             tokens, r.tokens = r.tokens, []
+            self.news.discard(rid)
             p = r.placement
             metrics = dict(ttft_s=(r.first_token_s - r.spec.arrival_s) if r.first_token_s else None, **r.timings,
                            num_computed_tokens=r.num_computed_tokens, prompt_tokens=r.num_prompt_tokens,
@@ -167,6 +169,7 @@ class SchedulerCore:
         actions: list = []
         for rid in request_ids:
             r = self.requests.pop(rid, None)
+            self.news.discard(rid)
             if r is None:
                 continue
             if r.phase != QUEUED and r.placement is not None and r.placement.decode_worker_id in self.workers:
@@ -279,6 +282,7 @@ class SchedulerCore:
             if r.first_token_s is None:
                 r.first_token_s = now_s
             r.tokens.extend(tokens)
+            self.news.add(rid)
             r.generated.extend(t[0] for t in tokens if t[0] >= 0)
             if tokens[-1][2] is not None:
                 actions += self._end(r, None)
@@ -366,6 +370,8 @@ class SchedulerCore:
         if r.is_finished:
             return []
         r.phase, r.error = ENDED, error
+        if r.spec.request_id in self.requests:
+            self.news.add(r.spec.request_id)
         if error is not None and error[0] == "rejected":
             self.rejections[error[2]] += 1
         return self._release(r)
@@ -469,7 +475,8 @@ class SchedulerCore:
             # Pages the store caches there count as free: placement evicts them when needed.
             free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages
             out.append(DecodeWorkerState(d, s.num_free_slots - len(s.reserved), free, s.max_pages,
-                                         s.num_running, s.context_len, match.num_worker_pages(d) if match else 0))
+                                         s.num_running, s.context_len, match.num_worker_pages(d) if match else 0,
+                                         queued_prefill_s=s.queued_s))
         return out
 
     def _place(self, r: RequestState, now_s: float):
@@ -525,6 +532,8 @@ class SchedulerCore:
             call = _Call(next(self._call_ids), rid, w, decision, list(r.request.prompt_ids), list(pins),
                          list(match.worker_pages.get(w, []))[:k], 0.0, now_s)
             self.calls[call.call_id] = call
+            call.estimate_s = est.prefill_s
+            self.workers[w].queued_s += est.prefill_s
             if decision.is_local_prefill:
                 self.workers[d].reserved[rid] = need_here
                 self.local_calls[(d, rid)] = call.call_id
@@ -532,8 +541,6 @@ class SchedulerCore:
                 self.workers[w].call_pages[call.call_id] = need_here
                 actions += self._make_room(d, r.spec.num_pages_needed + self.workers[d].num_reserved_pages, now_s)
                 self.workers[d].reserved[rid] = r.spec.num_pages_needed
-                call.estimate_s = est.prefill_s
-                self.workers[w].queued_s += est.prefill_s
                 kv = self.cost.kv_bytes(r.spec.prompt_len)
                 self.workers[w].backlog_bytes += kv
                 self.workers[d].backlog_bytes += kv

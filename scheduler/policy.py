@@ -90,6 +90,7 @@ class DecodeWorkerState:
     context_len: int = 0  # tokens of K/V over all running slots
     num_cached_pages: int = 0  # leading pages of this prompt in the worker's pool (local prefill)
     is_alive: bool = True
+    queued_prefill_s: float = 0.0  # predicted local prefill work already queued on the worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +264,8 @@ def place(request: RequestSpec, prefill_states: Sequence[PrefillWorkerState],
     d = next(s for s in live if s.worker_id == decode.worker_id)
     local = estimate_prefill(request, PrefillWorkerState(d.worker_id, num_cached_pages=d.num_cached_pages),
                              cost, transfer, d.worker_id)
-    local = dataclasses.replace(local, queue_s=cost.predict_decode_step_s(d.num_running, d.context_len))
+    local = dataclasses.replace(local, queue_s=cost.predict_decode_step_s(d.num_running, d.context_len)
+                                + d.queued_prefill_s)
     remote = None
     if local.uncached_len > config.local_prefill_max_len:
         remote = place_prefill(request, prefill_states, cost, now_s, transfer, d.worker_id)
