@@ -31,6 +31,7 @@ could not receive asks for a liveness probe of its sender (`ProbeWorker`), then 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 from collections import defaultdict, deque
 from typing import Sequence
@@ -65,12 +66,16 @@ def _rejected(r: Rejection) -> tuple:
             r.retry_after_s)
 
 
+MAX_CANDIDATES = 16  # workers of a role placement estimates in full, beyond those holding the prefix
+
+
 class SchedulerCore:
     def __init__(self, name: str, workers: dict[str, WorkerState], store: KVStore, cost: CostModel,
                  policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False,
                  max_replacements: int = 0):
         self.name = name
         self.workers = dict(workers)  # live workers only
+        self._by_role: dict[str, list[str]] | None = None  # `_of`'s cache
         self.store, self.cost, self.policy = store, cost, policy
         self.page_size = store.page_size
         self.max_retries, self.stream_layers = max_retries, stream_layers
@@ -92,7 +97,10 @@ class SchedulerCore:
         self._call_ids = itertools.count()
 
     def _of(self, role: str) -> list[str]:
-        return [w for w, s in self.workers.items() if s.role == role]
+        """Live workers of a role (cached; the worker table changes only on deaths and joins)."""
+        if self._by_role is None:
+            self._by_role = {r: [w for w, s in self.workers.items() if s.role == r] for r in (PREFILL, DECODE)}
+        return self._by_role[role]
 
     # ------------------------------------------------------------------ client events
     def submit(self, requests: Sequence[object], ttft_slo_s: float | None, now_s: float,
@@ -315,6 +323,7 @@ class SchedulerCore:
         ws = self.workers.pop(w, None)
         if ws is None:
             return []
+        self._by_role = None
         self.dead[w] = why
         self.store.remove_worker(w)
         actions: list = []
@@ -348,6 +357,7 @@ class SchedulerCore:
         """A new worker (a replacement, or one added by hand) is healthy: placement sees it."""
         self.joining.pop(w, None)
         self.workers[w] = state
+        self._by_role = None
         return self._dispatch(now_s)
 
     def worker_join_failed(self, w: str, why: str, now_s: float) -> list:
@@ -463,14 +473,34 @@ class SchedulerCore:
         return out
 
     # ------------------------------------------------------------------ placement
+    def _candidates(self, role: str, match, key) -> list[str]:
+        """Workers placement looks at: all of them in a small cluster; in a large one, those
+        holding the prompt's prefix plus the MAX_CANDIDATES best by a cheap `key` (smallest
+        first), so a placement costs one pass over the workers, not a full estimate of each."""
+        workers = self._of(role)
+        if len(workers) <= MAX_CANDIDATES:
+            return workers
+        holders = [w for w in (match.worker_pages if match else ()) if w in self.workers
+                   and self.workers[w].role == role]
+        return list(dict.fromkeys(holders + heapq.nsmallest(MAX_CANDIDATES, workers, key=key)))
+
     def _prefill_states(self, match) -> list[PrefillWorkerState]:
-        return [PrefillWorkerState(w, queued_s=self.workers[w].queued_s,
+        workers = self.workers
+        key = lambda w: workers[w].queued_s + workers[w].backlog_bytes / self.cost.transfer_bytes_per_s  # noqa: E731
+        return [PrefillWorkerState(w, queued_s=workers[w].queued_s,
                                    num_cached_pages=match.num_worker_pages(w) if match else 0)
-                for w in self._of(PREFILL)]
+                for w in self._candidates(PREFILL, match, key)]
 
     def _decode_states(self, match) -> list[DecodeWorkerState]:
         out = []
-        for d in self._of(DECODE):
+        workers = self.workers
+
+        def key(d):  # the order place_decode prefers: a free slot, the most free pages, fewer running
+            s = workers[d]
+            free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages
+            return (s.num_free_slots - len(s.reserved) <= 0, -free, s.num_running)
+
+        for d in self._candidates(DECODE, match, key):
             s = self.workers[d]
             # Pages the store caches there count as free: placement evicts them when needed.
             free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages

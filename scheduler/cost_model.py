@@ -83,13 +83,15 @@ class CostModel:
         """Seconds to prefill `num_tokens` new tokens after `cached_len` reused ones (0 if none)."""
         if num_tokens <= 0:
             return 0.0
-        return float(prefill_features(num_tokens, cached_len) @ np.asarray(self.prefill_coefs))
+        a, b, c = self.prefill_coefs  # plain floats: placement and the simulator call this a lot
+        return a + b * num_tokens + c * num_tokens * (cached_len + num_tokens)
 
     def predict_decode_step_s(self, batch_size: int, context_len: int = 0) -> float:
         """Seconds per decode step with `batch_size` running slots, `context_len` tokens in all."""
         if batch_size <= 0:
             return 0.0
-        return float(decode_features(batch_size, context_len) @ np.asarray(self.decode_coefs))
+        a, b, c = self.decode_coefs
+        return a + b * batch_size + c * context_len
 
     def predict_transfer_s(self, num_bytes: int) -> float:
         if num_bytes <= 0:

@@ -38,6 +38,7 @@ recent end and meets children before their parents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections import Counter, OrderedDict
 from typing import Iterable, Sequence
@@ -60,12 +61,18 @@ def page_hash(parent: int | None, tokens: Sequence[int]) -> int:
 
 def page_hashes(token_ids: Sequence[int], page_size: int) -> list[int]:
     """Chained hashes of the full pages of `token_ids` (a partial last page is ignored)."""
+    return list(_page_hashes(tuple(token_ids), page_size))
+
+
+@functools.lru_cache(maxsize=8192)
+def _page_hashes(token_ids: tuple[int, ...], page_size: int) -> tuple[int, ...]:
+    """A request's prompt is hashed at placement, publish and export: remember recent ones."""
     out: list[int] = []
     parent = None
     for i in range(len(token_ids) // page_size):
         parent = page_hash(parent, token_ids[i * page_size:(i + 1) * page_size])
         out.append(parent)
-    return out
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ and prefix reuse behave as deployed. Pure Python: no Ray, threads or asyncio.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import itertools
@@ -115,6 +116,8 @@ class _DecodeWorker:
     def __init__(self, profile: WorkerProfile):
         self.profile, self.pool = profile, _Pool(profile.num_pages)
         self.inbox: list = []
+        self.window = None  # (report, stepping, step end times) of a multi-step iteration under way
+        self.generation = 0  # bumped for each scheduled report; a stale one is dropped
         self.local: deque = deque()  # [task, tokens done]
         self.running: dict[str, list] = {}  # rid -> [request, tokens so far, pages]
         self.busy = False
@@ -124,10 +127,13 @@ class Simulator:
     """`Simulator(profile, num_prefill, num_decode, policy).run(requests, ttft_slo_s)`."""
 
     def __init__(self, profile: WorkerProfile, num_prefill: int, num_decode: int,
-                 policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None):
+                 policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, prefix_cache: bool = True,
+                 multi_step: bool = True):
         if num_decode < 1 or num_prefill < 0:
             raise ValueError(f"need num_decode >= 1 and num_prefill >= 0, got {num_decode}, {num_prefill}")
         self.profile = profile
+        self.prefix_cache = prefix_cache  # workers retain full pages for the KV store (off: faster, no reuse)
+        self.multi_step = multi_step  # idle stretches of decode steps in one event (same times, fewer events)
         p = profile
         kv_bytes_per_page = p.cost.kv_bytes_per_token * p.page_size
         self.workers: dict[str, object] = {**{f"prefill-{i}": _PrefillWorker(p) for i in range(num_prefill)},
@@ -185,7 +191,6 @@ class Simulator:
             res = self.results.get(rid)
             if res is None:
                 continue
-            res.token_s.extend(self.now for t in entry["tokens"] if t[0] >= 0)
             if entry["finished"]:
                 res.end_s = self.now
                 m = entry["metrics"]
@@ -226,7 +231,7 @@ class Simulator:
         results = []
         for t in call.tasks:
             n, num_prefix = len(t.request.prompt_ids), len(t.prefix_pages)
-            cached = w.pool.allocate(n // G - num_prefix)
+            cached = w.pool.allocate(n // G - num_prefix) if self.prefix_cache else []
             tid = f"tr-{t.call_id}"
             w.transfers[tid] = w.pool.allocate(-(-n // G))
             handle = types.SimpleNamespace(transfer_id=tid, backend="sim", compression="none", num_tokens=n,
@@ -244,6 +249,13 @@ class Simulator:
         if not w.busy and (w.inbox or w.local or w.running):
             w.busy = True
             self._iterate(name)
+        elif w.busy and w.inbox and w.window is not None:  # new work: end the window at the next step
+            report, stepping, times = w.window
+            j = bisect.bisect_left(times, self.now)
+            if j + 1 < len(times):
+                w.generation += 1
+                w.window = None
+                self._at(times[j], self._report, name, report, stepping, times[:j + 1], w.generation)
 
     def _iterate(self, name: str) -> None:
         """One decode-worker iteration (module doc); its report lands at its end."""
@@ -272,6 +284,7 @@ class Simulator:
                             w.local.remove(job)
                             report.errors[rid] = "aborted"
                             report.started.append(rid)
+        is_plain_step = not inbox and not w.local  # nothing but decode steps this iteration
         if w.local:  # one chunk of the head local prefill
             job = w.local[0]
             task, done = job
@@ -282,16 +295,28 @@ class Simulator:
             if job[1] >= n:
                 w.local.popleft()
                 num_prefix = len(task.prefix_pages)
-                cached = w.pool.allocate(n // G - num_prefix)
+                cached = w.pool.allocate(n // G - num_prefix) if self.prefix_cache else []
                 report.prefilled.append(types.SimpleNamespace(
                     output=types.SimpleNamespace(request_id=task.request.request_id), cached_pages=cached,
                     num_prefix_pages=num_prefix, num_computed_tokens=n - num_prefix * G, prefill_s=0.0))
                 self._start(w, task.request, report, first_done=True)
         stepping = [rid for rid in w.running if rid not in report.tokens]
+        times = [self.now + duration]
         if stepping:
+            # Nothing else to do: run until the first request ends in one event (a window that
+            # new work cuts short at the next step, `_kick_decode`). Each step as in the loop.
+            k = 1 if not (is_plain_step and self.multi_step) else min(
+                w.running[r][0].params.max_tokens - len(w.running[r][1]) for r in stepping)
+            B = len(stepping)
             context = sum(len(w.running[r][0].prompt_ids) + len(w.running[r][1]) for r in stepping)
-            duration += cost.predict_decode_step_s(len(stepping), context)
-        self._at(self.now + duration, self._report, name, report, stepping)
+            t = self.now + duration - p.iteration_overhead_s
+            times = []
+            for i in range(k):
+                t += cost.predict_decode_step_s(B, context + i * B) + p.iteration_overhead_s
+                times.append(t)
+        w.generation += 1
+        w.window = (report, stepping, times) if len(times) > 1 else None
+        self._at(times[-1], self._report, name, report, stepping, times, w.generation)
 
     def _start(self, w: _DecodeWorker, req, report, first_done: bool) -> None:
         rid = req.request_id
@@ -304,19 +329,28 @@ class Simulator:
             w.running[rid] = [req, [0], pages]
             report.tokens.setdefault(rid, []).append((0, 0.0, None, ""))
 
-    def _report(self, name: str, report, stepping: list[str]) -> None:
+    def _report(self, name: str, report, stepping: list[str], times: list[float], generation: int) -> None:
         w, G = self.workers[name], self.profile.page_size
+        if generation != w.generation:
+            return  # a window cut short: its report went out earlier
+        w.window = None
+        for rid in report.tokens:  # first tokens (and aborts) of this iteration, at its end
+            if rid in self.results:
+                self.results[rid].token_s.extend(times[0] for t in report.tokens[rid] if t[0] >= 0)
         for rid in stepping:
             if rid not in w.running:
                 continue
             req, toks, pages = w.running[rid]
-            toks.append(0)
+            toks.extend([0] * len(times))
             done = len(toks) >= req.params.max_tokens
-            report.tokens.setdefault(rid, []).append((0, 0.0, "length" if done else None, ""))
+            report.tokens.setdefault(rid, []).extend((0, 0.0, None, "") for _ in times[1:])
+            report.tokens[rid].append((0, 0.0, "length" if done else None, ""))
+            if rid in self.results:
+                self.results[rid].token_s.extend(times)
             if done:
                 del w.running[rid]
                 seq = list(req.prompt_ids) + toks
-                keep = (len(seq) - 1) // G
+                keep = (len(seq) - 1) // G if self.prefix_cache else 0
                 w.pool.free(pages[keep:])
                 if keep:
                     report.finished.append((rid, seq[:keep * G], pages[:keep]))

@@ -44,3 +44,25 @@ def test_rejections_are_results_too():
     sim = Simulator(profile(), num_prefill=0, num_decode=1, policy=PolicyConfig(local_prefill_max_len=512))
     out = sim.run([SimRequest(0.0, tuple(range(8)), 3)] * 3, ttft_slo_s=0.15)
     assert [r.status for r in out].count("rejected") >= 1
+
+
+def test_multi_step_windows_change_no_time():
+    """Idle stretches of decode steps run as one event (cut short when new work arrives): every
+    token's time equals the step-by-step simulation's, under load, with both kinds of prefill."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cost = CostModel((0.002, 1e-5, 1e-9), (0.004, 2e-4, 1e-7), 0.001, 1e8, 64)
+    prof = WorkerProfile(cost, num_pages=2048, page_size=4, max_slots=8, max_seq_len=512, prefill_chunk_len=32,
+                         iteration_overhead_s=0.0005)
+    reqs = [SimRequest(float(t), tuple(rng.integers(0, 100, int(n))), int(m))
+            for t, n, m in zip(np.cumsum(rng.exponential(0.02, 60)), rng.integers(4, 200, 60),
+                               rng.integers(1, 40, 60))]
+    for prefill, local in ((0, 512), (1, 64)):
+        runs = [Simulator(prof, prefill, 2, PolicyConfig(local_prefill_max_len=local), multi_step=m).run(reqs)
+                for m in (False, True)]
+        key = lambda r: (r.arrival_s, r.prompt_len)  # noqa: E731
+        a, b = (sorted(run, key=key) for run in runs)
+        for x, y in zip(a, b):
+            assert len(x.token_s) == len(y.token_s) == x.max_tokens
+            assert x.token_s == pytest.approx(y.token_s, abs=1e-9)
