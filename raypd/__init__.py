@@ -2,7 +2,7 @@
 
 from raypd.api import Completion, StreamChunk, generate, stream
 
-__all__ = ["generate", "stream", "serve", "connect", "Completion", "StreamChunk"]
+__all__ = ["generate", "stream", "serve", "connect", "simulate", "plan", "Completion", "StreamChunk"]
 __version__ = "0.1.0"
 
 
@@ -12,4 +12,8 @@ def __getattr__(name):
         from raypd.runtime import deployment
 
         return getattr(deployment, name)
+    if name in ("simulate", "plan"):
+        from raypd import planner
+
+        return getattr(planner, name)
     raise AttributeError(f"module 'raypd' has no attribute {name!r}")

@@ -335,7 +335,13 @@ def bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status, add_bench)
+def _planner_subcommands():
+    from raypd import planner_cli
+
+    return (planner_cli.add_profile, planner_cli.add_simulate, planner_cli.add_plan)
+
+
+SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status, add_bench, *_planner_subcommands())
 
 
 def build_parser() -> argparse.ArgumentParser:
