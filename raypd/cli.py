@@ -338,7 +338,7 @@ def bench(args: argparse.Namespace) -> int:
 def _planner_subcommands():
     from raypd import planner_cli
 
-    return (planner_cli.add_profile, planner_cli.add_simulate, planner_cli.add_plan)
+    return (planner_cli.add_profile, planner_cli.add_simulate, planner_cli.add_plan, planner_cli.add_rebalance)
 
 
 SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status, add_bench, *_planner_subcommands())

@@ -89,10 +89,11 @@ def measure_profile(model: str | None = None, max_seq_len: int = 2048, max_slots
     factory = JaxEngineFactory(model, config)
     transport = make_transport("inproc")
     prefill = PrefillWorker("profile-p", factory, lambda: transport)
-    lengths = [n for n in lengths if n + 16 <= max_seq_len]
+    top = prefill.engines.max_seq_len  # the model's own limit may be shorter than asked
+    lengths = sorted({min(n, top - 16) for n in lengths})
     pre = prefill.calibrate(lengths)
     decode = DecodeWorker("profile-d", factory, lambda: transport, start=False)
-    dec = decode.calibrate([b for b in batch_sizes if b <= max_slots], min(context_len, max_seq_len - 17))
+    dec = decode.calibrate([b for b in batch_sizes if b <= max_slots], min(context_len, top - 17))
     info = decode.info()
     kv_per_token = info["kv_bytes_per_page"] // info["page_size"]
     cost = fit(pre["prefill"], dec["decode"], pre["transfer"], kv_per_token)
@@ -177,24 +178,32 @@ def simulate(profile: Profile, mode: str = "disaggregated", num_prefill: int = 1
     `local_prefill_max_len` uncached tokens still prefill on the decode worker, default 0).
     `admission`: reject at arrival what cannot meet the TTFT SLO (as raypd does when a request
     carries one)."""
+    w = profile.worker
+    # Prefix reuse only matters when prompts share pages: a trace's hash ids; random prompts never do.
+    return simulate_requests(w, mode, num_prefill, num_decode, workload.requests(w.max_seq_len, rate), slo,
+                             local_prefill_max_len, admission, prefix_cache=workload.trace is not None)
+
+
+def simulate_requests(worker: WorkerProfile, mode: str, num_prefill: int, num_decode: int,
+                      requests: list[SimRequest], slo: bm.SLO = bm.SLO(), local_prefill_max_len: int | None = None,
+                      admission: bool = False, prefix_cache: bool = False) -> dict:
+    """`simulate` for a given list of requests (e.g. the exact ones a measured run sent)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    w = profile.worker
     if mode == "colocated":
-        num_prefill, local = 0, w.max_seq_len
+        num_prefill, local = 0, worker.max_seq_len
     else:
         if num_prefill < 1:
             raise ValueError(f"disaggregated mode needs num_prefill >= 1, got {num_prefill}")
         local = 0 if local_prefill_max_len is None else local_prefill_max_len
-    # Prefix reuse only matters when prompts share pages: a trace's hash ids; random prompts never do.
-    sim = Simulator(w, num_prefill, num_decode, PolicyConfig(local_prefill_max_len=local, max_queued=1 << 30),
-                    prefix_cache=workload.trace is not None)
-    results = sim.run(workload.requests(w.max_seq_len, rate), slo.ttft_s if admission else None)
+    sim = Simulator(worker, num_prefill, num_decode, PolicyConfig(local_prefill_max_len=local, max_queued=1 << 30),
+                    prefix_cache=prefix_cache)
+    results = sim.run(requests, slo.ttft_s if admission else None)
     records = _records(results)
     duration = max((r.end_s or r.sent_s) for r in records) - min(r.sent_s for r in records)
     summary = bm.summarize(records, max(duration, 1e-9), slo)
     return dict(_flat(summary), mode=mode, num_prefill=num_prefill, num_decode=num_decode,
-                num_devices=num_prefill + num_decode, device=w.device, summary=summary)
+                num_devices=num_prefill + num_decode, device=worker.device, summary=summary)
 
 
 # ----------------------------------------------------------------------------- plan

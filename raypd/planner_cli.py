@@ -168,3 +168,30 @@ def plan(args) -> int:
     print(f"recommended: {result['recommendation']} (runner-up {result['runner_up']}{margin}) on "
           f"{result['num_devices']} x {result['device']}")
     return 0
+
+
+# ----------------------------------------------------------------------------- rebalance
+
+
+def add_rebalance(subparsers) -> None:
+    p = subparsers.add_parser("rebalance", help="move workers of a running deployment between prefill and decode",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--name", default="raypd", help="the deployment's name")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the local one)")
+    p.add_argument("--num-prefill", type=int, required=True, help="prefill workers wanted")
+    p.add_argument("--num-decode", type=int, required=True, help="decode workers wanted")
+    p.add_argument("--wait-s", type=float, default=300.0, help="wait this long for the new roles to serve")
+    p.set_defaults(run=rebalance)
+
+
+def rebalance(args) -> int:
+    import raypd
+
+    try:
+        d = raypd.connect(args.name, address=args.address)
+        s = d.set_roles(args.num_prefill, args.num_decode, wait_s=args.wait_s)
+    except (ValueError, TimeoutError, LookupError, RuntimeError) as e:
+        raise SystemExit(f"raypd rebalance: {e}") from None
+    print(f"{args.name}: prefill {[w['worker_id'] for w in s['prefill']]}, decode "
+          f"{[w['worker_id'] for w in s['decode']]}; retired {s['retired_workers']}")
+    return 0

@@ -79,5 +79,14 @@ class ReplaceWorker:
     role: str
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class RetireWorker:
+    """Stop `worker`: it has drained (nothing placed, running or in flight there) and leaves."""
+
+    worker: str
+
+
 Action = (RunPrefill | RunLocalPrefill | Insert | AbortOnWorker | ReleaseTransfers | ProbeWorker | ReplaceWorker
-          | FreePages | ExportPages)
+          | RetireWorker | FreePages | ExportPages)

@@ -41,7 +41,7 @@ from scheduler.kv_store import FreePages, KVStore
 from scheduler.policy import (DecodeWorkerState, Placement, PolicyConfig, PrefillWorkerState, Rejection,
                               RequestSpec, TransferState, Wait, admit, admit_deadline, place, predict_queue_waits)
 from scheduler.actions import (AbortOnWorker, Action, Insert, PrefillTask, ProbeWorker,  # noqa: F401 - re-exported
-                               ReleaseTransfers, ReplaceWorker, RunLocalPrefill, RunPrefill)
+                               ReleaseTransfers, ReplaceWorker, RetireWorker, RunLocalPrefill, RunPrefill)
 from scheduler.state import (DECODE, DECODING, ENDED, HANDOFF, PREFILL, PREFILLING, QUEUED,  # noqa: F401
                              RequestState, WorkerState)
 
@@ -87,6 +87,8 @@ class SchedulerCore:
         self.transfers: dict[str, tuple] = {}  # transfer id -> (rid, sender, handle, receiver)
         self.dead: dict[str, str] = {}  # worker -> why it left
         self.joining: dict[str, str] = {}  # replacement worker -> role, until it joins or fails
+        self.draining: dict[str, str] = {}  # worker -> the role it moves to once nothing is left on it
+        self.retired: dict[str, str] = {}  # drained worker -> the worker that took its place
         self.max_replacements, self.num_replacements = max_replacements, 0
         self._num_ever = {role: sum(1 for s in workers.values() if s.role == role) for role in (PREFILL, DECODE)}
         self.is_running = True
@@ -98,8 +100,9 @@ class SchedulerCore:
 
     def _of(self, role: str) -> list[str]:
         """Live workers of a role (cached; the worker table changes only on deaths and joins)."""
-        if self._by_role is None:
-            self._by_role = {r: [w for w, s in self.workers.items() if s.role == r] for r in (PREFILL, DECODE)}
+        if self._by_role is None:  # draining workers take no new work
+            self._by_role = {r: [w for w, s in self.workers.items() if s.role == r and w not in self.draining]
+                             for r in (PREFILL, DECODE)}
         return self._by_role[role]
 
     # ------------------------------------------------------------------ client events
@@ -353,6 +356,49 @@ class SchedulerCore:
                     actions += self._retry(r, f"decode worker {w} died", now_s)
         return actions + self._dispatch(now_s)
 
+    def set_roles(self, num_prefill: int, num_decode: int, now_s: float) -> list:
+        """Move workers between the prefill and decode roles without dropping a request: each
+        one to move drains (placement skips it; what it holds finishes), then is retired and a
+        worker of the other role starts in its place (`RetireWorker` + `ReplaceWorker`)."""
+        roles = {w: self.draining.get(w, s.role) for w, s in self.workers.items()}
+        have = {PREFILL: sum(r == PREFILL for r in roles.values()), DECODE: sum(r == DECODE for r in roles.values())}
+        if num_prefill < 0 or num_decode < 1 or num_prefill + num_decode != len(roles):
+            raise ValueError(f"need num_prefill >= 0 and num_decode >= 1 adding up to the {len(roles)} live "
+                             f"workers, got {num_prefill} + {num_decode}")
+        move_to, n = (PREFILL, num_prefill - have[PREFILL]) if num_prefill > have[PREFILL] else (
+            DECODE, num_decode - have[DECODE])
+        source = DECODE if move_to == PREFILL else PREFILL
+        # the least loaded first: fewest running (decode), least queued work (prefill)
+        pool = sorted((w for w, r in roles.items() if r == source and w not in self.draining),
+                      key=lambda w: (self.workers[w].num_running, self.workers[w].queued_s, w))
+        for w in pool[:n]:
+            self.draining[w] = move_to
+        self._by_role = None
+        return self._dispatch(now_s)
+
+    def _is_drained(self, w: str) -> bool:
+        s = self.workers[w]
+        return not (s.reserved or s.call_pages or s.backlog_bytes or s.num_running
+                    or any(c.worker == w for c in self.calls.values())
+                    or any(w in (t[1], t[3]) for t in self.transfers.values())
+                    or any(r.placement is not None and w in (r.placement.decode_worker_id, r.placement.prefill_worker_id)
+                           and r.phase not in (QUEUED, ENDED) for r in self.requests.values()))
+
+    def _retire_drained(self) -> list:
+        actions: list = []
+        for w, role in list(self.draining.items()):
+            if self._is_drained(w):
+                del self.draining[w]
+                self.workers.pop(w)
+                self._by_role = None
+                self.store.remove_worker(w)  # its pool goes with it
+                new = f"{role}-{self._num_ever[role]}"
+                self._num_ever[role] += 1
+                self.joining[new] = role
+                self.retired[w] = new
+                actions += [RetireWorker(w), ReplaceWorker(w, new, role)]
+        return actions
+
     def worker_joined(self, w: str, state: WorkerState, now_s: float) -> list:
         """A new worker (a replacement, or one added by hand) is healthy: placement sees it."""
         self.joining.pop(w, None)
@@ -581,6 +627,8 @@ class SchedulerCore:
             (local[d] if decision.is_local_prefill else remote[w]).append(task)
         actions += [RunPrefill(w, tuple(tasks)) for w, tasks in remote.items()]
         actions += [RunLocalPrefill(d, tuple(tasks)) for d, tasks in local.items()]
+        if self.draining:
+            actions += self._retire_drained()
         return actions
 
     # ------------------------------------------------------------------ status and invariants
@@ -590,6 +638,7 @@ class SchedulerCore:
                     transfer=[dict(backend=b, compression=c, **v) for (b, c), v in self.transfer_stats.items()],
                     rejections=dict(self.rejections), num_retries=self.num_retries, dead_workers=dict(self.dead),
                     joining_workers=dict(self.joining), num_replacements=self.num_replacements,
+                    draining_workers=dict(self.draining), retired_workers=dict(self.retired),
                     is_ready=self.is_ready(),
                     local_prefill_max_len=self.policy.local_prefill_max_len, num_requests=self.num_requests)
 

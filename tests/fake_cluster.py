@@ -91,6 +91,9 @@ class FakeCluster:
             elif isinstance(a, core.ReleaseTransfers):
                 for h in a.handles:
                     w.used.difference_update(w.transfers.pop(h.transfer_id))
+            elif isinstance(a, core.RetireWorker):
+                w.is_alive = False
+                w.used.clear()
             elif isinstance(a, ExportPages):
                 self.exports.append(a)
             else:

@@ -12,6 +12,7 @@ from raypd import cli
 from raypd.bench import cli as bench_cli
 from raypd.bench import metrics, runner, targets, workload
 from raypd.engine.runner import EngineConfig
+from raypd.runtime.poller import TokenPoller
 
 SMALL = EngineConfig(page_size=16, num_pages=32, max_slots=2, max_seq_len=32, prefill_buckets=(32,))
 
@@ -113,7 +114,7 @@ class FakeDeployment:
 def test_ray_target_polls_once_for_all_requests_and_keeps_the_last_chunks_timings():
     fake = FakeDeployment()
     t = targets.RayTarget.__new__(targets.RayTarget)
-    t.handle, t.request_timeout_s, t.poller = fake, 5.0, targets._Poller(fake)
+    t.handle, t.request_timeout_s, t.poller = fake, 5.0, TokenPoller(fake.poll)
     try:
         assert list(t.stream([1, 2, 3], 3)) == [
             (2, {}), (1, dict(queue_s=0.01, prefill_s=0.05, is_local_prefill=True, server_ttft_s=0.1))]

@@ -198,3 +198,26 @@ def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  #
         assert_baseline(d)
     finally:
         d.shutdown()
+
+
+def test_roles_move_under_load_without_losing_a_request(ray_session):  # noqa: F811
+    """1 prefill + 2 decode -> 2 + 1 while 8 streams run: the moving decode worker drains, is
+    retired and prefill-1 starts in its place; every request completes with exact arithmetic."""
+    d = _serve("roles", num_prefill=1, num_decode=2, step_delay_s=0.02)
+    try:
+        prompts = [[10 + i, 20, 30, 40, 50] for i in range(8)]
+        thread, result = _in_background(lambda: d.generate(prompts, max_tokens=12))
+        _wait_for(lambda: sum(w["num_running"] for w in d.status()["decode"]) > 0, what="decoding")
+        d.set_roles(2, 1, wait_s=None)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert [c.token_ids for c in result["value"]] == [
+            [(sum(p) * 2 + 3 * i) % V for i in range(12)] for p in prompts]
+        s = d.set_roles(2, 1, wait_s=120)
+        assert sorted(w["worker_id"] for w in s["prefill"]) == ["prefill-0", "prefill-1"]
+        assert len(s["decode"]) == 1 and len(s["retired_workers"]) == 1 and not s["dead_workers"]
+        again = d.generate(prompts, max_tokens=3)
+        assert {c.metrics["prefill_worker"] for c in again} == {"prefill-0", "prefill-1"}
+        assert_baseline(d)
+    finally:
+        d.shutdown()

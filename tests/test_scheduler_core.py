@@ -271,3 +271,28 @@ def test_a_dead_worker_is_replaced_and_requests_wait_for_it():
     assert c.outputs[rid][:1] == expected(p, 1)
     c.kill("decode-1")  # the budget is spent: no more replacements, and nothing to wait for
     assert not c.replacements and c.submit(prompts(1))[2] == "no_workers"
+
+
+def test_set_roles_drains_then_moves_a_worker_without_dropping_requests():
+    c = FakeCluster(num_prefill=1, num_decode=2)
+    rids = c.submit(prompts(4), max_tokens=6)
+    c.finish_prefills()
+    c.step("decode-0")
+    busy = {c.core.requests[r].placement.decode_worker_id for r in rids}
+    c.apply(c.core.set_roles(2, 1, c.tick()))
+    (moving,) = c.core.draining
+    assert c.core.draining[moving] == core.PREFILL
+    more = c.submit(prompts(2, base=60), max_tokens=3)  # placed on the workers that stay
+    assert all(c.core.requests[r].placement.decode_worker_id != moving for r in more)
+    ended = c.run(rids + more)
+    assert all(e["error"] is None for e in ended.values())
+    c.settle()
+    assert not c.core.draining and list(c.core.retired) == [moving]
+    (a,) = c.replacements
+    assert (a.dead_worker, a.role) == (moving, core.PREFILL) and a.new_worker == "prefill-1"
+    c.start_replacements()
+    assert sorted(c.core._of(core.PREFILL)) == ["prefill-0", "prefill-1"] and len(c.core._of(core.DECODE)) == 1
+    assert busy  # requests were running when the move was asked for
+    with pytest.raises(ValueError, match="adding up"):
+        c.core.set_roles(3, 1, c.tick())
+    c.assert_baseline()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -126,7 +125,7 @@ class RayTarget:
             self.handle = dep.connect(deployment, address=address)
         self.max_seq_len = min(max_pos, engine_config.max_seq_len if engine_config else 2048)
         self.request_timeout_s = request_timeout_s
-        self.poller = _Poller(self.handle)
+        self.poller = self.handle.poller  # the deployment handle's one token poller
         self.description = dict(kind="ray", model=model, deployment=deployment or f"{name} (started)",
                                 num_prefill=num_prefill if self.is_owned else None,
                                 num_decode=num_decode if self.is_owned else None)
@@ -146,7 +145,7 @@ class RayTarget:
         try:
             while not is_finished:
                 try:
-                    entry = entries.get(timeout=self.request_timeout_s)
+                    _, entry = entries.get(timeout=self.request_timeout_s)
                 except queue.Empty:
                     raise TimeoutError(f"no tokens within {self.request_timeout_s} s") from None
                 if entry["error"] is not None:
@@ -167,7 +166,6 @@ class RayTarget:
         return self.handle.status()
 
     def close(self) -> None:
-        self.poller.stop()
         if self.is_owned:
             self.handle.shutdown()
 
@@ -182,125 +180,3 @@ def stage_timings(m: dict | None) -> dict:
     if m.get("ttft_s") is not None:
         out["server_ttft_s"] = m["ttft_s"]
     return out
-
-
-class _Poller:
-    """One thread polling the scheduler for every registered request; each poll entry goes to
-    its request's queue until the request ends (finished or error)."""
-
-    def __init__(self, handle, timeout_s: float = 1.0):
-        import threading
-
-        self.handle, self.timeout_s = handle, timeout_s
-        self._queues: dict = {}
-        self._cv = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="bench-poller", daemon=True)
-        self._thread.start()
-
-    def add(self, rid: str):
-        import queue
-
-        q = queue.SimpleQueue()
-        with self._cv:
-            self._queues[rid] = q
-            self._cv.notify()
-        return q
-
-    def drop(self, rid: str) -> None:
-        with self._cv:
-            self._queues.pop(rid, None)
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._queues or self._stopped)
-                if self._stopped:
-                    return
-                ids = list(self._queues)
-            try:
-                out = self.handle.poll(ids, self.timeout_s)
-            except Exception as e:  # noqa: BLE001 - every waiting request fails with it
-                out = {rid: dict(tokens=[], finished=True, error=("failed", f"{type(e).__name__}: {e}"),
-                                 metrics={}) for rid in ids}
-            with self._cv:
-                for rid, entry in out.items():
-                    q = self._queues.get(rid)
-                    if q is None:
-                        continue
-                    q.put(entry)
-                    if entry["finished"] or entry["error"] is not None:
-                        del self._queues[rid]
-
-
-class GrpcTarget:
-    """The gRPC endpoint at `address`, or (address None) one started in this process for the run."""
-
-    burst_gap_s = 0.0  # the server sends whatever tokens are ready as one GenerateChunk
-
-    def __init__(self, model: str | None = None, address: str | None = None, token: str | None = None,
-                 engine_config=None, max_queued: int = 256, warmup: bool = True,
-                 request_timeout_s: float = 600.0):
-        import grpc
-
-        from raypd.proto import raypd_pb2, raypd_pb2_grpc
-
-        self.endpoint = None
-        if address is None:
-            import models
-            from raypd.api import LocalBackend
-            from raypd.server.grpc_server import Endpoint
-
-            name = model or models.DEFAULT_MODEL
-            self.endpoint = Endpoint(LocalBackend(models.load(name), engine_config), name,
-                                     max_queued=max_queued).start(warmup=warmup)
-            address = f"127.0.0.1:{self.endpoint.port}"
-        self.channel = grpc.insecure_channel(address)
-        self.stub = raypd_pb2_grpc.GenerationStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.request_timeout_s = request_timeout_s
-        self._pb = raypd_pb2
-        self.vocab_size, _, self.exclude_ids = model_limits(model)
-        info = self.stub.ListModels(raypd_pb2.ListModelsRequest(), metadata=self.metadata, timeout=30).models[0]
-        self.max_seq_len = info.max_seq_len
-        self.description = dict(kind="grpc", model=info.name, address=address,
-                                in_process=self.endpoint is not None, max_seq_len=info.max_seq_len)
-
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
-        import grpc
-
-        pb = self._pb
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(prompt_ids)),
-                                 params=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        try:
-            for chunk in self.stub.GenerateStream(req, metadata=self.metadata, timeout=self.request_timeout_s):
-                timings = {}
-                if chunk.HasField("timings"):
-                    t = chunk.timings
-                    timings = dict(server_ttft_s=t.ttft_s, server_tpot_s=t.tpot_s, server_e2e_s=t.e2e_s)
-                yield len(chunk.token_ids), timings
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise TargetRejected(e.details()) from None
-            raise RuntimeError(f"{e.code().name}: {e.details()}") from None
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.endpoint is not None:
-            self.endpoint.stop()
-
-
-def wait_ready(target, within_s: float = 600.0) -> float:
-    """Send one 2-token request (compiles what warmup did not, checks the target answers).
-    Returns its seconds."""
-    start = time.perf_counter()
-    for _ in target.stream([3, 4, 5, 6], 2):
-        if time.perf_counter() - start > within_s:
-            raise TimeoutError(f"target did not answer within {within_s} s")
-    return time.perf_counter() - start

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +29,7 @@ from raypd.engine.api import SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
 from raypd.runtime.engines import JaxEngineFactory
+from raypd.runtime.poller import TokenPoller
 from raypd.runtime.scheduler_actor import Scheduler
 from raypd.runtime.decode_worker import DecodeWorker
 from raypd.runtime.workers import PrefillWorker
@@ -38,6 +41,7 @@ NAMESPACE = "raypd"
 # group of its own, so a liveness probe or a metrics scrape never waits behind a long prefill.
 STATUS_GROUP = "status"
 ROOT = str(Path(__file__).resolve().parents[2])
+REQUEST_TIMEOUT_S = 300.0  # a request that gets no token for this long fails with TimeoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +213,16 @@ class Deployment:
     def __init__(self, name: str, scheduler, actors=()):
         self.name, self._scheduler, self._actors = name, scheduler, list(actors)
         self._is_shut_down = False
+        self._poller: TokenPoller | None = None
+        self._poller_lock = threading.Lock()
+
+    @property
+    def poller(self) -> TokenPoller:
+        """The handle's one token poller (raypd/runtime/poller.py), started on first use."""
+        with self._poller_lock:
+            if self._poller is None:
+                self._poller = TokenPoller(self.poll, name=f"raypd-poller-{self.name}")
+            return self._poller
 
     def _call(self, method: str, *args, timeout_s: float | None = None):
         if self._is_shut_down:
@@ -241,21 +255,31 @@ class Deployment:
             raise errors.from_wire(reply["error"])
         return reply["ids"]
 
-    def _chunks(self, ids: list[str], timeout_s: float = 5.0) -> Iterator[tuple[str, dict]]:
-        """(request id, poll entry) as tokens arrive, until every request has ended."""
-        pending = list(ids)
+    def _chunks(self, ids: list[str], timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[tuple[str, dict]]:
+        """(request id, poll entry) as tokens arrive, until every request has ended. Raises
+        TimeoutError when no request of `ids` gets a token for `timeout_s`."""
+        merged: queue.SimpleQueue = queue.SimpleQueue()
+        for rid in ids:
+            self.poller.add(rid, merged)
+        pending = set(ids)
         try:
             while pending:
-                for rid, entry in self._call("poll", pending, timeout_s).items():
-                    if entry["error"] is not None:
-                        raise errors.from_wire(entry["error"])
-                    yield rid, entry
-                    if entry["finished"]:
-                        pending.remove(rid)
+                try:
+                    rid, entry = merged.get(timeout=timeout_s)
+                except queue.Empty:
+                    raise TimeoutError(f"deployment {self.name!r}: no tokens for {len(pending)} requests within "
+                                       f"{timeout_s} s") from None
+                if entry["error"] is not None:
+                    raise errors.from_wire(entry["error"])
+                yield rid, entry
+                if entry["finished"]:
+                    pending.discard(rid)
         finally:
+            for rid in pending:
+                self.poller.drop(rid)
             if pending and not self._is_shut_down:
                 try:
-                    self._call("abort", pending)
+                    self._call("abort", list(pending))
                 except errors.DeploymentNotRunning:
                     pass
 
@@ -302,6 +326,25 @@ class Deployment:
     def status(self, timeout_s: float | None = 60.0) -> dict:
         return self._call("status", timeout_s=timeout_s)
 
+    def set_roles(self, num_prefill: int, num_decode: int, wait_s: float | None = 300.0) -> dict:
+        """Move workers between the prefill and decode roles without dropping a request: those
+        that move drain first, then a worker of the other role starts in each one's place.
+        Waits up to `wait_s` (None: returns at once) until the new workers serve. -> status()."""
+        reply = self._call("set_roles", num_prefill, num_decode, timeout_s=60.0)
+        if "error" in reply:
+            raise errors.from_wire(reply["error"])
+        deadline = time.monotonic() + (wait_s or 0.0)
+        while True:
+            s = self.status()
+            done = not s["draining_workers"] and not s["joining_workers"] and \
+                (len(s["prefill"]), len(s["decode"])) == (num_prefill, num_decode)
+            if done or wait_s is None:
+                return s
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {self.name!r}: roles not {num_prefill}:{num_decode} after "
+                                   f"{wait_s} s (draining {s['draining_workers']}, joining {s['joining_workers']})")
+            time.sleep(0.2)
+
     def clear_cache(self, pools_only: bool = False) -> int:
         """Drop every cached prefix page (the KV index, the workers' pools and host copies); with
         `pools_only`, only the pool copies (the host tier keeps its copies). -> copies dropped."""
@@ -318,6 +361,8 @@ class Deployment:
         for actor in self._actors or [self._scheduler]:
             ray.kill(actor)
         self._is_shut_down = True
+        if self._poller is not None:
+            self._poller.stop()
 
 
 def _sampling(kwargs: dict) -> dict:

@@ -64,6 +64,7 @@ class Scheduler:
         self.spawn, self.max_replacements, self.join_timeout_s = spawn, max_replacements, join_timeout_s
         self.core: core.SchedulerCore | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._exports: set[asyncio.Task] = set()  # host-copy exports under way
         self._calibration: dict = {}
         self._overhead_s = 0.0
 
@@ -158,9 +159,24 @@ class Scheduler:
                     num_pages_total=sum(i["max_pages"] for i in decode), max_slots=sum(i["max_slots"] for i in decode),
                     num_prefill=len(self._live(core.PREFILL)), num_decode=len(decode))
 
+    async def set_roles(self, num_prefill: int, num_decode: int) -> dict:
+        """Move workers between roles (SchedulerCore.set_roles). -> {"draining": {worker: new role}}
+        or {"error": ...}. Needs the deployment's spawner (replacements)."""
+        if self.spawn is None:
+            return {"error": errors.to_wire(ValueError("this deployment cannot start workers (no spawner)"))}
+        try:
+            actions = self.core.set_roles(num_prefill, num_decode, time.monotonic())
+        except ValueError as e:
+            return {"error": errors.to_wire(e)}
+        await self._act(actions)
+        return {"draining": dict(self.core.draining)}
+
     async def clear_cache(self, pools_only: bool = False) -> int:
         """Evict every unpinned page of the store and free it on its worker; with `pools_only`,
-        only the workers' pool copies go (host copies stay). -> pool copies freed."""
+        only the workers' pool copies go (host copies stay). Exports under way finish first, so
+        nothing they add survives the clear. -> pool copies freed."""
+        if self._exports:
+            await asyncio.wait(list(self._exports), timeout=30.0)
         actions = self.core.clear_cache(time.monotonic(), pools_only)
         await asyncio.gather(*[self._call(a.worker, "free_pages", list(a.pages)) for a in actions])
         return sum(len(a.pages) for a in actions)
@@ -176,13 +192,15 @@ class Scheduler:
     def _live(self, role: str) -> list[str]:
         return [w for w, s in self.core.workers.items() if s.role == role]
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        self._exports.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("scheduler task failed", exc_info=task.exception())
 
@@ -203,11 +221,13 @@ class Scheduler:
             elif isinstance(a, FreePages):
                 self._spawn(self._call(a.worker, "free_pages", list(a.pages)))
             elif isinstance(a, ExportPages):
-                self._spawn(self._export(a))
+                self._exports.add(self._spawn(self._export(a)))
             elif isinstance(a, core.ProbeWorker):
                 self._spawn(self._probe(a))
             elif isinstance(a, core.ReplaceWorker):
                 self._spawn(self._replace(a))
+            elif isinstance(a, core.RetireWorker):
+                self._spawn(self._retire(a))
             else:
                 raise TypeError(f"unknown action {a!r}")
         async with self._changed:
@@ -269,6 +289,13 @@ class Scheduler:
         except (RayActorError, asyncio.TimeoutError):
             alive = False
         await self._event("probe_done", a.request_id, a.worker, alive, a.why)
+
+    async def _retire(self, a: core.RetireWorker) -> None:
+        """A drained worker leaves: stop its actor (its collect loop sees it gone and ends)."""
+        import ray
+
+        log.warning("retiring drained worker %s", a.worker)
+        ray.kill(self.handles[a.worker])
 
     async def _replace(self, a: core.ReplaceWorker) -> None:
         """Start a worker in a dead one's role; it joins placement once its engines answer."""
