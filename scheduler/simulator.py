@@ -128,12 +128,16 @@ class Simulator:
 
     def __init__(self, profile: WorkerProfile, num_prefill: int, num_decode: int,
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, prefix_cache: bool = True,
-                 multi_step: bool = True):
+                 multi_step: bool = True, rebalancer=None, worker_startup_s: float = 5.0):
         if num_decode < 1 or num_prefill < 0:
             raise ValueError(f"need num_decode >= 1 and num_prefill >= 0, got {num_decode}, {num_prefill}")
         self.profile = profile
         self.prefix_cache = prefix_cache  # workers retain full pages for the KV store (off: faster, no reuse)
         self.multi_step = multi_step  # idle stretches of decode steps in one event (same times, fewer events)
+        self.rebalancer = rebalancer  # scheduler.rebalancer.Rebalancer: moves workers between roles while running
+        self.worker_startup_s = worker_startup_s  # a replacement worker's start-up (engines built, compiled)
+        self.moves: list[tuple[float, tuple[int, int]]] = []  # (time, (num_prefill, num_decode)) of each move
+        self._num_arrived = self._num_requests = 0
         p = profile
         kv_bytes_per_page = p.cost.kv_bytes_per_token * p.page_size
         self.workers: dict[str, object] = {**{f"prefill-{i}": _PrefillWorker(p) for i in range(num_prefill)},
@@ -155,6 +159,9 @@ class Simulator:
     def run(self, requests: Sequence[SimRequest], ttft_slo_s: float | None = None) -> list[SimResult]:
         for r in requests:
             self._at(r.arrival_s, self._arrive, r, ttft_slo_s)
+        self._num_requests += len(requests)
+        if self.rebalancer is not None:
+            self._at(self.rebalancer.config.interval_s, self._rebalance)
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
             self.now = t
@@ -170,6 +177,8 @@ class Simulator:
     def _apply(self, actions: list) -> None:
         for a in actions:
             w = self.workers.get(getattr(a, "worker", None))
+            if w is None and not isinstance(a, (core.ReplaceWorker, core.ProbeWorker)):
+                continue  # a retired worker: nothing of it is left to act on
             if isinstance(a, core.RunPrefill):
                 w.calls.append(a)
                 self._kick_prefill(a.worker)
@@ -181,7 +190,11 @@ class Simulator:
             elif isinstance(a, core.ReleaseTransfers):
                 for h in a.handles:
                     w.pool.free(w.transfers.pop(h.transfer_id, ()))
-            elif isinstance(a, (ExportPages, core.ProbeWorker, core.ReplaceWorker)):
+            elif isinstance(a, core.RetireWorker):
+                del self.workers[a.worker]
+            elif isinstance(a, core.ReplaceWorker):  # a new worker serves after its start-up time
+                self._at(self.now + self.worker_startup_s, self._join, a.new_worker, a.role)
+            elif isinstance(a, (ExportPages, core.ProbeWorker)):
                 pass  # no host tier and no failures in the model
             else:
                 raise TypeError(a)
@@ -199,13 +212,35 @@ class Simulator:
                 if entry["error"] is not None:
                     res.status, res.error = "failed", entry["error"][1]
 
+    def _join(self, name: str, role: str) -> None:
+        p = self.profile
+        self.workers[name] = _PrefillWorker(p) if role == core.PREFILL else _DecodeWorker(p)
+        self._apply(self.core.worker_joined(name, core.WorkerState(role, p.num_pages, p.max_slots, p.num_pages,
+                                                                   p.max_slots), self.now))
+
+    def _rebalance(self) -> None:
+        """Every `rebalancer.config.interval_s` while requests remain: ask, and move workers."""
+        roles = [s.role for s in self.core.workers.values()]
+        if not self.core.draining and not self.core.joining:
+            backlog = [(r.spec.prompt_len, r.spec.max_tokens - len(r.generated))
+                       for r in self.core.requests.values() if not r.is_finished]
+            split = self.rebalancer.recommend(self.now, roles.count(core.PREFILL), roles.count(core.DECODE), backlog)
+            if split is not None:
+                self.moves.append((self.now, split))
+                self._apply(self.core.set_roles(*split, self.now))
+        if self._num_arrived < self._num_requests or self.core.requests:
+            self._at(self.now + self.rebalancer.config.interval_s, self._rebalance)
+
     # -- clients -------------------------------------------------------------------------------
     def _arrive(self, r: SimRequest, ttft_slo_s: float | None) -> None:
         params = _Params(r.max_tokens)
+        self._num_arrived += 1
         result, actions = self.core.submit([(list(r.prompt_ids), params, None)], ttft_slo_s, self.now,
                                            make_request=_make_request)
         if isinstance(result, list):
             self.results[result[0]] = SimResult(r.arrival_s, len(r.prompt_ids), r.max_tokens)
+            if self.rebalancer is not None:
+                self.rebalancer.observe(self.now, len(r.prompt_ids), r.max_tokens)
         else:
             key = f"rejected-{next(self._seq)}"
             self.results[key] = SimResult(r.arrival_s, len(r.prompt_ids), r.max_tokens, "rejected",
@@ -214,8 +249,8 @@ class Simulator:
 
     # -- prefill workers -----------------------------------------------------------------------
     def _kick_prefill(self, name: str) -> None:
-        w = self.workers[name]
-        if w.busy or not w.calls:
+        w = self.workers.get(name)
+        if w is None or w.busy or not w.calls:
             return
         call = w.calls.popleft()
         w.busy = True
@@ -245,7 +280,9 @@ class Simulator:
 
     # -- decode workers ------------------------------------------------------------------------
     def _kick_decode(self, name: str) -> None:
-        w = self.workers[name]
+        w = self.workers.get(name)
+        if w is None:  # retired meanwhile
+            return
         if not w.busy and (w.inbox or w.local or w.running):
             w.busy = True
             self._iterate(name)
@@ -330,6 +367,8 @@ class Simulator:
             report.tokens.setdefault(rid, []).append((0, 0.0, None, ""))
 
     def _report(self, name: str, report, stepping: list[str], times: list[float], generation: int) -> None:
+        if name not in self.workers:
+            return
         w, G = self.workers[name], self.profile.page_size
         if generation != w.generation:
             return  # a window cut short: its report went out earlier

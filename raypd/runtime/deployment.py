@@ -35,6 +35,7 @@ from raypd.runtime.decode_worker import DecodeWorker
 from raypd.runtime.workers import PrefillWorker
 from raypd.transfer import DEFAULT_BACKEND, make_transport
 from scheduler import PolicyConfig
+from scheduler.rebalancer import RebalanceConfig
 
 NAMESPACE = "raypd"
 # A prefill worker runs one call at a time (its engine is not shared); `status` runs in this
@@ -80,6 +81,9 @@ class DeploymentConfig:
     # Workers that die are replaced (a new actor in the same role, on the same resources) up to
     # this many times in the deployment's life; it joins placement once its engines are up.
     max_replacements: int = 4
+    # Move workers between the prefill and decode roles by itself when the recent traffic, replayed
+    # through the simulator, would meet these SLOs clearly more often with another split (None: off).
+    rebalance: RebalanceConfig | None = None
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -128,7 +132,8 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         calibrate=config.calibrate, local_prefill_stall_s=config.local_prefill_stall_s,
         collect_timeout_s=config.collect_timeout_s, max_retries=config.max_retries,
         host_copies=_host_copies(config), host_cache_bytes=config.host_cache_bytes,
-        stream_layers=config.stream_layers, spawn=spawn, max_replacements=config.max_replacements)
+        stream_layers=config.stream_layers, spawn=spawn, max_replacements=config.max_replacements,
+        rebalance=config.rebalance)
     handle = Deployment(config.name, sched, actors=[sched, *prefill.values(), *decode.values()])
     try:
         ray.get(sched.start.remote())

@@ -30,6 +30,8 @@ from raypd.runtime.workers import PrefillJob
 from scheduler import CostModel, PolicyConfig, fit
 from scheduler import core
 from scheduler.kv_store import ExportPages, FreePages, KVStore
+from scheduler.rebalancer import Rebalancer
+from scheduler.simulator import WorkerProfile
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
@@ -53,7 +55,7 @@ class Scheduler:
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, calibrate: bool = False,
                  local_prefill_stall_s: float | None = None, collect_timeout_s: float = 0.02, max_retries: int = 2,
                  host_copies: str | None = None, host_cache_bytes: int = 256 << 20, stream_layers: bool = False,
-                 spawn=None, max_replacements: int = 0, join_timeout_s: float = 600.0):
+                 spawn=None, max_replacements: int = 0, join_timeout_s: float = 600.0, rebalance=None):
         self.name = name
         self.handles = {**prefill_workers, **decode_workers}
         self._roles = {**{w: core.PREFILL for w in prefill_workers}, **{w: core.DECODE for w in decode_workers}}
@@ -62,6 +64,8 @@ class Scheduler:
         self.max_retries, self.stream_layers = max_retries, stream_layers
         self.host_copies, self.host_cache_bytes = host_copies, host_cache_bytes  # None: no host tier
         self.spawn, self.max_replacements, self.join_timeout_s = spawn, max_replacements, join_timeout_s
+        self.rebalance = rebalance  # scheduler.rebalancer.RebalanceConfig: move workers between roles by itself
+        self.rebalancer: Rebalancer | None = None
         self.core: core.SchedulerCore | None = None
         self._tasks: set[asyncio.Task] = set()
         self._exports: set[asyncio.Task] = set()  # host-copy exports under way
@@ -91,7 +95,30 @@ class Scheduler:
         for d, role in self._roles.items():
             if role == core.DECODE:
                 self._spawn(self._collect_loop(d))
+        if self.rebalance is not None and self.spawn is not None:
+            d = next(i for w, i in infos.items() if self._roles[w] == core.DECODE)
+            worker = WorkerProfile(cost, num_pages=d["max_pages"], page_size=self.page_size, max_slots=d["max_slots"],
+                                   max_seq_len=self.max_seq_len,
+                                   prefill_chunk_len=d.get("prefill_chunk_len", 256))
+            self.rebalancer = Rebalancer(self.rebalance, worker, self.policy)
+            self._spawn(self._rebalance_loop())
         return await self.status()
+
+    async def _rebalance_loop(self) -> None:
+        """Ask the rebalancer every interval (off the event loop: it simulates) and move workers."""
+        while self.core.is_running:
+            await asyncio.sleep(self.rebalance.interval_s)
+            c = self.core
+            if c.draining or c.joining:
+                continue
+            roles = [s.role for s in c.workers.values()]
+            backlog = [(r.spec.prompt_len, r.spec.max_tokens - len(r.generated))
+                       for r in c.requests.values() if not r.is_finished]
+            split = await asyncio.to_thread(self.rebalancer.recommend, time.monotonic(), roles.count(core.PREFILL),
+                                            roles.count(core.DECODE), backlog, list(self.rebalancer.arrivals))
+            if split is not None and not c.draining and not c.joining:
+                log.warning("rebalancing to %d prefill : %d decode workers (%s)", *split, self.rebalancer.last)
+                await self._act(c.set_roles(*split, time.monotonic()))
 
     async def _calibrate(self) -> CostModel:
         """Time the engines on a few sizes and fit the cost model (scheduler.cost_model.fit)."""
@@ -127,8 +154,12 @@ class Scheduler:
                    for i, p in enumerate(prompts)]
         except ValueError as e:
             return {"error": errors.to_wire(e)}
-        result, actions = self.core.submit([(p, params, kv_compression) for p in ids], ttft_slo_s,
-                                           time.monotonic(), make_request=Request)
+        now = time.monotonic()
+        result, actions = self.core.submit([(p, params, kv_compression) for p in ids], ttft_slo_s, now,
+                                           make_request=Request)
+        if self.rebalancer is not None and isinstance(result, list):
+            for p in ids:
+                self.rebalancer.observe(now, len(p), params.max_tokens)
         await self._act(actions)
         self._overhead_s += time.perf_counter() - t0
         return {"ids": result} if isinstance(result, list) else {"error": result}
