@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     model = None if args.mock else bs.ensure_model(ROOT / "out" / "study-model")
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,  # pinning decides cores
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     t0 = time.perf_counter()
     targets = {m: bs.start(m, study_args, model, args.chunk, name=f"validate-{m}") for m in bs.MODES}
