@@ -196,7 +196,10 @@ def test_generate_stream_models_and_info(deployment, stub):
     resp = stub.Generate(req(ids=prompt, logprobs=True), timeout=30)
     assert list(resp.token_ids) == expected(prompt, 4)
     assert resp.finish_reason == "length" and list(resp.logprobs) == [-1.0] * 4 and resp.prompt_tokens == 5
-    assert resp.request_id.startswith("grpc-mock-") and resp.timings.e2e_s >= resp.timings.ttft_s > 0
+    assert resp.request_id.startswith("srv-grpc-mock-") and resp.timings.e2e_s >= resp.timings.ttft_s > 0
+    named = req(ids=fresh())
+    named.request_id = "client-7"  # the client's own id comes back (the deployment's is internal)
+    assert stub.Generate(named, timeout=30).request_id == "client-7"
     prompt = fresh()
     chunks = list(stub.GenerateStream(req(ids=prompt, max_tokens=6), timeout=30))
     assert [t for c in chunks for t in c.token_ids] == expected(prompt, 6)
