@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import threading
 import time
+from typing import Sequence
 
 from raypd.api import LocalBackend, check_sampling, encode_prompt
 from raypd.engine.api import SERVER_ID_PREFIX, Request, SamplingParams, TokenOutput
@@ -37,7 +38,7 @@ _ids = itertools.count()
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    prompt: str | list[int]
+    prompt: str | Sequence[int]  # text, or token ids (a list, or a protobuf repeated field)
     prompt_field: str  # "text" or "token_ids": named in error messages
     params: SamplingParams
     kv_compression: str | None = None
@@ -198,7 +199,10 @@ class RayBackend:
         """The deployment outlives the endpoint: whoever started it shuts it down."""
 
     def submit(self, job: Job) -> RayStream:
-        prompt = _encode(job, self.model, self.max_seq_len) if self.model is not None else job.prompt
+        if self.model is not None:
+            prompt = _encode(job, self.model, self.max_seq_len)
+        else:  # the scheduler checks it; it travels to the scheduler as a plain list or string
+            prompt = job.prompt if isinstance(job.prompt, str) else list(job.prompt)
         with self._lock:
             if job.request_id in self._in_flight:
                 raise errors.DuplicateRequestId(f"request_id {job.request_id!r} is already in flight")

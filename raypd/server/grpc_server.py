@@ -66,7 +66,9 @@ def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
     which = req.WhichOneof("prompt")
     if which is None:
         raise ValueError("prompt: set either text or token_ids")
-    prompt = req.text if which == "text" else list(req.token_ids.ids)
+    # token ids stay a protobuf sequence: encode_prompt refuses an oversized one by its length,
+    # before anything walks (or copies) its ids
+    prompt = req.text if which == "text" else req.token_ids.ids
     return Job(prompt, which, params, kv or None, req.request_id)
 
 
