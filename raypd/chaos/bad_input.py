@@ -6,7 +6,7 @@ class may carry bytes no well-behaved client would send) and/or the arguments of
 endpoint and expects the status code (INVALID_ARGUMENT, or ALREADY_EXISTS for a duplicate
 request id) with the field in the details; `run_python` expects a ValueError naming the field.
 `interference` times a stream alone and while hostile requests (the largest the limits refuse)
-arrive at the same endpoint. `run` does all of it on an in-process endpoint and returns a Report.
+arrive at the same endpoint from another process. `run` does all of it on an in-process endpoint and returns a Report.
 """
 
 from __future__ import annotations
@@ -267,51 +267,71 @@ def run_python(backend, all_cases: list[Case]) -> list[Outcome]:
 # ---------------------------------------------------------------------------- interference
 
 
-def interference(channel: grpc.Channel, hostile: list[bytes], max_tokens: int = 64, repeats: int = 5,
+def _attack(address: str, hostile: list[bytes], flood: bool, active, stop, refused) -> None:
+    """In a process of its own (so that building and sending megabytes costs the server's
+    process nothing): while `active` is set, send every hostile request once (or, with `flood`,
+    over and over), counting refusals; wait for the next `active`; end on `stop`."""
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        generate = channel.unary_unary(GENERATE, request_serializer=None,
+                                       response_deserializer=raypd_pb2.GenerateResponse.FromString)
+        while not stop.is_set():
+            if not active.wait(0.05):
+                continue
+            while True:
+                for data in hostile:
+                    try:
+                        generate(data, timeout=10)
+                    except grpc.RpcError:
+                        with refused.get_lock():
+                            refused.value += 1
+                if not flood or not active.is_set():
+                    break
+            while active.is_set() and not stop.is_set():  # once per stream
+                time.sleep(0.01)
+
+
+def interference(address: str, hostile: list[bytes], max_tokens: int = 64, repeats: int = 9,
                  flood: bool = False) -> tuple[float, float, int]:
-    """Median time of a greedy `max_tokens` stream alone, then with the `hostile` requests sent
-    while it runs: each once per stream (as in issue 12's finding: one hostile request made a
-    concurrent stream 8.6x slower when it was accepted), or with `flood` back to back until the
-    stream ends. -> (alone_s, with_hostile_s, hostile requests refused)."""
-    generate = channel.unary_unary(GENERATE, request_serializer=None,
-                                   response_deserializer=raypd_pb2.GenerateResponse.FromString)
-    stream = channel.unary_stream(GENERATE_STREAM, request_serializer=None,
-                                  response_deserializer=raypd_pb2.GenerateChunk.FromString)
+    """Median time of a greedy `max_tokens` stream alone, and with the `hostile` requests sent
+    (from another process) while it runs: each once per stream (as in issue 12's finding: one
+    hostile request made a concurrent stream 8.6x slower when it was accepted), or with `flood`
+    back to back until the stream ends. -> (alone_s, with_hostile_s, hostile requests refused)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    active, stop, refused = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    attacker = ctx.Process(target=_attack, args=(address, hostile, flood, active, stop, refused), daemon=True)
+    attacker.start()
     good = _req(ids=[5, 6, 7], max_tokens=max_tokens, ignore_eos=True)()
-    refused = [0]
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stream = channel.unary_stream(GENERATE_STREAM, request_serializer=None,
+                                          response_deserializer=raypd_pb2.GenerateChunk.FromString)
 
-    def attack(stop: threading.Event):
-        while True:
-            for data in hostile:
-                try:
-                    generate(data, timeout=10)
-                except grpc.RpcError:
-                    refused[0] += 1
-            if not flood or stop.is_set():
-                return
+            def one(with_hostile: bool) -> float:
+                start = time.perf_counter()
+                chunks = stream(good, timeout=120)
+                n = len(next(chunks).token_ids)  # the stream runs; now the hostile requests arrive
+                if with_hostile:
+                    active.set()
+                n += sum(len(c.token_ids) for c in chunks)
+                took = time.perf_counter() - start
+                active.clear()
+                assert n == max_tokens, f"stream gave {n} tokens, wanted {max_tokens}"
+                return took
 
-    def one(with_hostile: bool) -> float:
-        stop = threading.Event()
-        thread = threading.Thread(target=attack, args=(stop,), daemon=True)
-        start = time.perf_counter()
-        chunks = stream(good, timeout=120)
-        first = next(chunks)  # the stream runs; now the hostile requests arrive
-        if with_hostile:
-            thread.start()
-        n = len(first.token_ids) + sum(len(c.token_ids) for c in chunks)
-        took = time.perf_counter() - start
+            one(False)  # compile its shapes
+            alone, attacked = [], []
+            for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both
+                alone.append(one(False))
+                attacked.append(one(True))
+                time.sleep(0.3)  # let the last hostile requests finish
+    finally:
         stop.set()
-        if with_hostile:
-            thread.join(60)
-        assert n == max_tokens, f"stream gave {n} tokens, wanted {max_tokens}"
-        return took
-
-    one(False)  # compile its shapes
-    alone, attacked = [], []
-    for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both
-        alone.append(one(False))
-        attacked.append(one(True))
-    return statistics.median(alone), statistics.median(attacked), refused[0]
+        attacker.join(30)
+        if attacker.is_alive():
+            attacker.kill()
+    return statistics.median(alone), statistics.median(attacked), refused.value
 
 
 HOSTILE = ("prompt-hostile-1M-token-ids", "stop-hostile-200k-strings", "stop-string-hostile-3MB",
@@ -341,7 +361,7 @@ def run(model: str = "tiny-random", engine_config=None, measure_interference: bo
             if measure_interference:
                 by_name = {c.name: c for c in all_cases}
                 report.stream_alone_s, report.stream_under_attack_s, report.num_hostile_refused = interference(
-                    channel, [by_name[n].grpc() for n in HOSTILE], flood=flood)
+                    f"127.0.0.1:{endpoint.port}", [by_name[n].grpc() for n in HOSTILE], flood=flood)
         end = time.monotonic() + 5
         allocator = endpoint.backend.local.engine.runner.allocator
         while allocator.num_used and time.monotonic() < end:
