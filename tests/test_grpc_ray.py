@@ -223,6 +223,10 @@ BAD = [
     (req(ids=[5], max_tokens=100_000), "context length"),
     (req(ids=[5], kv_compression="zip"), "kv_compression"),
     (req(ids=[5], stop=["x"]), "stop"),
+    (req(ids=[5], stop_token_ids=[10**6]), "stop_token_ids[0]"),
+    (req(ids=[5], stop_token_ids=[3, -1]), "stop_token_ids[1]"),
+    (req(ids=[5], temperature=float("inf")), "temperature"),
+    (raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5]), request_id="srv-1"), "request_id"),
     (raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5]), model="gpt-9"), "model"),
 ]
 

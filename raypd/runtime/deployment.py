@@ -23,7 +23,7 @@ from typing import Iterator
 
 import ray
 
-from raypd.api import Completion, StreamChunk
+from raypd.api import Completion, StreamChunk, check_sampling
 from raypd.engine.api import SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
@@ -228,6 +228,7 @@ class Deployment:
     def __init__(self, name: str, scheduler, actors=()):
         self.name, self._scheduler, self._actors = name, scheduler, list(actors)
         self._is_shut_down = False
+        self._model_card = None
 
     def _call(self, method: str, *args, timeout_s: float | None = None):
         if self._is_shut_down:
@@ -253,8 +254,16 @@ class Deployment:
         """model (.config, .tokenizer), max_seq_len, page_size, num_pages_total, max_slots, ..."""
         return self._call("info", timeout_s=60.0)
 
+    def _model(self):
+        """The model's card (.config, .tokenizer), fetched once per handle."""
+        if self._model_card is None:
+            self._model_card = self.info()["model"]
+        return self._model_card
+
     def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
                kv_compression: str | None = None) -> list[str]:
+        if params.stop_token_ids:  # checked against the model's vocabulary before the call
+            check_sampling(params, self._model())
         reply = self._call("submit", list(prompts), params, ttft_slo_s, kv_compression)
         if "error" in reply:
             raise errors.from_wire(reply["error"])
