@@ -112,7 +112,9 @@ def add_serve(subparsers) -> None:
                    help="ray: a disaggregated Ray deployment (default); local: the engine in this process")
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
-    p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' (all but health)")
+    p.add_argument("--auth-token", default=None,
+                   help="require 'authorization: Bearer TOKEN' (all but health). A command line is visible "
+                        "to every local user (ps, /proc): prefer $RAYPD_AUTH_TOKEN")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
@@ -125,6 +127,9 @@ def add_serve(subparsers) -> None:
     ray = p.add_argument_group("--backend ray")
     ray.add_argument("--address", default=None,
                      help="Ray cluster to deploy on (e.g. 'auto', HOST:PORT; default: start a local one)")
+    ray.add_argument("--dashboard", action="store_true",
+                     help="start Ray's dashboard on 127.0.0.1 (only for a cluster this command starts; the "
+                          "cluster's components listen on loopback only)")
     ray.add_argument("--deployment", default="raypd", help="deployment name (raypd.connect finds it by this)")
     ray.add_argument("--num-prefill", type=int, default=1, help="prefill workers (0: decode workers prefill)")
     ray.add_argument("--num-decode", type=int, default=1, help="decode workers")
@@ -192,12 +197,14 @@ def _serve_ray(args: argparse.Namespace, server_kw: dict):
 
     import ray
 
-    from raypd.runtime.deployment import ROOT
+    from raypd.runtime.deployment import ROOT, start_local_cluster
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # Without --address, always a fresh local cluster (never one some other process started).
-    ray.init(address=args.address or "local", include_dashboard=False if args.address is None else None,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    # Without --address, always a fresh local cluster on loopback (never one some other process started).
+    if args.address is None:
+        start_local_cluster(include_dashboard=args.dashboard)
+    else:
+        ray.init(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     for sig, handler in handlers.items():  # ray.init puts its own on SIGTERM (exit at once)
         signal.signal(sig, handler)
     try:

@@ -151,6 +151,12 @@ def test_serve_ray_deployment_in_the_foreground_and_sigint_stops_everything():
             assert len(resp.token_ids) == 3 and resp.prompt_tokens == 3
             assert stub.ServerInfo(raypd_pb2.ServerInfoRequest(), timeout=30).backend == "ray"
         assert is_open(info["grpc"]) and is_open(info["ray"])
+        import psutil
+        from test_secure_cluster import is_loopback, listeners
+
+        tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        found = listeners(tree)  # the gRPC and metrics ports, and every Ray component's
+        assert len(found) >= 6 and [f for f in found if not is_loopback(f[1])] == []
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert not is_open(info["grpc"]), "gRPC port still open after exit"

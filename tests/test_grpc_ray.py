@@ -196,7 +196,10 @@ def test_generate_stream_models_and_info(deployment, stub):
     resp = stub.Generate(req(ids=prompt, logprobs=True), timeout=30)
     assert list(resp.token_ids) == expected(prompt, 4)
     assert resp.finish_reason == "length" and list(resp.logprobs) == [-1.0] * 4 and resp.prompt_tokens == 5
-    assert resp.request_id.startswith("grpc-mock-") and resp.timings.e2e_s >= resp.timings.ttft_s > 0
+    assert resp.request_id.startswith("srv-grpc-mock-") and resp.timings.e2e_s >= resp.timings.ttft_s > 0
+    named = req(ids=fresh())
+    named.request_id = "client-7"  # the client's own id comes back (the deployment's is internal)
+    assert stub.Generate(named, timeout=30).request_id == "client-7"
     prompt = fresh()
     chunks = list(stub.GenerateStream(req(ids=prompt, max_tokens=6), timeout=30))
     assert [t for c in chunks for t in c.token_ids] == expected(prompt, 6)
@@ -220,6 +223,10 @@ BAD = [
     (req(ids=[5], max_tokens=100_000), "context length"),
     (req(ids=[5], kv_compression="zip"), "kv_compression"),
     (req(ids=[5], stop=["x"]), "stop"),
+    (req(ids=[5], stop_token_ids=[10**6]), "stop_token_ids[0]"),
+    (req(ids=[5], stop_token_ids=[3, -1]), "stop_token_ids[1]"),
+    (req(ids=[5], temperature=float("inf")), "temperature"),
+    (raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5]), request_id="srv-1"), "request_id"),
     (raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5]), model="gpt-9"), "model"),
 ]
 

@@ -14,7 +14,9 @@ Lifecycle of a request through the engines:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import math
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +25,16 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 KV_COMPRESSIONS = ("int8", "none")  # how a request's K/V travels from prefill to decode
+
+# Bounds on one request. Past them a request is refused at submit (ValueError naming the field
+# and the limit; INVALID_ARGUMENT over gRPC): every decode step checks each running request's
+# stop strings and stop token ids, so unbounded lists would let one request slow every other.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256  # characters of one stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_PROMPT_BYTES = 1 << 20  # UTF-8 bytes of a text prompt (token-id prompts: the context length)
+MAX_REQUEST_ID_LEN = 256  # characters of a client-chosen request id: printable ASCII, no spaces
+SERVER_ID_PREFIX = "srv-"  # request ids the servers assign start with it; clients may not use it
 
 
 def check_kv_compression(value):
@@ -49,23 +61,76 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) \
                 or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float, np.floating)) \
+                or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float, np.floating)) \
+                or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}")
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        if stop is None:
-            stop = ()
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", _check_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _check_stop_token_ids(self.stop_token_ids))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, collections.abc.Sequence):  # lists, tuples, protobuf repeated fields
+        raise ValueError(f"stop must be a string or a list of non-empty strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings (MAX_STOP_STRINGS), got {len(stop)}")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r:.80}")
+        if len(s) > MAX_STOP_STRING_LEN:
+            raise ValueError(f"stop[{i}]: at most {MAX_STOP_STRING_LEN} characters (MAX_STOP_STRING_LEN), "
+                             f"got {len(s)}")
+    return tuple(stop)
+
+
+def _check_stop_token_ids(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, str) or not isinstance(ids, (collections.abc.Sequence, np.ndarray)):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__}")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids (MAX_STOP_TOKEN_IDS), got {len(ids)}")
+    for i, t in enumerate(ids):
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"stop_token_ids[{i}] must be a token id (an integer >= 0), got {t!r}")
+    return tuple(int(t) for t in ids)
+
+
+def check_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Stop token ids must be in [0, vocab_size): the checks of `params` that need the model."""
+    for i, t in enumerate(params.stop_token_ids):
+        if t >= vocab_size:
+            raise ValueError(f"stop_token_ids[{i}]: token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_request_id(request_id) -> str:
+    """A client-chosen request id ("" = none, the server assigns one): at most MAX_REQUEST_ID_LEN
+    printable ASCII characters without spaces, not starting with SERVER_ID_PREFIX."""
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise ValueError(f"request_id: at most {MAX_REQUEST_ID_LEN} characters (MAX_REQUEST_ID_LEN), "
+                         f"got {len(request_id)}")
+    if not all("!" <= c <= "~" for c in request_id):
+        raise ValueError(f"request_id must be printable ASCII without spaces, got {request_id!r:.80}")
+    if request_id.startswith(SERVER_ID_PREFIX):
+        raise ValueError(f"request_id: ids starting with {SERVER_ID_PREFIX!r} are reserved for the ids "
+                         f"the server assigns, got {request_id!r:.80}")
+    return request_id
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 This is the one place Ray is applied to the runtime's plain classes (PrefillWorker,
 DecodeWorker, Scheduler), with resources from `DeploymentConfig`. Lifecycle:
-  1. `serve(...)`: `ray.init()` a local cluster unless one is connected; start the prefill and
+  1. `serve(...)`: connect to the cluster at $RAY_ADDRESS, or start a private local one
+     (`start_local_cluster`: loopback only, no dashboard) unless connected; start the prefill and
      decode worker actors (each builds its engines on its own devices) and the scheduler, a
      named async actor in the "raypd" namespace; `Scheduler.start` reads the workers' shapes,
      calibrates the cost model (optional) and starts one collect loop per decode worker.
@@ -24,7 +25,7 @@ from typing import Iterator
 
 import ray
 
-from raypd.api import Completion, StreamChunk
+from raypd.api import Completion, StreamChunk, check_sampling
 from raypd.engine.api import SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
@@ -43,6 +44,39 @@ NAMESPACE = "raypd"
 STATUS_GROUP = "status"
 ROOT = str(Path(__file__).resolve().parents[2])
 REQUEST_TIMEOUT_S = 300.0  # a request that gets no token for this long fails with TimeoutError
+LOOPBACK = "127.0.0.1"
+
+
+def start_local_cluster(include_dashboard: bool = False, **init_kw):
+    """`ray.init` a new single-node cluster for this process alone, with every Ray component
+    (GCS, raylet, object manager, workers, dashboard agent, runtime-env agent and, when asked
+    for, the dashboard) listening on 127.0.0.1 only. `init_kw`: more ray.init arguments.
+
+    Ray has no public switch for this. Its C++ servers bind loopback only when the node's IP is
+    127.0.0.1, but `ray.init(_node_ip_address="127.0.0.1")` replaces a loopback address with
+    the machine's routable one; the node IP is loopback only where Ray believes clusters are
+    off (its RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER setting, read when ray is imported). So that
+    setting's constant is turned off for the duration of ray.init, and the result is checked:
+    a Ray version that behaves otherwise fails here instead of listening on the network.
+    -> what ray.init returns (`.dashboard_url`, `.address_info`)."""
+    from ray._private import ray_constants
+
+    env = dict(init_kw.pop("runtime_env", None) or {})
+    env["env_vars"] = {"PYTHONPATH": ROOT, **env.get("env_vars", {})}
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        context = ray.init(address="local", include_dashboard=include_dashboard, dashboard_host=LOOPBACK,
+                           runtime_env=env, **init_kw)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster came up on {node_ip}, not {LOOPBACK}: this Ray version "
+                           f"({ray.__version__}) ignores raypd's loopback setting; start Ray yourself "
+                           "(ray start --head --node-ip-address ...) and pass its address")
+    return context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +153,10 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
         config = DeploymentConfig(name=name, factory=factory, num_prefill=num_prefill, num_decode=num_decode,
                                   prefill_tp=prefill_tp, decode_tp=decode_tp, **overrides)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        else:
+            start_local_cluster()
     if _find(config.name) is not None:
         raise ValueError(f"a deployment named {config.name!r} is already running; shut it down or pick another name")
     spawn = WorkerSpawner(config, ray.cluster_resources().get("GPU", 0) > 0)
@@ -218,6 +255,7 @@ class Deployment:
     def __init__(self, name: str, scheduler, actors=()):
         self.name, self._scheduler, self._actors = name, scheduler, list(actors)
         self._is_shut_down = False
+        self._model_card = None
         self._poller: TokenPoller | None = None
         self._poller_lock = threading.Lock()
 
@@ -253,8 +291,16 @@ class Deployment:
         """model (.config, .tokenizer), max_seq_len, page_size, num_pages_total, max_slots, ..."""
         return self._call("info", timeout_s=60.0)
 
+    def _model(self):
+        """The model's card (.config, .tokenizer), fetched once per handle."""
+        if self._model_card is None:
+            self._model_card = self.info()["model"]
+        return self._model_card
+
     def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
                kv_compression: str | None = None) -> list[str]:
+        if params.stop_token_ids:  # checked against the model's vocabulary before the call
+            check_sampling(params, self._model())
         reply = self._call("submit", list(prompts), params, ttft_slo_s, kv_compression)
         if "error" in reply:
             raise errors.from_wire(reply["error"])

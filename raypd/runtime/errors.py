@@ -24,6 +24,10 @@ class RequestFailed(RuntimeErrorBase):
     """The request was accepted but failed in a worker (the message says where and why)."""
 
 
+class DuplicateRequestId(ValueError):
+    """A client-chosen request id is already in flight on this server (gRPC ALREADY_EXISTS)."""
+
+
 class DeploymentNotFound(RuntimeErrorBase, LookupError):
     """No deployment of that name on this Ray cluster."""
 

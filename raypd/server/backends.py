@@ -9,8 +9,13 @@ return a stream with the same four members:
   get(timeout_s) -> TokenOutput       raises StreamTimeout when none arrives within timeout_s
                                       (0: only what has already arrived)
   abort()                             frees the request's slot and pages; idempotent
-`submit` raises ValueError (bad input; the message names the field) or Rejected (at capacity,
-with a retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
+`submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
+ValueError: the client's request id is already in flight here) or Rejected (at capacity, with a
+retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
+
+Request ids: a stream's `request_id` is the client's own (Job.request_id) or, when the client
+sent none, one the server assigns, which starts with SERVER_ID_PREFIX (clients may not use it,
+so the two never collide). The Ray backend maps each to the deployment's own id.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import dataclasses
 import itertools
 import threading
 import time
+from typing import Sequence
 
-from raypd.api import LocalBackend, encode_prompt
-from raypd.engine.api import Request, SamplingParams, TokenOutput
+from raypd.api import LocalBackend, check_sampling, encode_prompt
+from raypd.engine.api import SERVER_ID_PREFIX, Request, SamplingParams, TokenOutput
 from raypd.runtime import errors
 from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
 from raypd.server.metrics import FunctionCollector, StatusCollector, deployment_families, engine_families
@@ -32,11 +38,11 @@ _ids = itertools.count()
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    prompt: str | list[int]
+    prompt: str | Sequence[int]  # text, or token ids (a list, or a protobuf repeated field)
     prompt_field: str  # "text" or "token_ids": named in error messages
     params: SamplingParams
     kv_compression: str | None = None
-    request_id: str = ""  # empty: the backend assigns one
+    request_id: str = ""  # the client's (engine.api.check_request_id); empty: the backend assigns one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,7 @@ class ModelCard:
 
 
 def _encode(job: Job, model, max_seq_len: int) -> list[int]:
-    if job.params.stop and model.tokenizer is None:
-        raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+    check_sampling(job.params, model)
     return encode_prompt(job.prompt, model, max_seq_len, job.params.max_tokens, field=job.prompt_field)
 
 
@@ -97,7 +102,7 @@ class LocalEngineBackend:
 
     def submit(self, job: Job) -> LocalStream:
         ids = _encode(job, self.local.model, self.local.max_seq_len)
-        request = Request(job.request_id or f"grpc-{next(_ids)}", ids, job.params, kv_compression=job.kv_compression)
+        request = Request(job.request_id or f"{SERVER_ID_PREFIX}{next(_ids)}", ids, job.params, kv_compression=job.kv_compression)
         return LocalStream(self.loop, self.loop.submit(request), len(ids))
 
     def server_info(self) -> dict:
@@ -113,11 +118,13 @@ class LocalEngineBackend:
 
 
 class RayStream:
-    """Tokens of one request of a deployment, fetched from its scheduler as `get` asks for them."""
+    """Tokens of one request of a deployment, fetched from its scheduler as `get` asks for them.
+    `request_id` is the one the client sees; `deployment_id` the one the scheduler knows."""
 
-    def __init__(self, deployment, request_id: str, submitted_s: float, prompt_tokens: int, on_end):
+    def __init__(self, deployment, request_id: str, deployment_id: str, submitted_s: float, prompt_tokens: int,
+                 on_end):
         self._deployment, self.request_id, self.submitted_s = deployment, request_id, submitted_s
-        self.prompt_tokens = prompt_tokens
+        self.deployment_id, self.prompt_tokens = deployment_id, prompt_tokens
         self._buffer: collections.deque[TokenOutput] = collections.deque()
         self._ended = False  # finished, failed or aborted: nothing more to fetch
         self._on_end = on_end
@@ -132,7 +139,7 @@ class RayStream:
         return self._buffer.popleft()
 
     def _fetch(self, timeout_s: float) -> None:
-        entry = _poll(self._deployment, self.request_id, timeout_s)
+        entry = _poll(self._deployment, self.deployment_id, timeout_s)
         if self._ended:  # aborted while we waited
             return
         if entry["error"] is not None:
@@ -152,7 +159,7 @@ class RayStream:
 
     def abort(self) -> None:
         if self._end():
-            _abort(self._deployment, self.request_id)
+            _abort(self._deployment, self.deployment_id)
 
 
 def _poll(deployment, request_id: str, timeout_s: float) -> dict:
@@ -183,7 +190,7 @@ class RayBackend:
         self.max_in_flight, self.max_slots, self.num_pages_total = max_in_flight, max_slots, num_pages_total
         self.status_timeout_s = status_timeout_s
         self._lock = threading.Lock()
-        self._in_flight = 0
+        self._in_flight: set = set()  # client request ids in flight, and a placeholder for each unnamed one
 
     def start(self, warmup: bool = True) -> None:
         """The deployment's workers built and warmed their engines when it started."""
@@ -192,29 +199,41 @@ class RayBackend:
         """The deployment outlives the endpoint: whoever started it shuts it down."""
 
     def submit(self, job: Job) -> RayStream:
-        prompt = _encode(job, self.model, self.max_seq_len) if self.model is not None else job.prompt
+        if self.model is not None:
+            prompt = _encode(job, self.model, self.max_seq_len)
+        else:  # the scheduler checks it; it travels to the scheduler as a plain list or string
+            prompt = job.prompt if isinstance(job.prompt, str) else list(job.prompt)
         with self._lock:
-            if self._in_flight >= self.max_in_flight:
+            if job.request_id in self._in_flight:
+                raise errors.DuplicateRequestId(f"request_id {job.request_id!r} is already in flight")
+            if len(self._in_flight) >= self.max_in_flight:
                 raise Rejected(f"endpoint at capacity ({self.max_in_flight} requests in flight)", 1.0)
-            self._in_flight += 1
+            key = job.request_id or object()  # the client's id, reserved now; else a placeholder
+            self._in_flight.add(key)
         submitted_s = time.perf_counter()
         try:
             (rid,) = self.deployment.submit([prompt], job.params, None, job.kv_compression)
         except errors.RequestRejected as e:
-            self._release()
+            self._release(key)
             raise Rejected(str(e), e.retry_after_s, reason=e.reason) from None
         except ValueError as e:  # the scheduler names the prompt "prompts[0]"; the client sent job.prompt_field
-            self._release()
+            self._release(key)
             raise ValueError(str(e).replace("prompts[0]", job.prompt_field)) from None
         except BaseException:
-            self._release()
+            self._release(key)
             raise
         n = len(prompt) if isinstance(prompt, list) else 0  # 0: tokenized by the deployment, count unknown
-        return RayStream(self.deployment, rid, submitted_s, n, on_end=self._release)
+        return RayStream(self.deployment, job.request_id or f"{SERVER_ID_PREFIX}{rid}", rid, submitted_s, n,
+                         on_end=lambda: self._release(key))
 
-    def _release(self) -> None:
+    def _release(self, key) -> None:
         with self._lock:
-            self._in_flight -= 1
+            self._in_flight.discard(key)
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
 
     def server_info(self) -> dict:
         s = self.deployment.status(timeout_s=self.status_timeout_s)

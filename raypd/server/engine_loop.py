@@ -20,6 +20,7 @@ import threading
 import time
 
 from raypd.engine.api import Request, TokenOutput
+from raypd.runtime.errors import DuplicateRequestId
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class EngineLoop:
             if len(self._streams) >= self.max_queued:
                 raise Rejected(f"server at capacity ({self.max_queued} requests in flight)", retry_after_s=1.0)
             if request.request_id in self._streams:
-                raise ValueError(f"request_id {request.request_id!r} is already in flight")
+                raise DuplicateRequestId(f"request_id {request.request_id!r} is already in flight")
             stream = RequestStream(request.request_id, time.perf_counter())
             self._streams[request.request_id] = stream
         self._commands.put(("add", request))

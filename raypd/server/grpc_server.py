@@ -10,7 +10,9 @@ deployment; both answer with the same status codes. INVALID_ARGUMENT (bad input;
 names the field), RESOURCE_EXHAUSTED (at capacity; trailing metadata `rejection-reason` and,
 when retrying can help, `retry-after-ms`), DEADLINE_EXCEEDED (the client's deadline passed
 mid-generation), CANCELLED (the client went away), UNAVAILABLE (the deployment is not
-running), INTERNAL (a worker failed the request), UNAUTHENTICATED (auth). A cancelled or
+running), INTERNAL (a worker failed the request), UNAUTHENTICATED (auth), ALREADY_EXISTS (the
+client's request_id is already in flight on this server). A request that cannot be parsed (a
+string field that is not UTF-8, say) is INVALID_ARGUMENT naming the field (wire.py). A cancelled or
 expired request is aborted in the engine or the deployment, which frees its slot and pages
 before its next step.
 """
@@ -29,12 +31,13 @@ from grpc_reflection.v1alpha import reflection
 
 import raypd
 from raypd.api import LocalBackend
-from raypd.engine.api import SamplingParams
+from raypd.engine.api import SamplingParams, check_request_id
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
-from raypd.runtime.errors import DeploymentNotRunning, RequestFailed
+from raypd.runtime.errors import DeploymentNotRunning, DuplicateRequestId, RequestFailed
 from raypd.server.backends import Job, LocalEngineBackend
 from raypd.server.engine_loop import Rejected, StreamTimeout
 from raypd.server.metrics import Metrics
+from raypd.server.wire import Malformed, decode_request
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = raypd_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -43,6 +46,9 @@ POLL_S = 0.05  # how often a waiting handler checks for cancellation
 
 def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
     """The request as a Job; ValueError naming the field when it is malformed."""
+    if isinstance(req, Malformed):
+        raise ValueError(req.reason)
+    check_request_id(req.request_id)
     if req.model and req.model != model_name:
         raise ValueError(f"model: unknown model {req.model!r}; this server serves {model_name!r}")
     p = req.params
@@ -55,12 +61,14 @@ def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         top_k=p.top_k if p.HasField("top_k") else 0,
         seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+        stop=p.stop, stop_token_ids=p.stop_token_ids,  # sizes checked before they are copied
         ignore_eos=p.ignore_eos, logprobs=p.logprobs)
     which = req.WhichOneof("prompt")
     if which is None:
         raise ValueError("prompt: set either text or token_ids")
-    prompt = req.text if which == "text" else list(req.token_ids.ids)
+    # token ids stay a protobuf sequence: encode_prompt refuses an oversized one by its length,
+    # before anything walks (or copies) its ids
+    prompt = req.text if which == "text" else req.token_ids.ids
     return Job(prompt, which, params, kv or None, req.request_id)
 
 
@@ -75,6 +83,9 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
     def _submit(self, req: raypd_pb2.GenerateRequest, context):
         try:
             stream = self.backend.submit(parse_job(req, self.backend.card.name))
+        except DuplicateRequestId as e:
+            self._count("already_exists")
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except ValueError as e:
             self._count("invalid_argument")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -217,6 +228,28 @@ class BearerAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
 
 
+class _Capture:
+    """Stands in for a server to catch the handlers the generated code registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_generation_service(service: GenerationService, server: grpc.Server) -> None:
+    """As the generated add_GenerationServicer_to_server, except that the GenerateRequest of
+    Generate and GenerateStream is parsed by wire.decode_request: a request that does not parse
+    reaches the service as a Malformed (INVALID_ARGUMENT naming the field), not as INTERNAL."""
+    capture = _Capture()
+    raypd_pb2_grpc.add_GenerationServicer_to_server(service, capture)
+    handlers = {name: h._replace(request_deserializer=decode_request) if name in ("Generate", "GenerateStream")
+                else h for name, h in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -243,23 +276,29 @@ def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: i
     check_bind(host, token, tls_cert, tls_key, allow_insecure_remote)
     if not is_loopback(host) and tls_cert is None and token is None:
         log.warning("!!! raypd gRPC listens on %s WITHOUT TLS OR AUTH: anyone who can reach it can use it !!!", host)
+    # so_reuseport off: a second server on a port one already holds fails to bind, instead of
+    # sharing it (the kernel would spread new connections over both, token or no token).
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[BearerAuth(token)] if token else [], options=options)
-    raypd_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    add_generation_service(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
-    if tls_cert is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls_cert is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if not bound:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: the port is in use (raypd never shares a port) or the "
+                      "address is not this machine's")
     return server, bound
 
 
