@@ -7,101 +7,22 @@ the name of a model shipped in the package (`models.DEFAULT_MODEL`), a Hugging F
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-from pathlib import Path
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from models import checkpoint
-from models.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig, from_hf_config
-from models.llama import Params, forward, init_params
-from models.presets import PRESET_SEED, PRESETS
-from models.tokenizer import ByteTokenizer, HFTokenizer
+from models.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig, from_hf_config  # noqa: F401 - re-exported
+from models.presets import PRESET_SEED, PRESETS  # noqa: F401
+from models.tokenizer import ByteTokenizer, HFTokenizer  # noqa: F401
+from models.tokens import DATA_DIR, DEFAULT_MODEL, check_token_ids  # noqa: F401
 
 __all__ = ["Model", "ModelConfig", "load", "PRESETS", "DEFAULT_MODEL", "SUPPORTED_ARCHITECTURES"]
 
-DATA_DIR = Path(__file__).parent / "data"
-DEFAULT_MODEL = "pystdlib-tiny"  # trained by scripts/train_default_model.py, shipped in models/data
+# JAX-backed names, imported on first use (models/model.py): `import models` stays light.
+_HEAVY = {"Model": "models.model", "load": "models.model", "forward": "models.llama", "init_params": "models.llama",
+          "Params": "models.llama", "checkpoint": "models.checkpoint"}
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _logits(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return forward(params, tokens, cfg)
+def __getattr__(name):
+    if name in _HEAVY:
+        import importlib
 
-
-@dataclasses.dataclass
-class Model:
-    config: ModelConfig
-    params: Params
-    tokenizer: HFTokenizer | ByteTokenizer | None
-    name: str = ""
-
-    def logits(self, token_ids) -> np.ndarray:
-        """Teacher-forced logits [T, V] (float32) for one sequence of token ids, no cache."""
-        ids = check_token_ids(token_ids, self.config.vocab_size)
-        out = _logits(self.params, jnp.asarray([ids], jnp.int32), self.config)
-        return np.asarray(out[0], np.float32)
-
-
-def check_token_ids(token_ids, vocab_size: int, field: str = "token_ids") -> list[int]:
-    ids = [int(t) for t in token_ids]
-    if not ids:
-        raise ValueError(f"{field} must not be empty")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    return ids
-
-
-def _check_dtype(dtype: str | None) -> None:
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-
-
-def load(source: str | Path | None = None, dtype: str | None = None, *, shardings=None) -> Model:
-    """Load a model. See the module docstring for what `source` may be.
-
-    `dtype` ("float32" | "bfloat16") overrides the checkpoint's dtype. `shardings`, a Params tree
-    of jax shardings (models.sharding.param_shardings), places the weights as they load.
-    """
-    _check_dtype(dtype)
-    source = DEFAULT_MODEL if source is None else source
-    name = str(source)
-    if isinstance(source, str) and source in PRESETS:
-        cfg = PRESETS[source]
-        cfg = cfg.replace(dtype=dtype) if dtype else cfg
-        params = init_params(cfg, seed=PRESET_SEED)
-        tokenizer = ByteTokenizer(cfg.vocab_size)
-    else:
-        path = Path(source)
-        if isinstance(source, str) and (DATA_DIR / source).is_dir() and not path.exists():
-            path = DATA_DIR / source
-        if not path.exists():
-            shipped = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir()) if DATA_DIR.exists() else []
-            raise ValueError(f"model {name!r} is neither a preset {sorted(PRESETS)}, a shipped model "
-                             f"{shipped}, nor an existing directory")
-        if not path.is_dir():
-            raise ValueError(f"model source {name!r} is not a directory")
-        if checkpoint.is_checkpoint(path):
-            cfg = checkpoint.read_config(path)
-            cfg = cfg.replace(dtype=dtype) if dtype else cfg
-            params = checkpoint.restore(path, cfg, shardings)
-            shardings = None
-        else:
-            if not (path / "config.json").exists():
-                raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory "
-                                 f"or a raypd checkpoint with {checkpoint.CONFIG_FILE})")
-            from models.weights import params_from_hf, read_hf_tensors
-
-            cfg = from_hf_config(json.loads((path / "config.json").read_text()), dtype)
-            params = params_from_hf(read_hf_tensors(path, cfg), cfg)
-        tokenizer = None
-        if (path / "tokenizer.json").exists():
-            tokenizer = HFTokenizer(path, eos_ids=cfg.eos_token_ids, bos_id=cfg.bos_token_id)
-    if shardings is not None:
-        params = jax.device_put(params, shardings)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name)
+        module = importlib.import_module(_HEAVY[name])
+        return module if name == "checkpoint" else getattr(module, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -1,13 +1,23 @@
-"""raypd: prefill/decode-disaggregated LLM serving for JAX on Ray."""
+"""raypd: prefill/decode-disaggregated LLM serving for JAX on Ray.
 
-from raypd.api import Completion, StreamChunk, generate, stream
+Every public name loads on first use, so importing a light module of the package (the request
+types, the scheduler's process) never pulls in JAX or Ray.
+"""
 
 __all__ = ["generate", "stream", "serve", "connect", "simulate", "plan", "Completion", "StreamChunk"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """`raypd.serve` / `raypd.connect` import the Ray runtime on first use only."""
+    """Public names on first use: the engines (JAX) with `generate`, Ray with `serve`."""
+    if name in ("generate", "stream"):
+        from raypd import api
+
+        return getattr(api, name)
+    if name in ("Completion", "StreamChunk"):
+        from raypd import protocol
+
+        return getattr(protocol, name)
     if name in ("serve", "connect"):
         from raypd.runtime import deployment
 

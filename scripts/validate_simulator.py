@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,  # pinning decides cores
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     t0 = time.perf_counter()
-    targets = {m: bs.start(m, study_args, model, args.chunk, name=f"validate-{m}") for m in bs.MODES}
+    targets = {m: bs.start(m, study_args, model, args.chunk, name=f"validate-{m}", calibrate=True) for m in bs.MODES}
     try:
         for t in targets.values():
             bs.warm(t, study_args, plan, bs.WORKLOADS)

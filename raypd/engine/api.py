@@ -37,8 +37,11 @@ MAX_REQUEST_ID_LEN = 256  # characters of a client-chosen request id: printable 
 SERVER_ID_PREFIX = "srv-"  # request ids the servers assign start with it; clients may not use it
 
 
-def check_kv_compression(value):
-    """None (the deployment's default) or one of KV_COMPRESSIONS; else ValueError."""
+def check_kv_compression(value, allow_default: bool = True):
+    """The one check of a K/V compression name: one of KV_COMPRESSIONS, or None (the
+    deployment's default) where `allow_default`; else ValueError."""
+    if value is None and not allow_default:
+        raise ValueError(f"kv_compression must be one of {KV_COMPRESSIONS}, got None")
     if value is not None and value not in KV_COMPRESSIONS:
         raise ValueError(f"kv_compression must be one of {KV_COMPRESSIONS} or None (the deployment "
                          f"default), got {value!r}")
@@ -163,6 +166,47 @@ class KVPayload:
     k: np.ndarray  # [L, n, G, K, H]
     v: np.ndarray  # [L, n, G, K, H]
     num_tokens: int
+
+
+@dataclasses.dataclass
+class EncodedKV:
+    """One request's K/V as it travels, in page order. Arrays are numpy on the wire (a
+    transport may hand back device arrays of the same shapes)."""
+
+    compression: str  # "none" | "int8"
+    num_tokens: int  # prompt tokens whose K/V the pages hold (the last page may be partial)
+    dtype: str  # the sender pool's dtype ("float32", "bfloat16", ...)
+    k: np.ndarray  # [L, n, G, K, H] int8 (int8) or the pool dtype (none)
+    v: np.ndarray  # [L, n, G, K, H]
+    k_scale: np.ndarray | None = None  # [L, n, G, K] bfloat16, rounded up (int8 only)
+    v_scale: np.ndarray | None = None  # [L, n, G, K] bfloat16
+    raw_index: np.ndarray | None = None  # [m] int32, positions in 0..n-1 of pages sent raw
+    raw_k: np.ndarray | None = None  # [L, m, G, K, H] pool dtype
+    raw_v: np.ndarray | None = None  # [L, m, G, K, H]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.k.shape)  # [L, n, G, K, H]
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def num_raw_pages(self) -> int:
+        return 0 if self.raw_index is None else int(len(self.raw_index))
+
+    @property
+    def num_bytes(self) -> int:
+        arrays = (self.k, self.v, self.k_scale, self.v_scale, self.raw_index, self.raw_k, self.raw_v)
+        return int(sum(a.size * a.dtype.itemsize for a in arrays if a is not None))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        names = ("k", "v", "k_scale", "v_scale", "raw_index", "raw_k", "raw_v")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def replace(self, **arrays) -> "EncodedKV":
+        return dataclasses.replace(self, **arrays)
 
 
 @dataclasses.dataclass

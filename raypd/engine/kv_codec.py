@@ -42,7 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raypd.engine.api import KV_COMPRESSIONS as COMPRESSIONS  # ("int8", "none")
+from raypd.engine.api import KV_COMPRESSIONS as COMPRESSIONS  # noqa: F401 - ("int8", "none"), re-exported
+from raypd.engine.api import EncodedKV  # noqa: F401 - the payload type, re-exported
+from raypd.engine.api import check_kv_compression
 from raypd.engine.paged import KVCache, read_pages, write_pages
 
 QMAX = 127
@@ -50,50 +52,8 @@ GUARD_THRESHOLD = 0.02  # relative RMS error per page above which the page is se
 
 
 def check_compression(compression: str) -> str:
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown kv compression {compression!r}; expected one of {COMPRESSIONS}")
-    return compression
-
-
-@dataclasses.dataclass
-class EncodedKV:
-    """One request's K/V as it travels, in page order. Arrays are numpy on the wire (a
-    transport may hand back device arrays of the same shapes)."""
-
-    compression: str  # "none" | "int8"
-    num_tokens: int  # prompt tokens whose K/V the pages hold (the last page may be partial)
-    dtype: str  # the sender pool's dtype ("float32", "bfloat16", ...)
-    k: np.ndarray  # [L, n, G, K, H] int8 (int8) or the pool dtype (none)
-    v: np.ndarray  # [L, n, G, K, H]
-    k_scale: np.ndarray | None = None  # [L, n, G, K] bfloat16, rounded up (int8 only)
-    v_scale: np.ndarray | None = None  # [L, n, G, K] bfloat16
-    raw_index: np.ndarray | None = None  # [m] int32, positions in 0..n-1 of pages sent raw
-    raw_k: np.ndarray | None = None  # [L, m, G, K, H] pool dtype
-    raw_v: np.ndarray | None = None  # [L, m, G, K, H]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.k.shape)  # [L, n, G, K, H]
-
-    @property
-    def num_pages(self) -> int:
-        return int(self.k.shape[1])
-
-    @property
-    def num_raw_pages(self) -> int:
-        return 0 if self.raw_index is None else int(len(self.raw_index))
-
-    @property
-    def num_bytes(self) -> int:
-        arrays = (self.k, self.v, self.k_scale, self.v_scale, self.raw_index, self.raw_k, self.raw_v)
-        return int(sum(a.size * a.dtype.itemsize for a in arrays if a is not None))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        names = ("k", "v", "k_scale", "v_scale", "raw_index", "raw_k", "raw_v")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-    def replace(self, **arrays) -> "EncodedKV":
-        return dataclasses.replace(self, **arrays)
+    """A named compression (not None): raypd.engine.api.check_kv_compression, the one check."""
+    return check_kv_compression(compression, allow_default=False)
 
 
 # ---------------------------------------------------------------- pure kernels

@@ -32,33 +32,12 @@ import numpy as np
 from raypd.engine.api import PrefillOutput, Request, TokenOutput
 from raypd.engine.pages import OutOfPages
 from raypd.runtime.engines import WorkerEngines
+from raypd.runtime.messages import DecodeReport, Token
 from raypd.runtime.workers import (PrefillJob, PrefillResult, StreamHandle, _calibration_request, _identity,
                                    _load_host_prefix, _retain, pin_to_cpus)
 from raypd.transfer.base import TransferError
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class DecodeReport:
-    """Decode worker -> scheduler, one per `collect`: everything since the last one."""
-
-    tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
-    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
-    retryable: list[str] = dataclasses.field(default_factory=list)  # of those, K/V lost in transfer: retry
-    started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since
-    received: list = dataclasses.field(default_factory=list)  # (TransferHandle, recv seconds) now in the pool
-    prefilled: list[PrefillResult] = dataclasses.field(default_factory=list)  # local prefills
-    finished: list[tuple] = dataclasses.field(default_factory=list)  # (rid, token ids, retained pages)
-    freed: list[int] = dataclasses.field(default_factory=list)  # pages `free_pages` released
-    num_free_pages: int = 0
-    num_free_slots: int = 0
-    num_running: int = 0
-    context_len: int = 0
-
-    def is_empty(self) -> bool:
-        return not (self.tokens or self.errors or self.started or self.received or self.prefilled
-                    or self.freed or self.finished)
 
 
 class DecodeWorker:
@@ -343,7 +322,7 @@ class DecodeWorker:
         with self._cv:
             r = self._report
             for o in outputs:
-                r.tokens.setdefault(o.request_id, []).append((o.token_id, o.logprob, o.finish_reason, o.text))
+                r.tokens.setdefault(o.request_id, []).append(Token(o.token_id, o.logprob, o.finish_reason, o.text))
                 if o.is_finished:
                     self._context.pop(o.request_id, None)
             if error is not None:

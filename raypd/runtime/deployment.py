@@ -20,29 +20,23 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import ray
 
-from raypd.api import Completion, StreamChunk, check_sampling
+from raypd.protocol import Completion, StreamChunk, check_sampling
 from raypd.engine.api import SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
 from raypd.runtime.engines import JaxEngineFactory
 from raypd.runtime.poller import TokenPoller
 from raypd.runtime.scheduler_actor import Scheduler
-from raypd.runtime.decode_worker import DecodeWorker
-from raypd.runtime.workers import PrefillWorker
-from raypd.transfer import DEFAULT_BACKEND, make_transport
+from raypd.runtime.spawner import ROOT, STATUS_GROUP, WorkerSpawner  # noqa: F401 - ROOT, STATUS_GROUP for callers
+from raypd.transfer import DEFAULT_BACKEND
 from scheduler import PolicyConfig
 from scheduler.rebalancer import RebalanceConfig
 
 NAMESPACE = "raypd"
-# A prefill worker runs one call at a time (its engine is not shared); `status` runs in this
-# group of its own, so a liveness probe or a metrics scrape never waits behind a long prefill.
-STATUS_GROUP = "status"
-ROOT = str(Path(__file__).resolve().parents[2])
 REQUEST_TIMEOUT_S = 300.0  # a request that gets no token for this long fails with TimeoutError
 LOOPBACK = "127.0.0.1"
 
@@ -131,14 +125,6 @@ class DeploymentConfig:
                              f"{self.max_retries}, {self.host_cache_bytes}, {self.max_replacements}")
 
 
-def _options(res: Resources, tp: int, has_gpus: bool, **extra) -> dict:
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    num_gpus = res.num_gpus if res.num_gpus is not None else (tp if has_gpus else 0)
-    if not num_gpus:
-        env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(tp, 1)}"
-    return dict(num_cpus=res.num_cpus, num_gpus=num_gpus, resources=dict(res.resources),
-                runtime_env={"env_vars": env}, **extra)
 
 
 def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int = 1, decode_tp: int = 1,
@@ -184,43 +170,6 @@ def _host_copies(config: DeploymentConfig) -> str | None:
     if config.host_copies != "auto":
         return config.host_copies
     return getattr(config.factory, "compression", "none")
-
-
-def _fetch_object(ref):
-    """How workers resolve a host copy's reference (PrefillJob.host_prefix)."""
-    return ray.get(ref, timeout=30.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSpawner:
-    """Starts one worker actor of a deployment (picklable: the scheduler uses it to replace a
-    worker that died). `spawn(role, worker_id)` -> the actor handle; its engines build in the
-    background (`info` answers once they are up)."""
-
-    config: DeploymentConfig
-    has_gpus: bool
-
-    def __call__(self, role: str, worker_id: str):
-        c, transport = self.config, _TransportFactory(self.config.transport)
-        if role == "prefill":
-            cls = ray.remote(concurrency_groups={STATUS_GROUP: 1})(PrefillWorker)
-            res, tp, concurrency = c.prefill_resources, c.prefill_tp, 1
-        elif role == "decode":
-            cls, res, tp, concurrency = ray.remote(DecodeWorker), c.decode_resources, c.decode_tp, 8
-        else:
-            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
-        return cls.options(**_options(res, tp, self.has_gpus, max_concurrency=concurrency)).remote(
-            worker_id, c.factory, transport, tp, cpus=res.cpus, fetch=_fetch_object)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TransportFactory:
-    """Picklable: each worker builds its own transport in its own process."""
-
-    kind: str
-
-    def __call__(self):
-        return make_transport(self.kind)
 
 
 def _find(name: str):

@@ -23,10 +23,10 @@ import time
 
 from ray.exceptions import RayActorError
 
-from raypd.api import encode_prompt
+from raypd.protocol import encode_prompt
 from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
-from raypd.runtime.workers import PrefillJob
+from raypd.runtime.messages import PrefillJob
 from scheduler import CostModel, PolicyConfig, fit
 from scheduler import core
 from scheduler.kv_store import ExportPages, FreePages, KVStore

@@ -27,52 +27,9 @@ import numpy as np
 
 from raypd.engine.api import PrefillOutput, Request, SamplingParams
 from raypd.runtime.engines import WorkerEngines
+from raypd.runtime.messages import PrefillJob, PrefillResult, StreamHandle  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class PrefillJob:
-    """Scheduler -> worker: one request and the worker's pages holding its cached prefix."""
-
-    request: Request
-    prefix_pages: list[int] = dataclasses.field(default_factory=list)
-    retain: bool = True  # keep the new full prompt pages for the KV index
-    # Host copies of the pages right after `prefix_pages`, in order: (payload, page positions in
-    # it). A payload is an EncodedKV or a reference the worker's `fetch` resolves (a Ray
-    # ObjectRef in a deployment). Fetched pages join the prefix; if a fetch fails they are computed.
-    host_prefix: list[tuple[object, list[int]]] = dataclasses.field(default_factory=list)
-    # Layer streaming: the decode worker (an actor handle) that receives this request's K/V
-    # layer group by layer group while the prefill runs (`DecodeWorker.receive_parts`); None:
-    # the whole K/V is sent after the prefill.
-    stream_to: object = None
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamHandle:
-    """Stands for a streamed request's K/V where a TransferHandle would: the payloads went to
-    the decode worker as layer parts; this tells it to insert once they are all in."""
-
-    transfer_id: str
-    request_id: str
-    backend: str
-    compression: str
-    num_tokens: int
-    num_bytes: int
-    num_parts: int
-
-
-@dataclasses.dataclass
-class PrefillResult:
-    """Worker -> scheduler. Small: page ids and a transfer handle, never K/V."""
-
-    output: PrefillOutput  # .pages emptied (they are the sender's business)
-    handle: object | None  # TransferHandle; None when prefilled on the decode worker itself
-    cached_pages: list[int]  # retained full prompt pages after the worker's own prefix, in order
-    num_prefix_pages: int  # leading pages reused from the worker's own pool
-    num_computed_tokens: int
-    prefill_s: float
-    num_fetched_pages: int = 0  # pages after the own prefix loaded from host copies
 
 
 def _retain(prefill, out: PrefillOutput, retain: bool, num_own: int) -> list[int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import queue
 import threading
 import time
 from typing import Sequence
@@ -30,6 +31,7 @@ from typing import Sequence
 from raypd.api import LocalBackend, check_sampling, encode_prompt
 from raypd.engine.api import SERVER_ID_PREFIX, Request, SamplingParams, TokenOutput
 from raypd.runtime import errors
+from raypd.runtime.poller import TokenPoller
 from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
 from raypd.server.metrics import FunctionCollector, StatusCollector, deployment_families, engine_families
 
@@ -122,8 +124,9 @@ class RayStream:
     `request_id` is the one the client sees; `deployment_id` the one the scheduler knows."""
 
     def __init__(self, deployment, request_id: str, deployment_id: str, submitted_s: float, prompt_tokens: int,
-                 on_end):
+                 on_end, poller: TokenPoller):
         self._deployment, self.request_id, self.submitted_s = deployment, request_id, submitted_s
+        self._poller, self._entries = poller, poller.add(deployment_id)
         self.deployment_id, self.prompt_tokens = deployment_id, prompt_tokens
         self._buffer: collections.deque[TokenOutput] = collections.deque()
         self._ended = False  # finished, failed or aborted: nothing more to fetch
@@ -139,7 +142,10 @@ class RayStream:
         return self._buffer.popleft()
 
     def _fetch(self, timeout_s: float) -> None:
-        entry = _poll(self._deployment, self.deployment_id, timeout_s)
+        try:
+            _, entry = self._entries.get(timeout=timeout_s)
+        except queue.Empty:
+            return
         if self._ended:  # aborted while we waited
             return
         if entry["error"] is not None:
@@ -159,11 +165,8 @@ class RayStream:
 
     def abort(self) -> None:
         if self._end():
+            self._poller.drop(self.deployment_id)
             _abort(self._deployment, self.deployment_id)
-
-
-def _poll(deployment, request_id: str, timeout_s: float) -> dict:
-    return deployment.poll([request_id], timeout_s)[request_id]
 
 
 def _abort(deployment, request_id: str) -> None:
@@ -191,12 +194,14 @@ class RayBackend:
         self.status_timeout_s = status_timeout_s
         self._lock = threading.Lock()
         self._in_flight: set = set()  # client request ids in flight, and a placeholder for each unnamed one
+        self._poller = TokenPoller(deployment.poll, name="raypd-grpc-poller")  # one poll for every stream
 
     def start(self, warmup: bool = True) -> None:
         """The deployment's workers built and warmed their engines when it started."""
 
     def stop(self) -> None:
         """The deployment outlives the endpoint: whoever started it shuts it down."""
+        self._poller.stop()
 
     def submit(self, job: Job) -> RayStream:
         if self.model is not None:
@@ -224,7 +229,7 @@ class RayBackend:
             raise
         n = len(prompt) if isinstance(prompt, list) else 0  # 0: tokenized by the deployment, count unknown
         return RayStream(self.deployment, job.request_id or f"{SERVER_ID_PREFIX}{rid}", rid, submitted_s, n,
-                         on_end=lambda: self._release(key))
+                         on_end=lambda: self._release(key), poller=self._poller)
 
     def _release(self, key) -> None:
         with self._lock:

@@ -26,7 +26,7 @@ import uuid
 import ml_dtypes
 import numpy as np
 
-from raypd.engine.kv_codec import EncodedKV
+from raypd.engine.api import EncodedKV
 
 BACKENDS = {
     "inproc": "raypd.transfer.inproc:InProcTransport",
