@@ -269,7 +269,7 @@ class SchedulerCore:
             call = self._end_call(self.local_calls.pop((d, rid), None))
             actions += self._unpin(call)
         for rid in report.started:
-            ws.reserved.pop(rid, None)
+            ws.unreserve(rid)
             r = self.requests.get(rid)
             if r is not None and r.phase in (PREFILLING, HANDOFF):
                 r.phase = DECODING
@@ -439,7 +439,7 @@ class SchedulerCore:
         if rid in self.queue:
             self.queue.remove(rid)
         for ws in self.workers.values():
-            ws.reserved.pop(rid, None)
+            ws.unreserve(rid)
         self._release_backlog(r)
         actions: list = []
         if r.transfer_id is not None and r.phase != ENDED:  # starting over: the decode worker never got it
@@ -485,7 +485,7 @@ class SchedulerCore:
         call = self.calls.pop(call_id, None) if call_id is not None else None
         if call is not None and call.worker in self.workers:
             ws = self.workers[call.worker]
-            ws.call_pages.pop(call.call_id, None)
+            ws.unreserve_call(call.call_id)
             ws.queued_s = max(0.0, ws.queued_s - call.estimate_s)
         return call
 
@@ -611,12 +611,12 @@ class SchedulerCore:
             call.estimate_s = est.prefill_s
             self.workers[w].queued_s += est.prefill_s
             if decision.is_local_prefill:
-                self.workers[d].reserved[rid] = need_here
+                self.workers[d].reserve(rid, need_here)
                 self.local_calls[(d, rid)] = call.call_id
             else:
-                self.workers[w].call_pages[call.call_id] = need_here
+                self.workers[w].reserve_call(call.call_id, need_here)
                 actions += self._make_room(d, r.spec.num_pages_needed + self.workers[d].num_reserved_pages, now_s)
-                self.workers[d].reserved[rid] = r.spec.num_pages_needed
+                self.workers[d].reserve(rid, r.spec.num_pages_needed)
                 kv = self.cost.kv_bytes(r.spec.prompt_len)
                 self.workers[w].backlog_bytes += kv
                 self.workers[d].backlog_bytes += kv
@@ -656,6 +656,7 @@ class SchedulerCore:
             for rid in s.reserved:
                 assert rid in live and self.requests[rid].placement is not None \
                     and self.requests[rid].placement.decode_worker_id == w, f"{w}: reservation of {rid} leaked"
+            assert s.num_reserved_pages == sum(s.reserved.values()) + sum(s.call_pages.values()), f"{w}: page sum"
             for call_id in s.call_pages:
                 assert call_id in self.calls and self.calls[call_id].worker == w, f"{w}: call {call_id} leaked"
             owed = sum(r.backlog[2] for r in self.requests.values() if r.backlog and w in r.backlog[:2])

@@ -24,9 +24,22 @@ class WorkerState:
     queued_s: float = 0.0  # predicted prefill work sent and not returned
     backlog_bytes: int = 0  # K/V bytes placed to move out of / into this worker, not yet received
 
-    @property
-    def num_reserved_pages(self) -> int:
-        return sum(self.reserved.values()) + sum(self.call_pages.values())
+    num_reserved_pages: int = 0  # sum of `reserved` and `call_pages`, kept by the methods below
+
+    def reserve(self, rid: str, num_pages: int) -> None:
+        self.unreserve(rid)
+        self.reserved[rid] = num_pages
+        self.num_reserved_pages += num_pages
+
+    def unreserve(self, rid: str) -> None:
+        self.num_reserved_pages -= self.reserved.pop(rid, 0)
+
+    def reserve_call(self, call_id: int, num_pages: int) -> None:
+        self.call_pages[call_id] = num_pages
+        self.num_reserved_pages += num_pages
+
+    def unreserve_call(self, call_id: int) -> None:
+        self.num_reserved_pages -= self.call_pages.pop(call_id, 0)
 
 
 @dataclasses.dataclass
