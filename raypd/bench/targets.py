@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -180,3 +181,70 @@ def stage_timings(m: dict | None) -> dict:
     if m.get("ttft_s") is not None:
         out["server_ttft_s"] = m["ttft_s"]
     return out
+
+
+class GrpcTarget:
+    """The gRPC endpoint at `address`, or (address None) one started in this process for the run."""
+
+    burst_gap_s = 0.0  # the server sends whatever tokens are ready as one GenerateChunk
+
+    def __init__(self, model: str | None = None, address: str | None = None, token: str | None = None,
+                 engine_config=None, max_queued: int = 256, warmup: bool = True,
+                 request_timeout_s: float = 600.0):
+        import grpc
+
+        from raypd.proto import raypd_pb2, raypd_pb2_grpc
+
+        self.endpoint = None
+        if address is None:
+            import models
+            from raypd.api import LocalBackend
+            from raypd.server.grpc_server import Endpoint
+
+            name = model or models.DEFAULT_MODEL
+            self.endpoint = Endpoint(LocalBackend(models.load(name), engine_config), name,
+                                     max_queued=max_queued).start(warmup=warmup)
+            address = f"127.0.0.1:{self.endpoint.port}"
+        self.channel = grpc.insecure_channel(address)
+        self.stub = raypd_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.request_timeout_s = request_timeout_s
+        self._pb = raypd_pb2
+        self.vocab_size, _, self.exclude_ids = model_limits(model)
+        info = self.stub.ListModels(raypd_pb2.ListModelsRequest(), metadata=self.metadata, timeout=30).models[0]
+        self.max_seq_len = info.max_seq_len
+        self.description = dict(kind="grpc", model=info.name, address=address,
+                                in_process=self.endpoint is not None, max_seq_len=info.max_seq_len)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        import grpc
+
+        pb = self._pb
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(prompt_ids)),
+                                 params=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        try:
+            for chunk in self.stub.GenerateStream(req, metadata=self.metadata, timeout=self.request_timeout_s):
+                timings = {}
+                if chunk.HasField("timings"):
+                    t = chunk.timings
+                    timings = dict(server_ttft_s=t.ttft_s, server_tpot_s=t.tpot_s, server_e2e_s=t.e2e_s)
+                yield len(chunk.token_ids), timings
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise TargetRejected(e.details()) from None
+            raise RuntimeError(f"{e.code().name}: {e.details()}") from None
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+
+
+def wait_ready(target, within_s: float = 600.0) -> float:
+    """Send one 2-token request (compiles what warmup did not, checks the target answers).
+    Returns its seconds."""
+    start = time.perf_counter()
+    for _ in target.stream([3, 4, 5, 6], 2):
+        if time.perf_counter() - start > within_s:
+            raise TimeoutError(f"target did not answer within {within_s} s")
+    return time.perf_counter() - start

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from pathlib import Path
 
 import ray
@@ -50,17 +51,13 @@ class WorkerSpawner:
     spawner (the scheduler's process) imports neither the engines nor JAX."""
 
     def __init__(self, config, has_gpus: bool):
-        import cloudpickle
-
-        self._config, self.has_gpus = cloudpickle.dumps(config), has_gpus
+        self._config, self.has_gpus = pickle.dumps(config), has_gpus
 
     def __call__(self, role: str, worker_id: str):
-        import cloudpickle
-
         from raypd.runtime.decode_worker import DecodeWorker
         from raypd.runtime.workers import PrefillWorker
 
-        c = cloudpickle.loads(self._config)
+        c = pickle.loads(self._config)
         transport = _TransportFactory(c.transport)
         if role == "prefill":
             cls = ray.remote(concurrency_groups={STATUS_GROUP: 1})(PrefillWorker)
