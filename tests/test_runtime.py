@@ -57,36 +57,58 @@ def reference():
 # ---------------------------------------------------------------- workers, no Ray
 
 
+INT8_LOGPROB_TOL = 0.01  # nats: INT8 K/V (per-row scales) moves a token's logprob by ~1e-3 on tiny-random
+
+
+def teacher_forced_logprobs(model, prompt: list[int], token_ids: list[int]) -> np.ndarray:
+    """Full-precision logprob of each generated token given everything before it (no cache)."""
+    logits = model.logits(prompt + token_ids[:-1]).astype(np.float64)[len(prompt) - 1:]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return logp[np.arange(len(token_ids)), token_ids]
+
+
+def assert_int8_within_tolerance(prompts_: list[list[int]], token_ids: list[list[int]], logprobs: list[list[float]]):
+    """INT8 K/V is lossy, so its greedy tokens may differ from the exact run; what must hold is
+    that along its own tokens, every logprob is within INT8_LOGPROB_TOL of the full-precision
+    model's (a broken codec or a misplaced page moves them by far more)."""
+    model = models.load("tiny-random")
+    worst = max(float(np.max(np.abs(np.asarray(lp) - teacher_forced_logprobs(model, p, t))))
+                for p, t, lp in zip(prompts_, token_ids, logprobs))
+    assert worst <= INT8_LOGPROB_TOL, f"INT8 K/V moved a logprob by {worst:.4f} nats"
+    return worst
+
+
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_workers_in_process_equal_local_backend(reference, compression, record_property):
     """Plain worker classes (no Ray): prefill worker -> inproc transport -> decode loop.
-    Exact with compression off; with INT8 K/V the agreement is reported (first tokens come
-    from prefill, before any compression, so they always agree)."""
+    Exact with compression off; with INT8 K/V every logprob along its own tokens is within a
+    stated tolerance of the full-precision model's (assert_int8_within_tolerance)."""
     transport = make_transport("inproc")
     factory = JaxEngineFactory("tiny-random", ENGINE, compression)
     pw = PrefillWorker("p", factory, lambda: transport)
     dw = DecodeWorker("d", factory, lambda: transport, start=False)
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=True)
     reqs = [Request(f"r{i}", p, params) for i, p in enumerate(prompts(ALL_LENGTHS)[:len(LENGTHS)])]
     results, _ = pw.prefill([PrefillJob(r) for r in reqs[1:]])
     assert max(len(pickle.dumps(r)) for r in results) < 2048  # small wire format: never K/V
     dw.submit([(r, res.output, res.handle) for r, res in zip(reqs[1:], results)])
     dw.submit_local([PrefillJob(reqs[0])])  # the 1-token prompt prefills on the decode worker
     tokens = {r.request_id: [] for r in reqs}
+    logprobs = {r.request_id: [] for r in reqs}
     finished = []  # (rid, token ids, pages): finished requests' full pages, retained for the index
     while dw.run_once():
         report = dw.collect(0)
         finished += report.finished
         for rid, toks in report.tokens.items():
             tokens[rid].extend(t[0] for t in toks)
+            logprobs[rid].extend(t[1] for t in toks)
     got, want = [tokens[r.request_id] for r in reqs], reference[:len(reqs)]
     if compression == "none":
         assert got == want
     else:
-        assert [g[0] for g in got] == [w[0] for w in want]
-        agreement = np.mean([a == b for g, w in zip(got, want) for a, b in zip(g, w)])
-        record_property("int8_token_agreement", float(agreement))
-        print(f"INT8 K/V: {agreement:.1%} of greedy tokens agree with the local backend")
+        worst = assert_int8_within_tolerance([r.prompt_ids for r in reqs], got, [logprobs[r.request_id] for r in reqs])
+        record_property("int8_max_logprob_error", worst)
     pw.release_transfers([res.handle for res in results])
     # retained full prompt pages (for the KV index) are all that is left; free them
     pw.free_pages([p for res in results for p in res.cached_pages])
@@ -167,10 +189,8 @@ def test_disaggregated_equals_colocated_and_local(model_deployment, reference):
     chunks = list(model_deployment.stream(prompts(ALL_LENGTHS)[5], max_tokens=MAX_TOKENS, ignore_eos=True))
     assert [c.token_id for c in chunks] == reference[5]
     int8 = model_deployment.generate(prompts(ALL_LENGTHS)[2:6], max_tokens=MAX_TOKENS, ignore_eos=True,
-                                     kv_compression="int8")  # per request; first tokens precede the K/V move
-    assert [c.token_ids[0] for c in int8] == [r[0] for r in reference[2:6]]
-    agreement = np.mean([a == b for c, r in zip(int8, reference[2:6]) for a, b in zip(c.token_ids, r)])
-    print(f"INT8 K/V through the deployment: {agreement:.1%} of greedy tokens agree")
+                                     kv_compression="int8", logprobs=True)  # per request
+    assert_int8_within_tolerance(prompts(ALL_LENGTHS)[2:6], [c.token_ids for c in int8], [c.logprobs for c in int8])
     assert_baseline(model_deployment)
 
 
