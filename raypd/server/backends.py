@@ -45,6 +45,7 @@ class Job:
     params: SamplingParams
     kv_compression: str | None = None
     request_id: str = ""  # the client's (engine.api.check_request_id); empty: the backend assigns one
+    ttft_slo_s: float | None = None  # the first token must come within this (a client's deadline); None: no bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +218,7 @@ class RayBackend:
             self._in_flight.add(key)
         submitted_s = time.perf_counter()
         try:
-            (rid,) = self.deployment.submit([prompt], job.params, None, job.kv_compression)
+            (rid,) = self.deployment.submit([prompt], job.params, job.ttft_slo_s, job.kv_compression)
         except errors.RequestRejected as e:
             self._release(key)
             raise Rejected(str(e), e.retry_after_s, reason=e.reason) from None

@@ -14,11 +14,14 @@ running), INTERNAL (a worker failed the request), UNAUTHENTICATED (auth), ALREAD
 client's request_id is already in flight on this server). A request that cannot be parsed (a
 string field that is not UTF-8, say) is INVALID_ARGUMENT naming the field (wire.py). A cancelled or
 expired request is aborted in the engine or the deployment, which frees its slot and pages
-before its next step.
+before its next step. The client's deadline travels to a Ray deployment as the request's TTFT
+bound: one whose first token is predicted to come too late (queue, prefill and transfer
+backlog counted) is refused at once with RESOURCE_EXHAUSTED, `rejection-reason: deadline`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -82,7 +85,11 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
 
     def _submit(self, req: raypd_pb2.GenerateRequest, context):
         try:
-            stream = self.backend.submit(parse_job(req, self.backend.card.name))
+            job = parse_job(req, self.backend.card.name)
+            remaining = context.time_remaining()
+            if remaining is not None:  # deadlines end to end: what cannot start in time is refused now
+                job = dataclasses.replace(job, ttft_slo_s=remaining)
+            stream = self.backend.submit(job)
         except DuplicateRequestId as e:
             self._count("already_exists")
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
