@@ -83,24 +83,44 @@ def add_arguments(parser) -> None:
                    help="allow cross-origin requests from this origin (repeatable; default: CORS off)")
 
 
+def _api_key(args) -> str | None:
+    return args.api_key or os.environ.get("RAYPD_API_KEY") or None
+
+
+def check_arguments(args) -> None:
+    """Before anything starts: SystemExit when the HTTP flags cannot work."""
+    from raypd.server.grpc_server import is_loopback
+    from raypd.server.openai_chat import ChatTemplate
+
+    if args.http_port is None:
+        return
+    if not is_loopback(args.http_host) and _api_key(args) is None and not args.allow_insecure_remote:
+        raise SystemExit(f"raypd serve: refusing to serve HTTP on non-loopback host {args.http_host!r} without "
+                         "an API key (pass --api-key or set RAYPD_API_KEY, or --allow-insecure-remote)")
+    if args.chat_template is not None:
+        try:
+            ChatTemplate.find(None, args.chat_template)
+        except ValueError as e:
+            raise SystemExit(f"raypd serve: {e}") from None
+
+
 @contextlib.contextmanager
 def serving(args, endpoint, model_source):
     """The HTTP API over `endpoint`'s backend and metrics while the block runs (nothing without
-    --http-port). Yields the HttpServer or None."""
+    --http-port). Yields the HttpServer or None. CLI glue: a bad flag is a SystemExit."""
     if args.http_port is None:
         yield None
         return
-    from raypd.server.grpc_server import is_loopback
     from raypd.server.openai_app import OpenAIServer, build_app
     from raypd.server.openai_chat import ChatTemplate, model_dir
 
-    api_key = args.api_key or os.environ.get("RAYPD_API_KEY") or None
-    if not is_loopback(args.http_host) and api_key is None and not args.allow_insecure_remote:
-        raise ValueError(f"refusing to serve HTTP on non-loopback host {args.http_host!r} without an API key "
-                         "(pass --api-key or set RAYPD_API_KEY, or --allow-insecure-remote)")
-    template = ChatTemplate.find(model_dir(model_source), args.chat_template)
-    server = OpenAIServer(endpoint.backend, api_key=api_key, chat_template=template, metrics=endpoint.metrics)
-    http = HttpServer(build_app(server, tuple(args.cors_origin or ())), args.http_host, args.http_port)
+    try:
+        template = ChatTemplate.find(model_dir(model_source), args.chat_template)
+        server = OpenAIServer(endpoint.backend, api_key=_api_key(args), chat_template=template,
+                              metrics=endpoint.metrics)
+        http = HttpServer(build_app(server, tuple(args.cors_origin or ())), args.http_host, args.http_port)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"raypd serve: {e}") from None
     http.start()
     log.info("OpenAI API on %s (chat template: %s)", http.url, "yes" if template else "none")
     try:
