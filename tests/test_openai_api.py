@@ -381,3 +381,20 @@ def test_raypd_serve_http_port(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+# ---------------------------------------------------------------- raypd bench --target openai
+
+
+def test_bench_openai_target_through_the_cli(http, tmp_path, capsys):
+    from raypd import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--target", "openai", "--url", f"{http.url}/v1", "--num-requests", "6", "--rate",
+                     "inf", "--concurrency", "3", "--input-len", "4:20", "--output-len", "2:6", "--out", str(out),
+                     "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())["points"][0]["records"]
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    assert all(sum(r["chunk_tokens"]) == r["max_tokens"] for r in records)  # ignore_eos: exact lengths
+    with pytest.raises(SystemExit, match="--url"):
+        cli.main(["bench", "--target", "openai", "--num-requests", "1"])
