@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -60,14 +61,19 @@ def deployment(ray_session):
 
 
 @pytest.fixture(scope="module")
-def clients(deployment, template_file):
+def servers(deployment, template_file):
     servers = [HttpServer(raypd.openai_app(LocalBackend(models.load(NAME), ENGINE), chat_template=template_file)),
                HttpServer(raypd.openai_app(deployment, model_name=NAME, chat_template=template_file))]
     for s in servers:
         s.start()
-    yield [openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=120) for s in servers]
+    yield servers
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    return [openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=120) for s in servers]
 
 
 def fields(response) -> dict:
@@ -113,6 +119,24 @@ def test_cached_tokens_count_the_shared_prefix_only(clients):
     assert warm.usage.prompt_tokens_details.cached_tokens == shared
     same = local.completions.create(model=NAME, prompt=prefix + "def f():\n", max_tokens=2, temperature=0)
     assert same.choices[0].text == warm.choices[0].text and same.usage.prompt_tokens == warm.usage.prompt_tokens
+
+
+def test_client_going_away_mid_stream_ends_the_request_on_its_worker(servers, deployment):
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", servers[1].port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(4096)
+        assert deployment.status()["num_tracked"] == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = deployment.status()
+        if status["num_tracked"] == 0 and all(w["num_running"] == 0 for w in status["decode"]):
+            break
+        time.sleep(0.05)
+    assert status["num_tracked"] == 0 and all(w["num_running"] == 0 for w in status["decode"]), status
 
 
 def test_behind_a_ray_serve_ingress(deployment, template_file):
