@@ -361,6 +361,10 @@ def test_non_streamed_request_aborted_when_its_client_goes_away(http, backend):
             time.sleep(0.005)
         assert pages_used(backend) > 0
     wait_idle(backend)
+    end = time.monotonic() + 5  # and the handler ended (it counts the request as cancelled)
+    while b'raypd_requests_total{code="cancelled"}' not in get(f"{http.url}/metrics")[1] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert b'raypd_requests_total{code="cancelled"}' in get(f"{http.url}/metrics")[1]
 
 
 # ---------------------------------------------------------------- raypd serve --http-port

@@ -35,7 +35,7 @@ from raypd.api import encode_prompt
 from raypd.engine.api import SamplingParams
 from raypd.server import openai_protocol as proto
 from raypd.server.backends import Job
-from raypd.server.engine_loop import Rejected
+from raypd.server.engine_loop import Rejected, StreamTimeout
 from raypd.server.metrics import Metrics
 from raypd.server.openai_chat import NO_TEMPLATE, ChatTemplate
 from raypd.server.openai_protocol import ApiError, Generation
@@ -44,7 +44,7 @@ from raypd.server.openai_streams import Choices, as_api_error
 
 EXEMPT_PATHS = ("/health", "/health/ready")  # no API key needed
 CODES = {200: "ok", 400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 413: "invalid_argument",
-         429: "resource_exhausted", 500: "internal", 503: "unavailable", 504: "deadline_exceeded"}
+         429: "resource_exhausted", 499: "cancelled", 500: "internal", 503: "unavailable", 504: "deadline_exceeded"}
 _ids = itertools.count()
 
 
@@ -61,8 +61,8 @@ class OpenAIServer:
         self.name = backend.card.name
         self.api_key, self.chat_template = api_key, chat_template
         self.metrics = metrics if metrics is not None else Metrics(backend.collector())
-        self.max_body_bytes, self.request_timeout_s, self.ready_timeout_s = max_body_bytes, request_timeout_s, \
-            ready_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout_s, self.ready_timeout_s = request_timeout_s, ready_timeout_s
         self.created = int(time.time())
         # submits (a Ray submit blocks) and one pump per stream; more than max_streams wait their turn
         self.executor = futures.ThreadPoolExecutor(max_workers=max_streams + 8, thread_name_prefix="raypd-http")
@@ -171,22 +171,20 @@ class OpenAIServer:
         self.observe(choices)
         out = []
         for k, c in enumerate(choices.items):
-            echo = self.echo_text(gen, prompt_ids[k // gen.n])
+            echo = self.echo_text(gen, k // gen.n, prompt_ids[k // gen.n])
             logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo)) if gen.logprobs else None
             out.append({"text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         build = proto.chat_body if kind == "chat" else proto.completion_body
         return build(rid, created, self.name, out, self.usage(gen, prompt_ids, choices))
 
-    def echo_text(self, gen: Generation, ids: list[int]) -> str:
+    def echo_text(self, gen: Generation, prompt_index: int, ids: list[int]) -> str:
+        """The prompt as text, for `echo`: as the client sent it, or its token ids decoded."""
         if not gen.echo:
             return ""
-        prompt = gen.prompts[0] if len(gen.prompts) == 1 else None
-        for p in gen.prompts:  # the prompt's own text when it was given as text
-            if isinstance(p, str) and self.model.tokenizer is not None and self.model.tokenizer.encode(p) == ids:
-                prompt = p
-                break
-        return prompt if isinstance(prompt, str) else (self.model.tokenizer.decode(ids) if self.model.tokenizer
-                                                       else "")
+        prompt = gen.prompts[prompt_index]
+        if isinstance(prompt, str):
+            return prompt
+        return self.model.tokenizer.decode(ids) if self.model.tokenizer is not None else ""
 
     def ready(self) -> None:
         """Runs in a worker thread: one token through the backend within ready_timeout_s, else ApiError(503)."""
@@ -203,11 +201,10 @@ class OpenAIServer:
                 try:
                     if stream.get(min(0.1, left)).is_finished:
                         return
-                except ApiError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - StreamTimeout: wait on; anything else: not ready
-                    if type(e).__name__ != "StreamTimeout":
-                        raise ApiError(503, f"not ready: {type(e).__name__}: {e}", None, "not_ready") from None
+                except StreamTimeout:
+                    continue
+                except Exception as e:  # noqa: BLE001 - not ready, whatever the reason
+                    raise ApiError(503, f"not ready: {type(e).__name__}: {e}", None, "not_ready") from None
         finally:
             stream.abort()
 

@@ -40,7 +40,7 @@ async def sse(server, gen, kind: str, rid: str, created: int, prompt_ids: list[l
             return proto.completion_chunk(rid, created, name, index, text, logprobs, finish, usage_on)
         if gen.echo:
             for i in range(len(choices.items)):
-                yield event(chunk(i, server.echo_text(gen, prompt_ids[i // gen.n]), None, None))
+                yield event(chunk(i, server.echo_text(gen, i // gen.n, prompt_ids[i // gen.n]), None, None))
     offsets = [0] * len(choices.items)
     try:
         async for index, batch in choices.events():

@@ -71,14 +71,17 @@ class Choice:
 
 
 def pump(stream, index: int, put, cancel: threading.Event, deadline: float) -> None:
-    """Runs in a worker thread: outputs of `stream` -> put((index, batch | exception)) until it ends."""
+    """Runs in a worker thread: outputs of `stream` -> put((index, batch | exception)) until it
+    ends. A stream that did not finish is aborted here, whatever happened (even a `put` that
+    fails because the event loop has closed)."""
+    is_finished = False
     try:
         while not cancel.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 put((index, ApiError(504, f"request {stream.request_id} did not finish before its deadline",
                                      None, "deadline_exceeded")))
-                break
+                return
             try:
                 batch = [stream.get(min(POLL_S, left))]
             except StreamTimeout:
@@ -88,12 +91,16 @@ def pump(stream, index: int, put, cancel: threading.Event, deadline: float) -> N
                     batch.append(stream.get(0))
                 except StreamTimeout:
                     break
+            is_finished = batch[-1].is_finished
             put((index, batch))
-            if batch[-1].is_finished:
+            if is_finished:
                 return
+        put((index, ApiError(499, "the client went away", None, "cancelled")))  # whoever still waits stops
     except BaseException as e:  # noqa: BLE001 - handed to the event loop, which answers with it
         put((index, e))
-    stream.abort()
+    finally:
+        if not is_finished:
+            stream.abort()
 
 
 class Choices:
