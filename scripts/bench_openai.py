@@ -1,19 +1,21 @@
-"""HTTP overhead of the OpenAI API: the same engine through `raypd serve --http-port` (its own
-process, streamed /v1/completions, the bench's OpenAI target) and through the Python client
-(an in-process EngineLoop, the bench's local target), side by side in one run.
+"""HTTP overhead of the OpenAI API against the Python client, on one and the same backend.
 
-  1. per request: one request at a time, a short prompt, max_tokens=1: median end-to-end
-     latency of each; the difference is what HTTP adds to a request;
-  2. per streamed token: 32 streams at once, 64 tokens each: output tokens/s of each, and the
+One in-process engine (the default model, a small EngineConfig whose every shape is compiled
+first, so no run pays for the compiler) serves both clients in turn:
+  direct  the backend interface the HTTP app and the gRPC server use (`backend.submit` and the
+          stream's `get`), from client threads of this process;
+  http    streamed /v1/completions through the OpenAI app on uvicorn (this process, loopback),
+          from the bench's OpenAI target (`raypd bench --target openai`), also in this process.
+Two workloads:
+  1. per request: one request at a time, an 8-token prompt, max_tokens=1: median end-to-end
+     latency; http - direct is what HTTP adds to a request;
+  2. per streamed token: 32 streams at once, 64 tokens each (64 requests): output tokens/s,
      mean time per output token after the first (TPOT).
-Wall-clock figures are only as steady as the machine; so each run also counts the CPU time
-both processes spent (this one: client, and the engine when direct; the server's), and the
-CPU per request and per token is what the noise disturbs least.
-Both engines are the default model with the same EngineConfig (the CLI's), both warmed up by
-running both workloads `--warmup-passes` times first (how requests group into prefill chunks
-and decode batches varies from run to run, and a shape seen for the first time compiles);
-rounds alternate (direct, HTTP, direct, HTTP, ...) so drift hits both, and each figure is the
-median over rounds.
+Rounds alternate (direct, http, direct, http, ...) so drift hits both; each figure is the median
+over rounds. Wall-clock figures are only as steady as the machine, so each run also counts the
+CPU time of this process (engine, server and clients all live here), per request and per
+token: http - direct is the CPU the HTTP path costs, client side included (an upper bound on
+the server's share).
 
     python scripts/bench_openai.py --json docs/results/bench_openai.json
 """
@@ -22,19 +24,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypd.bench import runner, targets  # noqa: E402
 from raypd.bench.workload import BenchRequest  # noqa: E402
+
+
+class DirectTarget:
+    """The Python client's path: the backend interface itself (what the HTTP app calls)."""
+
+    burst_gap_s = 0.0
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def stream(self, prompt_ids, max_tokens):
+        from raypd.engine.api import SamplingParams
+        from raypd.server.backends import Job
+
+        s = self.backend.submit(Job(list(prompt_ids), "prompt", SamplingParams(max_tokens=max_tokens,
+                                                                               ignore_eos=True)))
+        is_finished = False
+        try:
+            while not is_finished:
+                out = s.get(60.0)
+                is_finished = out.is_finished
+                yield 1, {}
+        finally:
+            if not is_finished:
+                s.abort()
 
 
 def prompts(n: int, length: int, vocab: int, exclude, seed: int) -> list[list[int]]:
@@ -45,17 +68,11 @@ def prompts(n: int, length: int, vocab: int, exclude, seed: int) -> list[list[in
     return [rng.choice(allowed, length).tolist() for _ in range(n)]
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of this process and of process `pid` (the server) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return time.process_time() + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run(target, ids: list[list[int]], max_tokens: int, concurrency: int, server_pid: int) -> dict:
+def run(target, ids: list[list[int]], max_tokens: int, concurrency: int) -> dict:
     reqs = [BenchRequest(i, p, max_tokens, 0.0) for i, p in enumerate(ids)]
-    cpu = cpu_s(server_pid)
+    cpu = time.process_time()
     res = runner.run(target, reqs, concurrency, progress=False)
-    cpu = cpu_s(server_pid) - cpu
+    cpu = time.process_time() - cpu
     bad = [r for r in res.records if r.status != "ok" or sum(r.chunk_tokens) != max_tokens]
     if bad:
         raise RuntimeError(f"{type(target).__name__}: {len(bad)} requests failed, e.g. {bad[0].error}")
@@ -67,70 +84,75 @@ def run(target, ids: list[list[int]], max_tokens: int, concurrency: int, server_
                 duration_s=res.duration_s, cpu_per_request_s=cpu / len(reqs), cpu_per_token_s=cpu / tokens)
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "raypd.cli", "serve", "--backend", "local", "--grpc-port", "0",
-                             "--http-port", "0", "--no-warmup"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"raypd serve exited with {proc.wait(60)}")
-    return proc, json.loads(line)["http"]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="alternating measured rounds per target")
-    p.add_argument("--warmup-passes", type=int, default=2, help="unmeasured passes of both workloads first")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measured rounds per client")
     p.add_argument("--num-single", type=int, default=40, help="requests of the per-request workload")
     p.add_argument("--streams", type=int, default=32, help="concurrent streams of the streaming workload")
     p.add_argument("--stream-tokens", type=int, default=64)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
-    proc, url = start_server()
+    import models
+    from raypd.api import LocalBackend
+    from raypd.engine.runner import EngineConfig
+    from raypd.server.backends import LocalEngineBackend
+    from raypd.server.http_server import HttpServer
+    from raypd.server.openai_app import OpenAIServer, build_app
+
+    config = EngineConfig(page_size=16, num_pages=16 * args.streams, max_slots=args.streams,
+                          max_seq_len=16 + args.stream_tokens + 16, prefill_buckets=(32,))
+    model = models.load()
+    backend = LocalEngineBackend(LocalBackend(model, config), model.name, max_queued=4 * args.streams)
+    t0 = time.perf_counter()
+    backend.start(warmup=True)  # every shape compiled: no run below compiles anything
+    warmup_s = time.perf_counter() - t0
+    server = OpenAIServer(backend)
+    http_server = HttpServer(build_app(server)).start()
     try:
-        http = targets.OpenAITarget(url)
-        direct = targets.LocalTarget(None, None, warmup=False)
-        vocab, exclude = direct.vocab_size, direct.exclude_ids
-        single = prompts(args.num_single, 8, vocab, exclude, 0)
-        streams = prompts(2 * args.streams, 16, vocab, exclude, 1)
+        http = targets.OpenAITarget(http_server.url)
+        direct = DirectTarget(backend)
+        cfg = model.config
+        exclude = tuple(cfg.eos_token_ids) + ((cfg.bos_token_id,) if cfg.bos_token_id is not None else ())
+        single = prompts(args.num_single, 8, cfg.vocab_size, exclude, 0)
+        streams = prompts(2 * args.streams, 16, cfg.vocab_size, exclude, 1)
         workloads = {"per_request": (single, 1, 1), "streaming": (streams, args.stream_tokens, args.streams)}
-        for _ in range(args.warmup_passes):  # compile the shapes both workloads use, in both engines
-            for t in (direct, http):
-                for ids, max_tokens, conc in workloads.values():
-                    run(t, ids, max_tokens, conc, proc.pid)
+        for t in (direct, http):  # connections, threads, caches
+            for ids, max_tokens, conc in workloads.values():
+                run(t, ids, max_tokens, conc)
         results = {name: {"direct": [], "http": []} for name in workloads}
         for _ in range(args.rounds):
             for name, (ids, max_tokens, conc) in workloads.items():
                 for label, t in (("direct", direct), ("http", http)):
-                    results[name][label].append(run(t, ids, max_tokens, conc, proc.pid))
-        direct.close()
+                    results[name][label].append(run(t, ids, max_tokens, conc))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        http_server.stop()
+        server.close()
+        backend.stop()
 
-    def mean(name, label, key):  # the median over rounds
+    def median(name, label, key):  # over rounds
         return statistics.median(r[key] for r in results[name][label])
 
     summary = dict(
-        per_request_overhead_ms=(mean("per_request", "http", "e2e_median_s")
-                                 - mean("per_request", "direct", "e2e_median_s")) * 1e3,
-        per_request_direct_ms=mean("per_request", "direct", "e2e_median_s") * 1e3,
-        per_request_http_ms=mean("per_request", "http", "e2e_median_s") * 1e3,
-        stream_tokens_per_s_direct=mean("streaming", "direct", "tokens_per_s"),
-        stream_tokens_per_s_http=mean("streaming", "http", "tokens_per_s"),
-        stream_tpot_direct_ms=mean("streaming", "direct", "tpot_mean_s") * 1e3,
-        stream_tpot_http_ms=mean("streaming", "http", "tpot_mean_s") * 1e3)
-    summary["cpu_per_request_direct_ms"] = mean("per_request", "direct", "cpu_per_request_s") * 1e3
-    summary["cpu_per_request_http_ms"] = mean("per_request", "http", "cpu_per_request_s") * 1e3
-    summary["cpu_per_token_direct_us"] = mean("streaming", "direct", "cpu_per_token_s") * 1e6
-    summary["cpu_per_token_http_us"] = mean("streaming", "http", "cpu_per_token_s") * 1e6
+        per_request_direct_ms=median("per_request", "direct", "e2e_median_s") * 1e3,
+        per_request_http_ms=median("per_request", "http", "e2e_median_s") * 1e3,
+        stream_tokens_per_s_direct=median("streaming", "direct", "tokens_per_s"),
+        stream_tokens_per_s_http=median("streaming", "http", "tokens_per_s"),
+        stream_tpot_direct_ms=median("streaming", "direct", "tpot_mean_s") * 1e3,
+        stream_tpot_http_ms=median("streaming", "http", "tpot_mean_s") * 1e3,
+        cpu_per_request_direct_ms=median("per_request", "direct", "cpu_per_request_s") * 1e3,
+        cpu_per_request_http_ms=median("per_request", "http", "cpu_per_request_s") * 1e3,
+        cpu_per_token_direct_us=median("streaming", "direct", "cpu_per_token_s") * 1e6,
+        cpu_per_token_http_us=median("streaming", "http", "cpu_per_token_s") * 1e6)
+    summary["per_request_overhead_ms"] = summary["per_request_http_ms"] - summary["per_request_direct_ms"]
     summary["stream_tokens_per_s_ratio"] = summary["stream_tokens_per_s_http"] / summary["stream_tokens_per_s_direct"]
     summary["per_token_overhead_ms"] = summary["stream_tpot_http_ms"] - summary["stream_tpot_direct_ms"]
+    summary["warmup_s"] = warmup_s
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(summary=summary, rounds=results, args=vars(args) | {"json": str(args.json)},
+        args.json.write_text(json.dumps(dict(summary=summary, rounds=results, args={**vars(args), "json": str(args.json)},
+                                             config=dict(engine=repr(config), model=model.name),
                                              time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=2))
     return 0
 

@@ -169,6 +169,8 @@ def test_echo_stop_and_seeds(client):
     assert len(set(texts(a))) == 3, "the n samples must each have their own seed stream"
     assert texts(a) != texts(c)
     assert a.usage.prompt_tokens == len(models.load(NAME).tokenizer.encode(PROMPT))  # the prompt counts once
+    only_top = client.completions.create(seed=7, min_p=1.0, **kw)  # min_p 1: nothing but the top token
+    assert only_top.choices[0].text == greedy
 
 
 # ---------------------------------------------------------------- chat
@@ -243,6 +245,7 @@ def test_models_health_metrics_tokenize(http, client, model):
     ({"prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
     ({"prompt": "x", "seed": -1}, "seed", "[0, 4294967295]"),
     ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty", "only 0"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p", "[0.0, 1.0]"),
     ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "empty map"),
     ({"prompt": "x", "logprobs": 2}, "logprobs", "only 0"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),

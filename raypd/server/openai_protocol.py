@@ -7,7 +7,7 @@ app (openai_app.py) moves data between these functions, the backend and the wire
 
 Fields raypd does not implement are refused with a 400 that names them, never silently ignored.
 The neutral values of the sampling penalties (`frequency_penalty: 0`, `presence_penalty: 0`,
-`repetition_penalty: 1`, `min_p: 0`, `logit_bias: {}`, `min_tokens: 0`) are accepted, since many
+`repetition_penalty: 1`, `logit_bias: {}`, `min_tokens: 0`) are accepted, since many
 clients send them by default; any other value is refused.
 """
 
@@ -26,13 +26,12 @@ NEUTRAL_ONLY = (
     ("frequency_penalty", (0, 0.0), "0"),
     ("presence_penalty", (0, 0.0), "0"),
     ("repetition_penalty", (1, 1.0), "1"),
-    ("min_p", (0, 0.0), "0"),
     ("min_tokens", (0,), "0"),
     ("best_of", (1,), "1 (use n for several samples)"),
 )
 COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options", "user",
-    "top_k", "ignore_eos", "stop_token_ids", "skip_special_tokens", "kv_compression", "logit_bias",
+    "top_k", "min_p", "ignore_eos", "stop_token_ids", "skip_special_tokens", "kv_compression", "logit_bias",
     *(name for name, _, _ in NEUTRAL_ONLY),
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
@@ -198,6 +197,7 @@ def _common(body: dict, allowed: set[str], max_tokens) -> dict:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             seed=_int(body, "seed", None, 0, 2**32 - 1), stop=_stop(body), stop_token_ids=_stop_token_ids(body),
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=True)
     except ValueError as e:  # a limit SamplingParams enforces (the message names the field)
