@@ -169,7 +169,7 @@ def test_echo_stop_and_seeds(client):
     assert len(set(texts(a))) == 3, "the n samples must each have their own seed stream"
     assert texts(a) != texts(c)
     assert a.usage.prompt_tokens == len(models.load(NAME).tokenizer.encode(PROMPT))  # the prompt counts once
-    only_top = client.completions.create(seed=7, min_p=1.0, **kw)  # min_p 1: nothing but the top token
+    only_top = client.completions.create(seed=7, extra_body={"min_p": 1.0}, **kw)  # nothing but the top token
     assert only_top.choices[0].text == greedy
 
 
