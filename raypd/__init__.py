@@ -4,12 +4,13 @@ Every public name loads on first use, so importing a light module of the package
 types, the scheduler's process) never pulls in JAX or Ray.
 """
 
-__all__ = ["generate", "stream", "serve", "connect", "simulate", "plan", "Completion", "StreamChunk"]
+__all__ = ["generate", "stream", "serve", "connect", "simulate", "plan", "openai_app", "Completion", "StreamChunk"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """Public names on first use: the engines (JAX) with `generate`, Ray with `serve`."""
+    """Public names on first use: the engines (JAX) with `generate`, Ray with `serve`, FastAPI
+    with `openai_app`."""
     if name in ("generate", "stream"):
         from raypd import api
 
@@ -22,6 +23,10 @@ def __getattr__(name):
         from raypd.runtime import deployment
 
         return getattr(deployment, name)
+    if name == "openai_app":  # FastAPI is imported on first use only
+        from raypd.server.openai_app import openai_app
+
+        return openai_app
     if name in ("simulate", "plan"):
         from raypd import planner
 

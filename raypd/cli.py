@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from raypd.server import http_server
+
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ def add_serve(subparsers) -> None:
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="allow a non-loopback bind without TLS or auth (prints a warning)")
     p.add_argument("--no-warmup", action="store_true", help="local: skip compiling every shape before serving")
+    http_server.add_arguments(p)
     ray = p.add_argument_group("--backend ray")
     ray.add_argument("--address", default=None,
                      help="Ray cluster to deploy on (e.g. 'auto', HOST:PORT; default: start a local one)")
@@ -160,10 +163,12 @@ def serve(args: argparse.Namespace) -> int:
         check_bind(args.grpc_host, token, server_kw["tls_cert"], server_kw["tls_key"], args.allow_insecure_remote)
     except ValueError as e:
         raise SystemExit(f"raypd serve: {e}") from None
+    http_server.check_arguments(args)
     start = _serve_ray if args.backend == "ray" else _serve_local
-    with start(args, server_kw) as (endpoint, info):
+    with start(args, server_kw) as (endpoint, info), http_server.serving(args, endpoint, args.model) as http:
         print(json.dumps({**info, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
-                          "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port}), flush=True)
+                          "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port,
+                          "http": http.url if http else None}), flush=True)
         stop.wait()
         log.info("shutting down")
     return 0

@@ -25,8 +25,9 @@ TTFT, TPOT = (E2E - TTFT)/(out - 1), ITL per chunk, E2E, throughput, goodput und
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from raypd.bench.workload import DATASETS  # light: numpy only
 
-    p.add_argument("--target", choices=("local", "ray", "grpc"), default="local",
-                   help="local: in-process engine loop; ray: a Ray deployment; grpc: a gRPC endpoint")
+    p.add_argument("--target", choices=("local", "ray", "grpc", "openai"), default="local",
+                   help="local: in-process engine loop; ray: a Ray deployment; grpc: a gRPC endpoint; "
+                        "openai: any OpenAI-compatible server at --url (raypd, vLLM, SGLang, ...)")
     p.add_argument("--model", default=None, help="model to serve (local, and ray/grpc when started here), "
                    "and whose vocabulary the prompts use (default: the default model)")
     g = p.add_argument_group("load")
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ray-address", default=None)
     t.add_argument("--num-prefill", type=int, default=1, help="ray: prefill workers of a deployment started here")
     t.add_argument("--num-decode", type=int, default=1, help="ray: decode workers of a deployment started here")
+    t.add_argument("--url", default=None, help="openai: the server, http://HOST:PORT[/v1]")
+    t.add_argument("--api-key", default=None, help="openai: bearer key (or $OPENAI_API_KEY)")
+    t.add_argument("--served-model", default=None, help="openai: model id to request (default: the first listed)")
     t.add_argument("--request-timeout-s", type=float, default=600.0)
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
@@ -107,6 +111,11 @@ def make_target(args):
     if args.target == "local":
         return targets.LocalTarget(args.model, cfg, max_queued=args.max_queued, warmup=not args.no_warmup,
                                    request_timeout_s=args.request_timeout_s)
+    if args.target == "openai":
+        if not args.url:
+            raise ValueError("--target openai needs --url http://HOST:PORT")
+        return targets.OpenAITarget(args.url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                    args.served_model, args.request_timeout_s)
     if args.target == "grpc":
         return targets.GrpcTarget(args.model, args.grpc_address, args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN"),
                                   cfg, max_queued=args.max_queued, warmup=not args.no_warmup,

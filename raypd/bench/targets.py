@@ -11,6 +11,8 @@ at admission. Any other exception is a failed request. Every request is sent wit
   - RayTarget: a Ray deployment (`raypd.serve`, or `raypd.connect` to a running one by name).
   - GrpcTarget: the gRPC endpoint's GenerateStream (a running `raypd serve`, or one started in
     this process for the run).
+  - OpenAITarget: any OpenAI-compatible server's streamed /v1/completions (raypd's
+    `serve --http-port`, vLLM, SGLang, ...), prompts sent as token ids.
 """
 
 from __future__ import annotations
@@ -238,6 +240,111 @@ class GrpcTarget:
         self.channel.close()
         if self.endpoint is not None:
             self.endpoint.stop()
+
+
+class OpenAITarget:
+    """Any OpenAI-compatible server at `url` (http://HOST:PORT, with or without /v1): streamed
+    /v1/completions with token-id prompts, `ignore_eos`, greedy, `stream_options.include_usage`.
+
+    Each chunk with text counts as the tokens its `logprobs.tokens` lists when the server sends
+    them, else as one token; when the usage chunk at the end reports more tokens than that, the
+    rest count as one more chunk at that moment (totals exact; a server that sends several
+    tokens per chunk without logprobs shows a shorter last gap).
+    `model`: the local model whose vocabulary the prompts use; `served_model`: the id to send
+    (default: the first of /v1/models). One keep-alive connection per client thread."""
+
+    burst_gap_s = 0.0
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
+                 served_model: str | None = None, request_timeout_s: float = 600.0):
+        import threading
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be http(s)://HOST:PORT[/v1], got {url!r}")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/").removesuffix("/v1")
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.request_timeout_s = request_timeout_s
+        self._local = threading.local()
+        self.vocab_size, max_pos, self.exclude_ids = model_limits(model)
+        status, body = self._request("GET", "/v1/models", None)
+        if status != 200:
+            raise ValueError(f"{url}: GET /v1/models answered {status}: {body[:200]!r}")
+        cards = json.loads(body)["data"]
+        card = next((c for c in cards if c["id"] == served_model), None) if served_model else cards[0]
+        if card is None:
+            raise ValueError(f"{url} does not serve {served_model!r}; it serves {[c['id'] for c in cards]}")
+        self.served_model = card["id"]
+        self.max_seq_len = card.get("max_model_len") or max_pos
+        self.description = dict(kind="openai", url=url, model=self.served_model, max_seq_len=self.max_seq_len)
+
+    def _connection(self):
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = self._local.conn = cls(self._host, self._port, timeout=self.request_timeout_s)
+        return conn
+
+    def _request(self, method: str, path: str, body: dict | None):
+        conn = self._connection()
+        try:
+            conn.request(method, self._prefix + path, json.dumps(body) if body is not None else None, self._headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except BaseException:
+            conn.close()
+            self._local.conn = None
+            raise
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[int, dict]]:
+        body = dict(model=self.served_model, prompt=list(prompt_ids), max_tokens=max_tokens, temperature=0.0,
+                    ignore_eos=True, stream=True, stream_options={"include_usage": True})
+        conn = self._connection()
+        done = False
+        try:
+            conn.request("POST", self._prefix + "/v1/completions", json.dumps(body), self._headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                text = resp.read()[:300].decode(errors="replace")
+                if resp.status == 429:
+                    raise TargetRejected(f"429: {text}")
+                raise RuntimeError(f"HTTP {resp.status}: {text}")
+            counted = 0
+            for line in resp:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"error event: {chunk['error'].get('message')}")
+                if chunk.get("usage") and not chunk.get("choices"):
+                    extra = chunk["usage"]["completion_tokens"] - counted
+                    if extra > 0 and counted:  # tokens the chunks did not say they held
+                        yield extra, {}
+                    continue
+                for choice in chunk.get("choices", []):
+                    lp = choice.get("logprobs")
+                    n = len(lp["tokens"]) if lp and lp.get("tokens") else int(bool(choice.get("text")))
+                    if n:
+                        counted += n
+                        yield n, {}
+            resp.read()  # the end of the chunked body, so the connection can carry the next request
+            done = True
+        finally:
+            if not done:  # a half-read response: drop the connection (the server aborts the request)
+                conn.close()
+                self._local.conn = None
+
+    def close(self) -> None:
+        """Connections belong to the client threads and close with them."""
 
 
 def wait_ready(target, within_s: float = 600.0) -> float:

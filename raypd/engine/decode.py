@@ -105,6 +105,7 @@ class DecodeEngine:
             sampling["temperature"][i] = sp.temperature
             sampling["top_k"][i] = sp.top_k
             sampling["top_p"][i] = sp.top_p
+            sampling["min_p"][i] = sp.min_p
             sampling["seed"][i] = request_seed(s.request)
             sampling["position"][i] = pos + 1
         tokens, logprobs = r.run(batch, sampling)

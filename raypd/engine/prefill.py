@@ -139,6 +139,7 @@ class PrefillEngine:
             sampling["temperature"][seg] = sp.temperature
             sampling["top_k"][seg] = sp.top_k
             sampling["top_p"][seg] = sp.top_p
+            sampling["min_p"][seg] = sp.min_p
             sampling["seed"][seg] = request_seed(p.request)
             sampling["position"][seg] = end
             at += n

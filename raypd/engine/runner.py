@@ -159,7 +159,7 @@ class ModelRunner:
         N = B * R
         sampling = dict(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
                         top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
-                        position=np.zeros(N, np.int32))
+                        position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32))
         return batch, sampling
 
     def warmup(self) -> int:

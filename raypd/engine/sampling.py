@@ -1,7 +1,7 @@
 """On-device sampling for a batch of rows, each with its own parameters.
 
 Greedy rows (temperature 0) take the argmax; the others sample from the temperature-scaled,
-top-k- and top-p-filtered distribution with a key derived from (seed, position), so a request
+top-k-, top-p- and min-p-filtered distribution with a key derived from (seed, position), so a request
 samples the same tokens whatever slot or batch it runs in. The full sort that top-k/top-p need
 runs only when some row samples (`lax.cond`). The returned logprob is that of the chosen token
 under the model's unmodified distribution.
@@ -23,6 +23,7 @@ class SamplingArrays:
     top_p: jax.Array  # float32; 1 = off
     seed: jax.Array  # uint32
     position: jax.Array  # int32; position of the token being sampled (folds into the key)
+    min_p: jax.Array  # float32; keep tokens with prob >= min_p * the top prob (after temperature); 0 = off
 
 
 def _filtered_sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
@@ -39,6 +40,8 @@ def _filtered_sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     cut = jnp.sum(cum < s.top_p[:, None], axis=-1)
     cut = jnp.minimum(cut, V - 1)
     threshold = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)
+    # min_p: log(prob / top prob) >= log(min_p), i.e. scaled >= top scaled + log(min_p) (log 0 = -inf: off)
+    threshold = jnp.maximum(threshold, desc[:, :1] + jnp.log(s.min_p)[:, None])
     filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
     return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

@@ -91,6 +91,7 @@ class LocalEngineBackend:
 
     def __init__(self, local: LocalBackend, model_name: str, max_queued: int = 256):
         self.local = local
+        self.model, self.max_seq_len = local.model, local.max_seq_len
         self.loop = EngineLoop(local.engine, max_queued=max_queued)
         self.card = ModelCard.of(model_name, local.model, local.max_seq_len)
 
