@@ -68,7 +68,7 @@ def assert_close_on_valid(got, want, valid):
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("ctx_block_pages,q_block", [(1, 8), (2, 16), (4, 256)])
+@pytest.mark.parametrize("ctx_block_pages,q_block", [(1, 8), (2, 16), (4, 256), (None, 8)])
 def test_blockwise_equals_reference(case, window, ctx_block_pages, q_block):
     *arrays, meta, valid = make_case(**CASES[case])
     want = attention.reference(*arrays, meta, window)

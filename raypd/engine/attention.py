@@ -87,12 +87,14 @@ def _online_update(state, s, mask, v_block, pv_spec):
 
 
 def blockwise(q, k, v, pool_k, pool_v, meta: AttentionMeta, window: int | None, *,
-              ctx_block_pages: int = 2, q_block: int = 256):
+              ctx_block_pages: int | None = None, q_block: int = 256):
     """Online softmax over page blocks of the pool and key blocks of the chunk (see module doc).
 
-    ctx_block_pages: context pages per block; q_block: query (and chunk key) block length.
+    q_block: query (and chunk key) block length. ctx_block_pages: context pages per block; by
+    default 2 for decode rows and about q_block keys for prefill chunks (scripts/bench_kernels.py
+    measured both on CPU).
     """
-    if ctx_block_pages < 1 or q_block < 1:
+    if (ctx_block_pages is not None and ctx_block_pages < 1) or q_block < 1:
         raise ValueError(f"ctx_block_pages and q_block must be >= 1, got {ctx_block_pages}, {q_block}")
     B, T, K, Q, H = q.shape
     G = pool_k.shape[2]
@@ -100,6 +102,8 @@ def blockwise(q, k, v, pool_k, pool_v, meta: AttentionMeta, window: int | None, 
     f32 = jnp.float32
     tq = q_block if T % q_block == 0 else T  # query block length t
     nq = T // tq
+    if ctx_block_pages is None:
+        ctx_block_pages = max(2, tq // G)
     q = q * jnp.asarray(H ** -0.5, q.dtype)
     n = min(ctx_block_pages, max(Pc, 1))
     nb_ctx = -(-Pc // n)
