@@ -9,7 +9,8 @@ Sections (all on the `bench-random` shape, float32, this machine's XLA backend):
          at several block sizes; decode rows at batch 1/8/32/64, prefill chunks of 256/512/2048.
   step   the whole paged forward + sampling (`paged.step`) with either attention, decode at
          batch 1/8/32/64 and prefill chunks of 256 and 2048 tokens.
-  chunks a 2048-token prompt prefilled in chunks of 256/512/1024/2048 (new path only).
+  chunks a 2048-token prompt prefilled in chunks of 256/512/1024/2048 (new path), and in
+         chunks of 512 on the old path.
 
 Timings are medians of interleaved repeats (old and new alternate), so the load on a shared
 machine hits both alike; ratios are new over old throughput.
@@ -189,16 +190,20 @@ def bench_step(repeats: int) -> list[dict]:
 
 
 def bench_chunks(repeats: int) -> list[dict]:
+    """One 2048-token prompt in chunks of c tokens (each chunk reads the earlier ones from the
+    pool): blockwise at several c, against the reference at the engines' old 512 bucket."""
     rng = np.random.default_rng(0)
-    eng = Engines(("blockwise",), num_pages=600)
-    rows = []
+    eng = Engines(("reference", "blockwise"), num_pages=600)
     prompt = 2048
-    for c in (256, 512, 1024, 2048):
-        calls = [eng.runner("blockwise", *step_inputs(1, c, start, eng.num_pages, rng))
+    plans = [("blockwise", c) for c in (256, 512, 1024, 2048)] + [("reference", 512)]
+    runs = {}
+    for impl, c in plans:
+        calls = [eng.runner(impl, *step_inputs(1, c, start, eng.num_pages, rng))
                  for start in range(0, prompt, c)]
-        t = interleaved({"prompt": lambda: [f() for f in calls][-1]}, max(3, repeats // 3))
-        row = {"chunk": c, "prompt": prompt, "tok_s": prompt / t["prompt"]}
-        rows.append(row)
+        runs[f"{impl}_c{c}"] = lambda calls=calls: [f() for f in calls][-1]
+    t = interleaved(runs, repeats)
+    rows = [{"run": k, "prompt": prompt, "tok_s": prompt / v} for k, v in t.items()]
+    for row in rows:
         print(row, flush=True)
     return rows
 

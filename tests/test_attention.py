@@ -112,5 +112,18 @@ def test_reference_equals_dense_attention():
 def test_default_impl_by_platform():
     assert attention.default_impl("cpu") == "blockwise"
     assert attention.default_impl("gpu") == "pallas"
+    assert attention.default_impl("gpu", num_devices=2) == "blockwise"
     with pytest.raises(ValueError, match="attention must be one of"):
         attention.attend("gather", *make_case(**DECODE)[:6], None)
+
+
+def test_cpu_runner_uses_blockwise_and_rejects_unknown_impl():
+    import models
+    from raypd.engine import paged
+    from raypd.engine.runner import EngineConfig, ModelRunner
+
+    model = models.load("tiny-random")
+    runner = ModelRunner(model, EngineConfig(num_pages=8, max_seq_len=64, prefill_buckets=(16,)))
+    assert runner.params.attention == "blockwise"
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        paged.unstack(model.params, "gather")

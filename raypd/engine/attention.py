@@ -176,6 +176,10 @@ def attend(impl: str, q, k, v, pool_k, pool_v, meta: AttentionMeta, window: int 
     raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-def default_impl(platform: str) -> str:
-    """The implementation the engines use on a device platform ("cpu", "gpu", "cuda", "tpu")."""
-    return "pallas" if platform in ("gpu", "cuda", "rocm") else "blockwise"
+def default_impl(platform: str, num_devices: int = 1) -> str:
+    """The implementation the engines use on a device platform ("cpu", "gpu", "cuda", "tpu").
+
+    The Pallas kernel runs on one device (it is not wrapped in a shard_map yet), so a
+    tensor-parallel mesh uses the blockwise XLA version, which XLA partitions by kv head."""
+    on_gpu = platform in ("gpu", "cuda", "rocm")
+    return "pallas" if on_gpu and num_devices == 1 else "blockwise"

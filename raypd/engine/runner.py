@@ -78,7 +78,7 @@ class ModelRunner:
         self.mesh = make_mesh(config.tp, devices)
         platform = self.mesh.devices.flat[0].platform
         self.params = paged.unstack(shard_params(model.params, self.cfg, self.mesh),
-                                    attention.default_impl(platform))
+                                    attention.default_impl(platform, config.tp))
         G = config.page_size
         num_pages = config.num_pages or max(
             2, config.kv_memory_bytes // paged.kv_bytes_per_page(self.cfg, G))
