@@ -1,7 +1,7 @@
 """Paged forward pass: one function serves prefill chunks and decode steps.
 
-Every row of a batch attends to two things:
-  1. its *context*: K/V already in the page pool, gathered through the row's page table
+Every row of a batch attends to two things (raypd/engine/attention.py):
+  1. its *context*: K/V already in the page pool, read through the row's page table
      (keys at positions < ctx_len), and
   2. the *chunk*: the K/V of the tokens computed in this call (causal within a segment).
 The chunk's K/V are scattered into the pool at slots the host computed
@@ -22,6 +22,7 @@ from flax import struct
 
 from models import llama
 from models.config import ModelConfig
+from raypd.engine import attention
 from raypd.engine.sampling import SamplingArrays, sample
 
 
@@ -41,12 +42,16 @@ class EngineParams:
     layers: tuple[llama.LayerParams, ...]  # L x LayerParams with the L axis removed
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [D, V]
+    # Paged attention implementation (raypd/engine/attention.py), chosen once at load time.
+    attention: str = struct.field(pytree_node=False, default="blockwise")
 
 
-def unstack(params: llama.Params) -> EngineParams:
+def unstack(params: llama.Params, attention_impl: str = "blockwise") -> EngineParams:
+    if attention_impl not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {attention.IMPLEMENTATIONS}, got {attention_impl!r}")
     L = params.layers.attn_norm.shape[0]
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], params.layers) for i in range(L))
-    return EngineParams(params.embed, layers, params.final_norm, params.lm_head)
+    return EngineParams(params.embed, layers, params.final_norm, params.lm_head, attention_impl)
 
 
 @struct.dataclass
@@ -75,60 +80,25 @@ def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, sharding=None) 
                    v=tuple(zeros() for _ in range(cfg.num_layers)))
 
 
-def _masks(b: Batch, page_size: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Which keys each query may see: context [B, T, Pc*G] and chunk [B, T, T]."""
-    q_pos, q_seg = b.positions, b.segments
-    valid_q = (q_seg >= 0)[:, :, None]
-    Pc = b.ctx_pages.shape[1]
-    ctx_pos = jnp.arange(Pc * page_size, dtype=jnp.int32)[None, :]  # [1, Sc]
-    ctx = (ctx_pos[:, None, :] < b.ctx_lens[:, None, None]) & (q_seg == 0)[:, :, None]
-    chunk = (q_seg[:, :, None] == q_seg[:, None, :]) & (q_pos[:, None, :] <= q_pos[:, :, None])
-    if cfg.sliding_window is not None:
-        ctx &= ctx_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
-        chunk &= q_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
-    return ctx & valid_q, chunk & valid_q
-
-
-def _attend(q, ctx_k, ctx_v, k, v, ctx_mask, chunk_mask):
-    """Softmax over [context keys, chunk keys] without concatenating the K/V themselves
-    (only the much smaller score tensors are joined).
-
-    q [B, T, K, Q, H]; ctx_k/ctx_v [K, B, Sc, H] (the pool's layout); k/v [B, T, K, H]
-    -> [B, T, K, Q, H].
-    """
-    scale = q.shape[-1] ** -0.5
-    f32 = jnp.float32
-    s_ctx = jnp.einsum("btkqh,kbsh->bkqts", q, ctx_k, preferred_element_type=f32) * scale
-    s_chunk = jnp.einsum("btkqh,bukh->bkqtu", q, k, preferred_element_type=f32) * scale
-    scores = jnp.concatenate([jnp.where(ctx_mask[:, None, None], s_ctx, llama.MASK_VALUE),
-                              jnp.where(chunk_mask[:, None, None], s_chunk, llama.MASK_VALUE)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    Sc = ctx_k.shape[2]
-    return (jnp.einsum("bkqts,kbsh->btkqh", probs[..., :Sc], ctx_v)
-            + jnp.einsum("bkqtu,bukh->btkqh", probs[..., Sc:], v))
-
-
-def run_layers(layers, cache_k, cache_v, x: jax.Array, b: Batch, cfg: ModelConfig):
+def run_layers(layers, cache_k, cache_v, x: jax.Array, b: Batch, cfg: ModelConfig,
+               attention_impl: str = "blockwise"):
     """Run a contiguous group of layers. x [B, T, D] -> (x, new cache_k, new cache_v).
 
     Layers are unrolled (not scanned): with a scan the pool would be a loop carry that XLA's
     CPU backend copies per layer; unrolled, each layer's pool buffer is updated in place.
     """
-    B = b.tokens.shape[0]
-    G = cache_k[0].shape[2]
-    ctx_mask, chunk_mask = _masks(b, G, cfg)
+    meta = attention.AttentionMeta(b.positions, b.segments, b.ctx_pages, b.ctx_lens)
     positions = jnp.maximum(b.positions, 0)
     new_k, new_v = [], []
     for lp, ck, cv in zip(layers, cache_k, cache_v):
         q, k, v = llama.qkv(lp, x, positions, cfg)  # q [B,T,K,Q,H]; k, v [B,T,K,H]
-        # Write first, then gather the context from the written pool: the gather then depends
-        # on the scatter, so XLA updates the donated pool in place instead of copying it.
+        # Write first, then read the context from the written pool: the reads then depend on
+        # the scatter, so XLA updates the donated pool in place instead of copying it.
         # (The context is positions < ctx_len, which this call's writes never touch.)
         ck = ck.at[:, b.write_pages, b.write_offsets].set(k.transpose(2, 0, 1, 3))
         cv = cv.at[:, b.write_pages, b.write_offsets].set(v.transpose(2, 0, 1, 3))
-        ctx_k = ck[:, b.ctx_pages].reshape(ck.shape[0], B, -1, ck.shape[-1])  # [K, B, Pc*G, H]
-        ctx_v = cv[:, b.ctx_pages].reshape(cv.shape[0], B, -1, cv.shape[-1])
-        x = llama.attn_out(lp, x, _attend(q, ctx_k, ctx_v, k, v, ctx_mask, chunk_mask))
+        out = attention.attend(attention_impl, q, k, v, ck, cv, meta, cfg.sliding_window)
+        x = llama.attn_out(lp, x, out)
         x = llama.mlp(lp, x, cfg)
         new_k.append(ck)
         new_v.append(cv)
@@ -149,7 +119,8 @@ def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 
     -> (cache, tokens [B*R], logprobs [B*R])
     """
-    x, k, v = run_layers(params.layers, cache.k, cache.v, llama.embed(params, b.tokens), b, cfg)
+    x, k, v = run_layers(params.layers, cache.k, cache.v, llama.embed(params, b.tokens), b, cfg,
+                         params.attention)
     tokens, logprobs = _head(params, x, b, s, cfg)
     return KVCache(k=k, v=v), tokens, logprobs
 
@@ -157,7 +128,7 @@ def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 # The same step as separate programs per layer group, for streaming K/V out while later layers
 # still compute: embed_step, then layers_step per group (its pools donated), then head_step.
 embed_step = jax.jit(lambda params, b: llama.embed(params, b.tokens))
-layers_step = jax.jit(run_layers, static_argnums=5, donate_argnums=(1, 2))
+layers_step = jax.jit(run_layers, static_argnums=(5, 6), donate_argnums=(1, 2))
 head_step = jax.jit(_head, static_argnums=4)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from models import Model
 from models.sharding import kv_sharding, make_mesh, replicated, shard_params
-from raypd.engine import paged
+from raypd.engine import attention, paged
 from raypd.engine.pages import PageAllocator
 from raypd.engine.sampling import SamplingArrays
 
@@ -76,7 +76,9 @@ class ModelRunner:
         self.config = config
         self.max_seq_len = min(config.max_seq_len, self.cfg.max_position_embeddings)
         self.mesh = make_mesh(config.tp, devices)
-        self.params = paged.unstack(shard_params(model.params, self.cfg, self.mesh))
+        platform = self.mesh.devices.flat[0].platform
+        self.params = paged.unstack(shard_params(model.params, self.cfg, self.mesh),
+                                    attention.default_impl(platform, config.tp))
         G = config.page_size
         num_pages = config.num_pages or max(
             2, config.kv_memory_bytes // paged.kv_bytes_per_page(self.cfg, G))
@@ -121,7 +123,8 @@ class ModelRunner:
         done = None
         for lo, hi in self.layer_groups:
             x, k[lo:hi], v[lo:hi] = paged.layers_step(self.params.layers[lo:hi], tuple(k[lo:hi]),
-                                                      tuple(v[lo:hi]), x, b, self.cfg)
+                                                      tuple(v[lo:hi]), x, b, self.cfg,
+                                                      self.params.attention)
             self.cache = paged.KVCache(k=tuple(k), v=tuple(v))
             if done is not None:
                 on_group(*done)
