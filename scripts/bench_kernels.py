@@ -148,7 +148,7 @@ def step_inputs(B, T, ctx_len, num_pages, rng, R=1):
     N = B * R
     s = SamplingArrays(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
                        top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
-                       position=np.zeros(N, np.int32))
+                       position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32))
     return jax.tree.map(jnp.asarray, batch), jax.tree.map(jnp.asarray, s)
 
 

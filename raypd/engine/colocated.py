@@ -7,7 +7,9 @@ SGLang do by default: chunked prefill with a per-iteration token budget. Each `s
   2. runs at most one prefill chunk (<= the largest prefill bucket of tokens), so a long prompt
      delays running streams by one chunk per step rather than by its whole prefill,
   3. inserts the prompts that finished prefill straight into decode slots (same pool: no copy),
-  4. runs one decode step for every running request.
+  4. dispatches the next decode steps for every running request and returns the tokens of the
+     previous dispatch (raypd/engine/decode.py): several steps in one dispatch only while no
+     request waits for admission or prefill, so a multi-step dispatch never delays new work.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class ColocatedEngine:
             req = self._prefilling.pop(p.request_id)
             outs.append(self.decode_engine.insert(req, p))
             self.prefill_engine.release(p.request_id)  # the decode engine holds its own reference
-        outs.extend(self.decode_engine.decode_step())
+        is_waiting = bool(self._waiting or self._prefilling)
+        outs.extend(self.decode_engine.decode_step(max_steps=1 if is_waiting else None))
         return outs
 
     def abort(self, request_id: str) -> None:

@@ -1,36 +1,82 @@
 """Decode engine: continuous batching of up to `max_slots` requests over the page pool.
 
-Each `decode_step`:
-  1. lays the running sequences out as rows of a batch (bucketed to a power of two; rows are
-     free to move between steps because all per-request K/V lives in pages),
-  2. runs one jitted forward + sample with the pool donated,
-  3. fetches every row's token and logprob in one device-to-host transfer,
-  4. applies stop checks on the host; finished requests leave at once, their pages freed.
-New requests are inserted between steps, as soon as their K/V is in the pool.
-Pages for prompt + max_tokens are reserved at insert, so a running request never waits for
-memory and is never preempted.
+The batch lives on the device (raypd/engine/decode_state.py): every slot's last token, position,
+page table, sampling parameters and stop ids. The host keeps a mirror it can compute without
+reading the device (which request is in which row, how far each was dispatched). Lifecycle:
+  1. `insert` reserves pages for prompt + max_tokens (a running request never waits for memory
+     and is never preempted) and queues its row; the row reaches the device with the next
+     dispatch, in one `RowUpdate` together with every other row change since the last one.
+  2. `decode_step` dispatches the next steps: one program, no host->device arrays (the step
+     count is a pre-placed scalar), up to `max_decode_steps` steps in one dispatch when the
+     caller allows it and no running request has stop strings (only the host can match text).
+     The sampled tokens start an asynchronous copy to the host.
+  3. It then reads the *previous* dispatch's tokens (overlap=True: the device already runs the
+     new steps while the host does this) and applies them to the sequences: stop checks, text,
+     finished requests freeing their slot and pages. So a call returns the tokens of the
+     previous dispatch, possibly several per request, each request's in order.
+  4. A request that finishes on the host only (a stop string) was dispatched one step further
+     on the device; that token is discarded, and the K/V it wrote lies in the request's own
+     pages past its end. Stop ids and the token budget are also checked on the device, which
+     stops the row at exactly the token the host stops at.
+Everything the device computes is chained through the pool and the state (both donated), so
+pages freed here and reused by a later insert or prefill are only written after the in-flight
+steps that may still touch them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import numpy as np
+
+from raypd.engine import decode_state
 from raypd.engine.api import FINISH_ABORT, KVPayload, PrefillOutput, Request, TokenOutput
 from raypd.engine.pages import OutOfPages
 from raypd.engine.prefill import request_seed
 from raypd.engine.runner import ModelRunner, bucket
 from raypd.engine.sequence import Sequence
 
+MAX_STOP_IDS = decode_state.MAX_STOP_IDS
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """What the device was asked to do for one request, as far as the host can tell."""
+
+    position: int  # position of the token the next dispatch feeds
+    remaining: int  # tokens the device may still produce for it
+
+
+@dataclasses.dataclass
+class _InFlight:
+    rows: list[Sequence]  # row i of the dispatch
+    num_steps: int
+    tokens: jax.Array  # [k, B]
+    logprobs: jax.Array  # [k, B]
+
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, tokenizer=None, eos_ids: tuple[int, ...] | None = None):
+    def __init__(self, runner: ModelRunner, tokenizer=None, eos_ids: tuple[int, ...] | None = None,
+                 overlap: bool = True):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids if eos_ids is not None else runner.cfg.eos_token_ids)
+        self.overlap = overlap  # read a dispatch's tokens on the next call (False: on this one)
         self._running: dict[str, Sequence] = {}
+        self._dispatched: dict[str, _Dispatched] = {}
+        self._layout: list[Sequence] = []  # rows as the device holds them after the last update
+        self._new: list[Sequence] = []  # inserted since the last update
+        self._is_dirty = False  # rows changed since the last update
+        self._state = runner.new_decode_state()
+        self._inflight: _InFlight | None = None
         # When set, a request that finishes keeps one reference on its full pages (prompt and
         # generated tokens with K/V in the pool), listed in `finished` as (request_id, token
         # ids of those pages, pages) for the caller to cache or free.
         self.retain_finished = False
         self.finished: list[tuple[str, list[int], list[int]]] = []
+        self.num_dispatches = 0
+        self.num_row_updates = 0
 
     @property
     def allocator(self):
@@ -80,45 +126,105 @@ class DecodeEngine:
             self.allocator.free(pages)
         else:
             self._running[request.request_id] = seq
+            self._dispatched[request.request_id] = _Dispatched(
+                seq.next_position, request.params.max_tokens - len(seq.output_ids))
+            self._new.append(seq)
+            self._is_dirty = True
         return token_out
 
-    def decode_step(self) -> list[TokenOutput]:
-        if not self._running:
-            return []
-        r = self.runner
-        G = r.page_size
-        seqs = list(self._running.values())
-        B = bucket(len(seqs), r.batch_buckets)
-        Pc = bucket(max(r.allocator.pages_for(s.next_position) for s in seqs), r.page_buckets)
-        batch, sampling = r.empty_batch(B, 1, 1, Pc)
-        for i, s in enumerate(seqs):
-            pos = s.next_position  # K/V of positions < pos is in the pages
-            batch["tokens"][i, 0] = s.last_token
-            batch["positions"][i, 0] = pos
-            batch["segments"][i, 0] = 0
-            batch["write_pages"][i, 0] = s.pages[pos // G]
-            batch["write_offsets"][i, 0] = pos % G
-            ctx = s.pages[:Pc]
-            batch["ctx_pages"][i, : len(ctx)] = ctx
-            batch["ctx_lens"][i] = pos
-            sp = s.request.params
-            sampling["temperature"][i] = sp.temperature
-            sampling["top_k"][i] = sp.top_k
-            sampling["top_p"][i] = sp.top_p
-            sampling["min_p"][i] = sp.min_p
-            sampling["seed"][i] = request_seed(s.request)
-            sampling["position"][i] = pos + 1
-        tokens, logprobs = r.run(batch, sampling)
-        outs = []
-        for i, s in enumerate(seqs):
-            o = s.append(int(tokens[i]), float(logprobs[i]))
-            if o.is_finished:
-                self._finish(s.request_id)
-            outs.append(o)
+    def decode_step(self, max_steps: int | None = None) -> list[TokenOutput]:
+        """Dispatch the next decode steps and return the tokens of the previous dispatch (of
+        this one when overlap is off). max_steps: steps one dispatch may run (None: the
+        engine's `max_decode_steps`; pass 1 while other work waits for this loop)."""
+        limit = self.runner.config.max_decode_steps if max_steps is None else max_steps
+        if not 1 <= limit <= self.runner.config.max_decode_steps:
+            raise ValueError(f"max_steps must be in [1, {self.runner.config.max_decode_steps}] "
+                             f"(EngineConfig.max_decode_steps) or None, got {max_steps}")
+        previous, self._inflight = self._inflight, self._dispatch(limit)
+        outs = self._collect(previous) if previous is not None else []
+        if not self.overlap and self._inflight is not None:
+            current, self._inflight = self._inflight, None
+            outs += self._collect(current)
         return outs
+
+    def flush(self) -> list[TokenOutput]:
+        """Read the in-flight dispatch, if any, without dispatching more."""
+        current, self._inflight = self._inflight, None
+        return self._collect(current) if current is not None else []
+
+    def _dispatch(self, limit: int) -> _InFlight | None:
+        self._update_rows()
+        rows = self._layout
+        todo = [(s, self._dispatched[s.request_id]) for s in rows
+                if s.finish_reason is None and self._running.get(s.request_id) is s]
+        todo = [(s, d) for s, d in todo if d.remaining > 0]
+        if not todo:
+            return None
+        has_stop_text = self.tokenizer is not None and any(s.request.params.stop for s, _ in todo)
+        n = 1 if has_stop_text else min(limit, max(d.remaining for _, d in todo))
+        last = max(d.position + min(n, d.remaining) - 1 for _, d in todo)  # context of the last step
+        r = self.runner
+        Pc = bucket(max(1, r.allocator.pages_for(last)), r.page_buckets)
+        B = bucket(len(rows), r.batch_buckets)
+        self._state, tokens, logprobs = r.decode(self._state, n, B, Pc)
+        for _, d in todo:
+            k = min(n, d.remaining)
+            d.position += k
+            d.remaining -= k
+        self.num_dispatches += 1
+        return _InFlight(list(rows), n, tokens, logprobs)
+
+    def _collect(self, f: _InFlight) -> list[TokenOutput]:
+        tokens, logprobs = np.asarray(f.tokens), np.asarray(f.logprobs)
+        outs = []
+        for j in range(f.num_steps):
+            for i, s in enumerate(f.rows):
+                if s.finish_reason is not None or self._running.get(s.request_id) is not s:
+                    continue  # finished (or aborted) before this step: its token is discarded
+                o = s.append(int(tokens[j, i]), float(logprobs[j, i]))
+                if o.is_finished:
+                    self._finish(s.request_id)
+                outs.append(o)
+        return outs
+
+    def _update_rows(self) -> None:
+        """Send the row changes since the last dispatch to the device, in one program."""
+        if not self._is_dirty:
+            return
+        old = {id(s): i for i, s in enumerate(self._layout)}
+        kept = [s for s in self._layout if self._running.get(s.request_id) is s]
+        new = [s for s in self._new if self._running.get(s.request_id) is s]
+        layout = kept + new
+        S, P = self.runner.config.max_slots, self.runner.max_pages_per_seq
+        perm = np.arange(S, dtype=np.int32)
+        perm[: len(kept)] = [old[id(s)] for s in kept]
+        is_new = np.zeros(S, bool)
+        rows = decode_state.empty_state(S, P, MAX_STOP_IDS)
+        for i, s in enumerate(new, start=len(kept)):
+            p, d = s.request.params, self._dispatched[s.request_id]
+            is_new[i] = True
+            rows.tokens[i] = s.last_token
+            rows.positions[i] = d.position
+            rows.pages[i, : len(s.pages)] = s.pages
+            rows.active[i] = d.remaining > 0
+            rows.remaining[i] = d.remaining
+            stops = [] if p.ignore_eos else [t for t in self.eos_ids]
+            stops = (stops + [t for t in p.stop_token_ids if t not in stops])[:MAX_STOP_IDS]
+            rows.stop_ids[i, : len(stops)] = stops
+            rows.temperature[i] = p.temperature
+            rows.top_k[i] = p.top_k
+            rows.top_p[i] = p.top_p
+            rows.min_p[i] = p.min_p
+            rows.seed[i] = request_seed(s.request)
+        upd = decode_state.RowUpdate(perm=perm, is_new=is_new, num_rows=np.int32(len(layout)), rows=rows)
+        self._state = self.runner.update_decode_state(self._state, upd)
+        self._layout, self._new, self._is_dirty = layout, [], False
+        self.num_row_updates += 1
 
     def _finish(self, request_id: str, retain: bool = True) -> None:
         seq = self._running.pop(request_id)
+        self._dispatched.pop(request_id)
+        self._is_dirty = True
         if retain and self.retain_finished:
             n = seq.next_position // self.runner.page_size  # full pages with K/V written
             if n:
@@ -129,7 +235,8 @@ class DecodeEngine:
         self.allocator.free(seq.pages)
 
     def release(self, request_id: str) -> TokenOutput | None:
-        """Abort a running request; its slot and pages are freed now."""
+        """Abort a running request; its slot and pages are freed now (tokens still in flight
+        for it are discarded)."""
         seq = self._running.get(request_id)
         if seq is None:
             return None
@@ -138,4 +245,3 @@ class DecodeEngine:
 
     def sequence(self, request_id: str) -> Sequence | None:
         return self._running.get(request_id)
-

@@ -76,7 +76,8 @@ class MockDecodeEngine:
             self._running[request.request_id] = seq
         return o
 
-    def decode_step(self) -> list[TokenOutput]:
+    def decode_step(self, max_steps: int | None = None) -> list[TokenOutput]:
+        """One step for every running request (the mock ignores `max_steps`)."""
         time.sleep(self.step_delay_s)  # a slower "device", for failure tests
         outs = []
         for rid, seq in list(self._running.items()):

@@ -20,7 +20,7 @@ import numpy as np
 
 from models import Model
 from models.sharding import kv_sharding, make_mesh, replicated, shard_params
-from raypd.engine import attention, paged
+from raypd.engine import attention, decode_state, paged
 from raypd.engine.pages import PageAllocator
 from raypd.engine.sampling import SamplingArrays
 
@@ -38,6 +38,7 @@ class EngineConfig:
     max_prefill_segments: int = 8  # prompts packed into one prefill chunk
     tp: int = 1  # tensor-parallel degree (devices of the mesh)
     layer_groups: int = 1  # prefill in this many programs, to stream K/V out layer group by group
+    max_decode_steps: int = 8  # decode steps one dispatch may run (on-device stop checks)
 
     def __post_init__(self):
         if self.page_size < 1:
@@ -46,6 +47,9 @@ class EngineConfig:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
             raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
+        if isinstance(self.max_decode_steps, bool) or not isinstance(self.max_decode_steps, int) \
+                or not 1 <= self.max_decode_steps <= 64:
+            raise ValueError(f"max_decode_steps must be an integer in [1, 64], got {self.max_decode_steps!r}")
 
 
 def _pow2_upto(n: int) -> tuple[int, ...]:
@@ -95,6 +99,9 @@ class ModelRunner:
             raise ValueError(f"layer_groups must be in [1, {L}], got {n}")
         edges = [round(i * L / n) for i in range(n + 1)]
         self.layer_groups = tuple(zip(edges[:-1], edges[1:]))  # [(lo, hi)] covering all layers
+        # decode step counts as device scalars, placed once: a decode dispatch sends no arrays
+        self._step_counts = [jax.device_put(np.int32(n), self._replicated)
+                             for n in range(config.max_decode_steps + 1)]
 
     @property
     def page_size(self) -> int:
@@ -132,6 +139,28 @@ class ModelRunner:
         tokens, logprobs = paged.head_step(self.params, x, b, s, self.cfg)
         on_group(*done)
         return jax.device_get((tokens, logprobs))
+
+    # ---------------------------------------------------------------- device-resident decode
+
+    def new_decode_state(self) -> decode_state.DecodeState:
+        """Every decode slot free, on the device."""
+        empty = decode_state.empty_state(self.config.max_slots, self.max_pages_per_seq)
+        return jax.device_put(empty, self._replicated)
+
+    def update_decode_state(self, state: decode_state.DecodeState, update: decode_state.RowUpdate):
+        """Apply a host-built row update (numpy) to the state (donated)."""
+        return decode_state.apply_update(state, jax.device_put(update, self._replicated))
+
+    def decode(self, state: decode_state.DecodeState, num_steps: int, B: int, Pc: int):
+        """Dispatch `num_steps` decode steps over the first B rows of the state (donated, as is
+        the pool) without waiting for them. -> (state, tokens [k, B], logprobs [k, B]) on the
+        device, their copy to the host already started."""
+        self.cache, state, tokens, logprobs = decode_state.decode_steps(
+            self.params, self.cache, state, self._step_counts[num_steps], self.cfg, B, Pc,
+            self.config.max_decode_steps)
+        tokens.copy_to_host_async()
+        logprobs.copy_to_host_async()
+        return state, tokens, logprobs
 
     def read_layer_pages(self, pages: list[int], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """K/V of layers [lo, hi) for `pages` -> k, v [hi - lo, n, G, K, H] (blocks until written)."""
@@ -175,8 +204,17 @@ class ModelRunner:
                 count += 1
                 if len(self.layer_groups) > 1:
                     self.run_streamed(*self.empty_batch(1, T, R, Pc), lambda lo, hi: None)
+        # decode: the row update and every (B, Pc) program, each from a state made by the other
+        # program too (as in serving), all rows free so the pool is left as it was
+        state = self.new_decode_state()
+        S, P = self.config.max_slots, self.max_pages_per_seq
+        update = decode_state.RowUpdate(perm=np.arange(S, dtype=np.int32), is_new=np.zeros(S, bool),
+                                        num_rows=np.int32(0), rows=decode_state.empty_state(S, P))
         for B in self.batch_buckets:
             for Pc in self.page_buckets:
-                self.run(*self.empty_batch(B, 1, 1, Pc))
+                state = self.update_decode_state(state, update)
+                for _ in range(2):
+                    state, tokens, _ = self.decode(state, 1, B, Pc)
                 count += 1
+        jax.block_until_ready(tokens)
         return count

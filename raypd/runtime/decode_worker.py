@@ -12,7 +12,8 @@ the engines are touched by the loop thread alone. Each loop iteration:
   2. runs one chunk of the queued local prefills (at most the largest prefill bucket of
      tokens, as the colocated engine does) and inserts the prompts it finished, without a copy;
   3. runs one `decode_step` for every running request (continuous batching: new requests join
-     between steps);
+     between steps; the step's tokens come back on the next iteration, while the device runs
+     the following step, and several steps run in one dispatch while the inbox is empty);
   4. appends every produced token to a report buffer.
   `collect(timeout_s)` hands the buffered report over (tokens of all requests, in chunks) and
   waits up to `timeout_s` when it is empty: one RPC per chunk of many tokens and requests,
@@ -160,7 +161,10 @@ class DecodeWorker:
             chunked = bool(self._local)
             if chunked:  # one prefill chunk per iteration, between decode steps
                 self._prefill_chunk()
-            outs = self.engines.decode.decode_step() if self.engines.decode.num_running else []
+            # several steps per dispatch only while nothing else waits for this loop
+            is_waiting = bool(self._inbox or self._local or self._awaiting)
+            decode = self.engines.decode
+            outs = decode.decode_step(max_steps=1 if is_waiting else None) if decode.num_running else []
             for o in outs:
                 self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
             finished = getattr(self.engines.decode, "finished", None)
@@ -168,7 +172,7 @@ class DecodeWorker:
                 self._record(finished=finished)
                 finished.clear()
             self._record(outputs=outs)
-        return bool(inbox or outs or chunked)
+        return bool(inbox or outs or chunked or self.engines.decode.num_running)
 
     def _on_part(self, part) -> None:
         from raypd.transfer.streaming import StreamingReceiver

@@ -1,0 +1,138 @@
+"""The decode batch as device-resident state, and the programs that advance and edit it.
+
+The state of every decode slot (its last token, position, page table, sampling parameters and
+stop conditions) lives on the device between steps. A decode dispatch builds the step's
+`paged.Batch` from it on the device, runs `paged.step`, and writes the sampled tokens back
+into it, so a step sends nothing from the host but which program to run (rows B and context
+pages Pc, both static) and a step count that is a pre-placed scalar.
+
+`decode_steps` runs up to `max_steps` steps in one dispatch (a `lax.fori_loop` with a dynamic
+trip count: one program per (B, Pc) serves every count). A row stops on the device when it
+samples one of its stop token ids or reaches its token budget; a stopped row is padding for
+the remaining steps (it writes into the null page and its tokens are ignored), so the tokens a
+multi-step dispatch returns equal those of as many single steps.
+
+Rows are kept packed: the host's `RowUpdate` reorders rows on the device (`perm`, which also
+drops finished rows) and writes the rows of newly inserted requests, in one program.
+Shapes: S slots (`max_slots`), M stop ids per slot, P pages per slot (pages of max_seq_len);
+B rows of a dispatch (a bucket of the running rows), Pc context pages, k steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from models.config import ModelConfig
+from raypd.engine import paged
+from raypd.engine.sampling import SamplingArrays
+
+NO_STOP = -1  # padding of `stop_ids`
+MAX_STOP_IDS = 8  # M: stop ids a row checks on the device; beyond them the host alone checks
+
+
+@struct.dataclass
+class DecodeState:
+    """Every decode slot's state, on the device."""
+
+    tokens: jax.Array  # [S] int32; last sampled token, fed by the next step
+    positions: jax.Array  # [S] int32; position of that token (its K/V is written next)
+    pages: jax.Array  # [S, P] int32; page table (0-padded)
+    active: jax.Array  # [S] bool; False: free, or stopped on the device
+    remaining: jax.Array  # [S] int32; tokens the request may still generate
+    stop_ids: jax.Array  # [S, M] int32; token ids that end the request (NO_STOP-padded)
+    temperature: jax.Array  # [S] float32
+    top_k: jax.Array  # [S] int32
+    top_p: jax.Array  # [S] float32
+    min_p: jax.Array  # [S] float32; 0 = off
+    seed: jax.Array  # [S] uint32
+
+
+@struct.dataclass
+class RowUpdate:
+    """Host -> device edit of the rows: new row i = old row perm[i], or the given values where
+    is_new[i]; rows >= num_rows become inactive. Value fields are shaped as in DecodeState."""
+
+    perm: jax.Array  # [S] int32
+    is_new: jax.Array  # [S] bool
+    num_rows: jax.Array  # [] int32
+    rows: DecodeState  # values of the new rows (others ignored)
+
+
+def empty_state(num_slots: int, pages_per_slot: int, num_stop_ids: int = MAX_STOP_IDS) -> DecodeState:
+    """All slots free (host numpy; place it with jax.device_put)."""
+    S = num_slots
+    return DecodeState(tokens=np.zeros(S, np.int32), positions=np.zeros(S, np.int32),
+                       pages=np.zeros((S, pages_per_slot), np.int32), active=np.zeros(S, bool),
+                       remaining=np.zeros(S, np.int32), stop_ids=np.full((S, num_stop_ids), NO_STOP, np.int32),
+                       temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32),
+                       top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def apply_update(state: DecodeState, u: RowUpdate) -> DecodeState:
+    """Reorder, drop and insert rows in one program. The state is donated."""
+    keep = jnp.arange(u.perm.shape[0]) < u.num_rows
+
+    def edit(old, new):
+        moved = old[u.perm]
+        mask = u.is_new.reshape(u.is_new.shape + (1,) * (old.ndim - 1))
+        return jnp.where(mask, new, moved)
+
+    out = jax.tree.map(edit, state, u.rows)
+    return out.replace(active=out.active & keep)
+
+
+def _batch(st: DecodeState, B: int, Pc: int, page_size: int) -> tuple[paged.Batch, SamplingArrays]:
+    """The first B rows as one decode step's inputs (T = 1, R = 1)."""
+    live = st.active[:B]
+    pos = st.positions[:B]
+    table = st.pages[:B]
+    write_page = jnp.take_along_axis(table, (pos // page_size)[:, None], axis=1)[:, 0]
+    col = lambda a: a[:, None]  # noqa: E731  [B] -> [B, 1]
+    batch = paged.Batch(
+        tokens=col(st.tokens[:B]),
+        positions=col(jnp.where(live, pos, -1)),
+        segments=col(jnp.where(live, 0, -1)),
+        write_pages=col(jnp.where(live, write_page, 0)),
+        write_offsets=col(jnp.where(live, pos % page_size, 0)),
+        ctx_pages=table[:, :Pc],
+        ctx_lens=jnp.where(live, pos, 0),
+        sample_index=jnp.zeros((B, 1), jnp.int32))
+    sampling = SamplingArrays(temperature=st.temperature[:B], top_k=st.top_k[:B], top_p=st.top_p[:B],
+                              min_p=st.min_p[:B], seed=st.seed[:B], position=pos + 1)
+    return batch, sampling
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7), donate_argnums=(1, 2))
+def decode_steps(params: paged.EngineParams, cache: paged.KVCache, state: DecodeState, num_steps: jax.Array,
+                 cfg: ModelConfig, B: int, Pc: int, max_steps: int):
+    """Run `num_steps` (<= max_steps) decode steps over the first B rows, with on-device stop
+    and length checks. Cache and state are donated: use the returned ones.
+
+    -> (cache, state, tokens [k, B], logprobs [k, B]); row i of step j is valid while the row
+    had not stopped before step j (the host re-checks stops as it reads them).
+    """
+    G = cache.k[0].shape[2]
+
+    def body(j, carry):
+        cache, st, toks, lps = carry
+        batch, sampling = _batch(st, B, Pc, G)
+        cache, t, lp = paged.step(params, cache, batch, sampling, cfg)
+        live = st.active[:B]
+        hit = jnp.any(t[:, None] == st.stop_ids[:B], axis=1) | (st.remaining[:B] <= 1)
+        st = st.replace(
+            tokens=st.tokens.at[:B].set(jnp.where(live, t, st.tokens[:B])),
+            positions=st.positions.at[:B].add(live.astype(jnp.int32)),
+            remaining=st.remaining.at[:B].add(-live.astype(jnp.int32)),
+            active=st.active.at[:B].set(live & ~hit))
+        return cache, st, toks.at[j].set(t), lps.at[j].set(lp)
+
+    toks = jnp.zeros((max_steps, B), jnp.int32)
+    lps = jnp.zeros((max_steps, B), jnp.float32)
+    cache, state, toks, lps = jax.lax.fori_loop(0, num_steps, body, (cache, state, toks, lps))
+    return cache, state, toks, lps
