@@ -133,7 +133,10 @@ def generate(args: argparse.Namespace) -> int:
     import raypd
     from raypd.api import get_backend
 
+    from raypd.engine.api import SamplingParams
+
     try:
+        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})  # bad flags: say so before compiling
         if not args.no_warmup:  # the shapes these prompts use, so TTFT is not compile time
             backend = get_backend(args.model)
             lens = [len(backend.model.tokenizer.encode(p)) if backend.model.tokenizer else 1 for p in args.prompts]
