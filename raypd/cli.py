@@ -206,6 +206,10 @@ def add_serve(subparsers) -> None:
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest gRPC message in or out")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length, prompt + generated (default: min(2048, the model's))")
+    p.add_argument("--max-slots", type=int, default=None,
+                   help="decode batch capacity of each engine (default: EngineConfig's, 32)")
     p.add_argument("--max-queued", type=int, default=256,
                    help="requests in flight (local) or queued in the scheduler (ray) before RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -283,7 +287,9 @@ def _serve_local(args: argparse.Namespace, server_kw: dict):
 
     name = args.model or models.DEFAULT_MODEL
     try:
-        endpoint = Endpoint(LocalBackend(models.load(name)), name, max_queued=args.max_queued, **server_kw)
+        model = models.load(name)
+        endpoint = Endpoint(LocalBackend(model, _engine_config(args, model)), name, max_queued=args.max_queued,
+                            **server_kw)
     except (ValueError, OSError) as e:
         raise SystemExit(f"raypd serve: {e}") from None
     try:
@@ -327,7 +333,6 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
     jax.config.update("jax_platforms", "cpu")  # the driver reads the model's card; the workers own the devices
     import models
     from raypd import logs
-    from raypd.engine.runner import EngineConfig
     from raypd.runtime import deployment as dep
     from raypd.runtime.engines import JaxEngineFactory
     from raypd.server.backends import RayBackend
@@ -337,7 +342,7 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
     name = args.model or models.DEFAULT_MODEL
     try:
         model = models.load(name)
-        engine = EngineConfig(max_seq_len=min(2048, model.config.max_position_embeddings))
+        engine = _engine_config(args, model)
         factory = JaxEngineFactory(name, engine, args.kv_compression, warmup=not args.no_warmup)
         with logs.progress("starting the deployment (workers load and compile their engines)",
                            deployment=args.deployment, model=name, num_prefill=args.num_prefill,
@@ -362,6 +367,15 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
             endpoint.stop()
     finally:
         handle.shutdown()
+
+
+def _engine_config(args: argparse.Namespace, model):
+    from raypd.engine.runner import EngineConfig
+
+    kw = dict(max_seq_len=args.max_seq_len or min(2048, model.config.max_position_embeddings))
+    if args.max_slots is not None:
+        kw["max_slots"] = args.max_slots
+    return EngineConfig(**kw)
 
 
 def ray_address() -> str:

@@ -8,7 +8,8 @@ Runs `raypd serve --backend local` as a user would, several times, side by side:
 For each: seconds until the ready line, then the TTFT of the first request after ready and the
 median TTFT of warm requests (the same prompt lengths again, other tokens), over gRPC.
 
-    python scripts/measure_startup.py --model tiny-random --out docs/results/startup.json
+    python scripts/measure_startup.py --model tiny-random --max-seq-len 64 --max-slots 2 --lengths 10,30 \
+        --out docs/results/startup.json
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def start_server(model: str, cache: str, warmup: bool) -> tuple[subprocess.Popen, dict, float]:
+def start_server(model: str, cache: str, warmup: bool, engine_args: list[str]) -> tuple[subprocess.Popen, dict, float]:
     cmd = [sys.executable, "-m", "raypd.cli", "serve", "--backend", "local", "--model", model, "--grpc-port", "0",
-           "--compile-cache", cache, "--request-log-level", "off", "--stats-interval-s", "0"]
+           "--compile-cache", cache, "--request-log-level", "off", "--stats-interval-s", "0", *engine_args]
     if not warmup:
         cmd.append("--no-warmup")
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -48,13 +49,13 @@ def ttft(stub, pb, ids: list[int]) -> float:
     return stub.Generate(req, timeout=600).timings.ttft_s
 
 
-def measure(model: str, cache: str, warmup: bool, lengths: list[int], repeats: int) -> dict:
+def measure(model: str, cache: str, warmup: bool, lengths: list[int], repeats: int, engine_args: list[str]) -> dict:
     import grpc
 
     from raypd.proto import raypd_pb2 as pb
     from raypd.proto import raypd_pb2_grpc
 
-    proc, info, ready_s = start_server(model, cache, warmup)
+    proc, info, ready_s = start_server(model, cache, warmup, engine_args)
     try:
         with grpc.insecure_channel(info["grpc"]) as ch:
             stub = raypd_pb2_grpc.GenerationStub(ch)
@@ -72,19 +73,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-random", help="model to serve")
     p.add_argument("--lengths", default="10,100,400", help="prompt lengths of the first requests (one per bucket)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="serve --max-seq-len (fewer shapes when small)")
+    p.add_argument("--max-slots", type=int, default=None, help="serve --max-slots")
     p.add_argument("--repeats", type=int, default=3, help="warm requests per length")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     args = p.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
+    engine_args = [f for k, v in (("--max-seq-len", args.max_seq_len), ("--max-slots", args.max_slots))
+                   if v is not None for f in (k, str(v))]
     rows = []
     with tempfile.TemporaryDirectory(prefix="raypd-cc-") as cache:
         for label, cc, warmup in (("cold start, empty cache", cache, True), ("restart, with cache", cache, True),
                                   ("restart, cache off", "off", True), ("no warm-up, cache off", "off", False)):
-            row = dict(run=label, **measure(args.model, cc, warmup, lengths, args.repeats))
+            row = dict(run=label, **measure(args.model, cc, warmup, lengths, args.repeats, engine_args))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(dict(model=args.model, lengths=lengths, runs=rows), indent=2) + "\n")
+        args.out.write_text(json.dumps(dict(model=args.model, lengths=lengths, serve_args=engine_args, runs=rows),
+                                       indent=2) + "\n")
     return 0
 
 
