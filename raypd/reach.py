@@ -5,7 +5,8 @@ goes through here, so a wrong address fails in seconds with a message that names
   ray_init(address)      `ray.init` after a TCP check of the cluster's GCS address, run in a
                          helper thread that the caller waits on for at most `timeout_s` (a
                          reachable port that is not Ray's, e.g. the dashboard's, would otherwise
-                         block inside Ray's C++ client, deaf to Ctrl-C and SIGTERM).
+                         block inside Ray's C++ client, deaf to Ctrl-C and SIGTERM). "local"
+                         (a new cluster) starts in the calling thread.
   check_grpc(target)     waits for a gRPC channel to HOST:PORT to become ready.
 Outer ring: no model or engine imports.
 """
@@ -65,9 +66,16 @@ def ray_init(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     resolved = resolve_ray_address(address)
-    if resolved != "local":  # before importing Ray (seconds on a busy machine): a typo fails at once
-        check_tcp(resolved, min(5.0, timeout_s), "Ray client server" if resolved.startswith("ray://")
-                  else "Ray cluster (GCS)")
+    if resolved == "local":
+        # A new cluster: nothing remote to wait on, and its processes must be started from the
+        # main thread (Ray sets them to die with the thread that started them).
+        import ray
+
+        ray.init(address="local", **kwargs)
+        return
+    # before importing Ray (seconds on a busy machine): a typo fails at once
+    check_tcp(resolved, min(5.0, timeout_s), "Ray client server" if resolved.startswith("ray://")
+              else "Ray cluster (GCS)")
     import ray
 
     box: dict = {}

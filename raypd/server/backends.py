@@ -100,6 +100,14 @@ class LocalEngineBackend:
             self.local.warmup()
         self.loop.start()
         self._is_started = True
+        if warmup:  # one real request through the loop: its first pass through the Python path
+            self._run_one(Request(f"warmup-{next(_ids)}", [3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True)))
+
+    def _run_one(self, request: Request, timeout_s: float = 600.0) -> None:
+        stream = self.loop.submit(request)
+        deadline = time.monotonic() + timeout_s
+        while not stream.get(max(0.0, deadline - time.monotonic())).is_finished:
+            pass
 
     def stop(self) -> None:
         if self._is_started:
