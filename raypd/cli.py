@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -19,12 +20,65 @@ from raypd.server import http_server
 log = logging.getLogger(__name__)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' after every option that has a default worth showing (not None,
+    not an off switch) and whose help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand takes (logging). SUPPRESS: `raypd -v serve` and `raypd serve -v` both work."""
+    from raypd import compile_cache, logs
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log at DEBUG level (same as --log-level debug)")
+    g.add_argument("--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS, help="log level (default: info)")
+    g.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS,
+                   help="text, or json: one JSON object per line for log shippers (default: text)")
+    g.add_argument("--compile-cache", default=argparse.SUPPRESS, metavar="DIR",
+                   help="JAX persistent compilation cache directory, 'off' to disable (default: "
+                        f"${compile_cache.ENV}, else ~/.cache/raypd/jax)")
+    return p
+
+
+def _add_parser(subparsers, name: str, **kw) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, parents=[_common()], formatter_class=HelpFormatter, **kw)
+
+
+def _add_connect_timeout(p) -> None:
+    p.add_argument("--connect-timeout-s", type=float, default=15.0,
+                   help="give up connecting to a Ray cluster or gRPC server after this many seconds")
+
+
+def _add_sampling(p, max_tokens: int = 64) -> None:
+    g = p.add_argument_group("sampling (as raypd.generate)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
 # ----------------------------------------------------------------------------- convert
 
 
 def add_convert(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face checkpoint to a raypd (orbax) checkpoint",
+    p = _add_parser(
+        subparsers, "convert", help="convert a Hugging Face checkpoint to a raypd (orbax) checkpoint",
         description="Load a Hugging Face directory (config.json + safetensors), check every tensor, "
                     "and save it as a raypd checkpoint (raypd_config.json + orbax params/ + "
                     "tokenizer.json when present). `raypd` and models.load read the result directly.")
@@ -60,48 +114,84 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def add_generate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="complete prompts once, in-process, and print them",
+    p = _add_parser(
+        subparsers, "generate", help="complete prompts once, in-process, and print them",
         description="Complete each PROMPT with raypd.generate (backend 'local': the colocated engine "
-                    "on this machine's devices) and print the completions with TTFT/TPOT.")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+                    "on this machine's devices) and print the completions with TTFT/TPOT. The engine "
+                    "compiles every shape it serves before the first prompt, so TTFT never includes "
+                    "compilation (--no-warmup skips that, for one-off runs).")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one completion each)")
     p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    _add_sampling(p)
+    p.add_argument("--logprobs", action="store_true", help="report each generated token's logprob")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (with --stream: one per token, then the summary)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape first")
     p.set_defaults(run=generate)
 
 
 def generate(args: argparse.Namespace) -> int:
     import raypd
+    from raypd.api import get_backend
+
+    from raypd.engine.api import SamplingParams
 
     try:
-        completions = raypd.generate(args.prompts, model=args.model, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     seed=args.seed, stop=args.stop)
+        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})  # bad flags: say so before compiling
+        if not args.no_warmup:  # the shapes these prompts use, so TTFT is not compile time
+            backend = get_backend(args.model)
+            lens = [len(backend.model.tokenizer.encode(p)) if backend.model.tokenizer else 1 for p in args.prompts]
+            backend.warmup(max_len=max(lens) + args.max_tokens, num_seqs=len(args.prompts))
+        if args.stream:
+            for prompt in args.prompts:
+                _stream_one(raypd, prompt, args)
+            return 0
+        completions = raypd.generate(args.prompts, model=args.model, logprobs=args.logprobs, backend="local",
+                                     **_sampling(args))
     except ValueError as e:
         raise SystemExit(f"raypd generate: {e}") from None
     for prompt, c in zip(args.prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason, "metrics": c.metrics}))
+                              "finish_reason": c.finish_reason, "logprobs": c.logprobs, "metrics": c.metrics}))
         else:
-            m = c.metrics
-            print(f"{prompt}{c.text}\n[TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
-                  f"finish={c.finish_reason}]")
+            print(f"{prompt}{c.text}\n{_metrics_line(c.metrics, c.finish_reason, c.logprobs)}")
     return 0
+
+
+def _metrics_line(m: dict, finish_reason: str, logprobs) -> str:
+    extra = f", mean logprob {sum(logprobs) / len(logprobs):.3f}" if logprobs else ""
+    return (f"[TTFT {m['ttft_s'] * 1e3:.0f} ms, TPOT {m['tpot_s'] * 1e3:.1f} ms, "
+            f"{m['completion_tokens']} tokens, finish={finish_reason}{extra}]")
+
+
+def _stream_one(raypd, prompt: str, args: argparse.Namespace) -> None:
+    chunks = raypd.stream(prompt, model=args.model, logprobs=args.logprobs, backend="local", **_sampling(args))
+    if not args.json:
+        print(prompt, end="", flush=True)
+    last = None
+    for chunk in chunks:
+        last = chunk
+        if args.json:
+            print(json.dumps({"prompt": prompt, "token_id": chunk.token_id, "text": chunk.text,
+                              "logprob": chunk.logprob if args.logprobs else None,
+                              "finish_reason": chunk.finish_reason}), flush=True)
+        else:
+            print(chunk.text, end="", flush=True)
+    m = (last.metrics or {}) if last is not None else {}
+    if args.json:
+        print(json.dumps({"prompt": prompt, "finish_reason": last.finish_reason if last else None, "metrics": m}))
+    elif m:
+        print(f"\n{_metrics_line(m, last.finish_reason, None)}")
 
 
 # ----------------------------------------------------------------------------- serve
 
 
 def add_serve(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve", help="serve a model over gRPC in the foreground (Ctrl-C stops it cleanly)",
+    p = _add_parser(
+        subparsers, "serve", help="serve a model over gRPC in the foreground (Ctrl-C stops it cleanly)",
         description="Serve MODEL over gRPC (raypd/proto/raypd.proto, with health and reflection). "
                     "--backend ray (default) starts a Ray deployment (prefill and decode worker actors and "
                     "the scheduler) on the cluster at --address, or on a local cluster it starts and stops "
@@ -112,24 +202,35 @@ def add_serve(subparsers) -> None:
     p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
     p.add_argument("--backend", choices=("ray", "local"), default="ray",
                    help="ray: a disaggregated Ray deployment (default); local: the engine in this process")
-    p.add_argument("--grpc-host", default="127.0.0.1")
-    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--grpc-host", default="127.0.0.1", help="address the gRPC server binds")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port, printed)")
     p.add_argument("--auth-token", default=None,
                    help="require 'authorization: Bearer TOKEN' (all but health). A command line is visible "
                         "to every local user (ps, /proc): prefer $RAYPD_AUTH_TOKEN")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
-    p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest gRPC message in or out")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length, prompt + generated (default: min(2048, the model's))")
+    p.add_argument("--max-slots", type=int, default=None,
+                   help="decode batch capacity of each engine (default: EngineConfig's, 32)")
     p.add_argument("--max-queued", type=int, default=256,
                    help="requests in flight (local) or queued in the scheduler (ray) before RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="allow a non-loopback bind without TLS or auth (prints a warning)")
-    p.add_argument("--no-warmup", action="store_true", help="local: skip compiling every shape before serving")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling every shape before reporting ready (first requests then compile)")
+    p.add_argument("--request-log-level", choices=("debug", "info", "warning", "off"), default="info",
+                   help="level of the one log line per finished request")
+    p.add_argument("--stats-interval-s", type=float, default=10.0,
+                   help="log a stats line this often while there is traffic (0: never)")
+    _add_connect_timeout(p)
     http_server.add_arguments(p)
     ray = p.add_argument_group("--backend ray")
     ray.add_argument("--address", default=None,
-                     help="Ray cluster to deploy on (e.g. 'auto', HOST:PORT; default: start a local one)")
+                     help="Ray cluster to deploy on ('auto', HOST:PORT as `ray start` prints; default: start a "
+                          "local one)")
     ray.add_argument("--dashboard", action="store_true",
                      help="start Ray's dashboard on 127.0.0.1 (only for a cluster this command starts; the "
                           "cluster's components listen on loopback only)")
@@ -146,19 +247,28 @@ def add_serve(subparsers) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     import os
-    import signal
     import threading
 
+    from raypd import logs
     from raypd.server.grpc_server import check_bind
 
-    stop = threading.Event()  # set by Ctrl-C / SIGTERM, also while starting: then stop at once
+    stop = threading.Event()  # set by Ctrl-C / SIGTERM once serving: a graceful stop
+    is_serving = [False]
+
+    def on_signal(signum, frame):
+        stop.set()
+        if not is_serving[0]:  # still starting (loading, compiling): unwind now; what started stops
+            raise Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     token = args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN") or None
     read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
     server_kw = dict(metrics_port=args.metrics_port, host=args.grpc_host, port=args.grpc_port, token=token,
                      tls_cert=read(args.tls_cert), tls_key=read(args.tls_key),
-                     max_message_bytes=args.max_message_bytes, allow_insecure_remote=args.allow_insecure_remote)
+                     max_message_bytes=args.max_message_bytes, allow_insecure_remote=args.allow_insecure_remote,
+                     request_log_level=logs.request_level(args.request_log_level),
+                     stats_interval_s=args.stats_interval_s or None)
     try:  # before anything starts
         check_bind(args.grpc_host, token, server_kw["tls_cert"], server_kw["tls_key"], args.allow_insecure_remote)
     except ValueError as e:
@@ -166,11 +276,15 @@ def serve(args: argparse.Namespace) -> int:
     http_server.check_arguments(args)
     start = _serve_ray if args.backend == "ray" else _serve_local
     with start(args, server_kw) as (endpoint, info), http_server.serving(args, endpoint, args.model) as http:
-        print(json.dumps({**info, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
-                          "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port,
-                          "http": http.url if http else None}), flush=True)
+        ready = {**info, "grpc": f"{args.grpc_host}:{endpoint.port}", "auth": token is not None,
+                 "tls": args.tls_cert is not None, "metrics_port": endpoint.metrics.port,
+                 "http": http.url if http else None, "warmed_up": not args.no_warmup}
+        logs.log_event(log, logging.INFO, "ready", **ready)
+        print(json.dumps(ready), flush=True)
+        is_serving[0] = True
         stop.wait()
-        log.info("shutting down")
+        logs.log_event(log, logging.INFO, "shutting down", served=endpoint.service.num_finished)
+    log.info("stopped")
     return 0
 
 
@@ -182,12 +296,13 @@ def _serve_local(args: argparse.Namespace, server_kw: dict):
 
     name = args.model or models.DEFAULT_MODEL
     try:
-        endpoint = Endpoint(LocalBackend(models.load(name)), name, max_queued=args.max_queued, **server_kw)
+        model = models.load(name)
+        endpoint = Endpoint(LocalBackend(model, _engine_config(args, model)), name, max_queued=args.max_queued,
+                            **server_kw)
     except (ValueError, OSError) as e:
         raise SystemExit(f"raypd serve: {e}") from None
-    log.info("warming up %s", name)
-    endpoint.start(warmup=not args.no_warmup)
     try:
+        endpoint.start(warmup=not args.no_warmup)
         yield endpoint, {"serving": name, "backend": "local"}
     finally:
         endpoint.stop()
@@ -198,18 +313,20 @@ def _serve_ray(args: argparse.Namespace, server_kw: dict):
     """A deployment on Ray and the endpoint over it; on exit both stop (in that order), and so
     does a local cluster started here (ray.shutdown stops the one ray.init started, and only
     disconnects from one at --address)."""
-    import signal
-
     import ray
 
+    from raypd import reach
     from raypd.runtime.deployment import ROOT, start_local_cluster
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # Without --address, always a fresh local cluster on loopback (never one some other process started).
-    if args.address is None:
-        start_local_cluster(include_dashboard=args.dashboard)
-    else:
-        ray.init(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    try:
+        if args.address is None:
+            start_local_cluster(include_dashboard=args.dashboard)
+        else:
+            reach.ray_init(args.address, timeout_s=args.connect_timeout_s, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    except (ConnectionError, ValueError) as e:
+        raise SystemExit(f"raypd serve: {e}") from None
     for sig, handler in handlers.items():  # ray.init puts its own on SIGTERM (exit at once)
         signal.signal(sig, handler)
     try:
@@ -225,8 +342,9 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
 
     jax.config.update("jax_platforms", "cpu")  # the driver reads the model's card; the workers own the devices
     import models
-    from raypd.engine.runner import EngineConfig
+    from raypd import logs
     from raypd.runtime import deployment as dep
+    from raypd.runtime.engines import JaxEngineFactory
     from raypd.server.backends import RayBackend
     from raypd.server.grpc_server import Endpoint
     from scheduler import PolicyConfig
@@ -234,20 +352,22 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
     name = args.model or models.DEFAULT_MODEL
     try:
         model = models.load(name)
-        engine = EngineConfig(max_seq_len=min(2048, model.config.max_position_embeddings))
-        log.info("starting deployment %r of %s: %d prefill, %d decode workers", args.deployment, name,
-                 args.num_prefill, args.num_decode)
-        handle = dep.serve(name, num_prefill=args.num_prefill, num_decode=args.num_decode,
-                           prefill_tp=args.prefill_tp, decode_tp=args.decode_tp, name=args.deployment,
-                           engine_config=engine, compression=args.kv_compression,
-                           calibrate=not args.no_calibrate, policy=PolicyConfig(max_queued=args.max_queued))
+        engine = _engine_config(args, model)
+        factory = JaxEngineFactory(name, engine, args.kv_compression, warmup=not args.no_warmup)
+        with logs.progress("starting the deployment (workers load and compile their engines)",
+                           deployment=args.deployment, model=name, num_prefill=args.num_prefill,
+                           num_decode=args.num_decode):
+            handle = dep.serve(name, num_prefill=args.num_prefill, num_decode=args.num_decode,
+                               prefill_tp=args.prefill_tp, decode_tp=args.decode_tp, name=args.deployment,
+                               factory=factory, calibrate=not args.no_calibrate,
+                               policy=PolicyConfig(max_queued=args.max_queued))
     except (ValueError, OSError) as e:
         raise SystemExit(f"raypd serve: {e}") from None
     try:
         backend = RayBackend(handle, name, model, engine.max_seq_len,
                              max_slots=engine.max_slots * args.num_decode)
         try:
-            endpoint = Endpoint(backend, **server_kw).start()
+            endpoint = Endpoint(backend, **server_kw).start(warmup=not args.no_warmup)
         except (ValueError, OSError) as e:
             raise SystemExit(f"raypd serve: {e}") from None
         try:
@@ -257,6 +377,15 @@ def _ray_endpoint(args: argparse.Namespace, server_kw: dict):
             endpoint.stop()
     finally:
         handle.shutdown()
+
+
+def _engine_config(args: argparse.Namespace, model):
+    from raypd.engine.runner import EngineConfig
+
+    kw = dict(max_seq_len=args.max_seq_len or min(2048, model.config.max_position_embeddings))
+    if args.max_slots is not None:
+        kw["max_slots"] = args.max_slots
+    return EngineConfig(**kw)
 
 
 def ray_address() -> str:
@@ -269,21 +398,29 @@ def ray_address() -> str:
 
 
 def add_batch(subparsers) -> None:
-    p = subparsers.add_parser(
-        "batch", help="JSONL prompts in, JSONL completions out (attaches to or starts a deployment)",
+    p = _add_parser(
+        subparsers, "batch", help="JSONL prompts in, JSONL completions out (attaches to or starts a deployment)",
         description="Complete every line of --input (JSON objects with 'prompt' and optional 'id', "
-                    "'max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'stop') into --output, in order. "
-                    "With --backend ray (default) it attaches to the deployment named --deployment or starts "
-                    "one for the batch; runnable as `ray job submit -- python scripts/batch_generate.py ...`.")
-    p.add_argument("--input", required=True, type=Path)
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--model", default=None, help="model for a deployment this command starts (default model)")
+                    "'max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'stop') into --output, in order; "
+                    "the sampling flags are the defaults of lines that do not set their own. --input and "
+                    "--output may be paths or URIs (s3://, gs://, ... through pyarrow.fs or fsspec when "
+                    "installed). With --backend ray (default) it attaches to the deployment named "
+                    "--deployment on the cluster at --address, or starts one for the batch; runnable as "
+                    "`ray job submit -- python scripts/batch_generate.py ...`, where --output must be an "
+                    "absolute path on storage that outlives the job, or a URI.")
+    p.add_argument("--input", required=True, help="JSONL prompts: a path or a URI")
+    p.add_argument("--output", required=True, help="JSONL completions: a path or a URI (written anew)")
+    p.add_argument("--model", default=None, help="model for a deployment this command starts (default: the "
+                   "default model)")
+    p.add_argument("--backend", choices=("ray", "local"), default="ray",
+                   help="ray: a Ray deployment; local: the engine in this process")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', HOST:PORT; default: $RAY_ADDRESS, else "
+                   "a cluster on this machine, else a new local one)")
     p.add_argument("--deployment", default="raypd", help="deployment name to attach to or start")
-    p.add_argument("--backend", choices=("ray", "local"), default="ray")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts sent together")
+    _add_sampling(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_connect_timeout(p)
     p.set_defaults(run=batch)
 
 
@@ -293,9 +430,10 @@ def batch(args: argparse.Namespace) -> int:
     try:
         summary = run_batch(args.input, args.output, backend=args.backend, deployment=args.deployment,
                             model=args.model, batch_size=args.batch_size, progress=not args.no_progress,
-                            max_tokens=args.max_tokens, temperature=args.temperature)
-    except (ValueError, OSError) as e:
+                            address=args.address, connect_timeout_s=args.connect_timeout_s, **_sampling(args))
+    except (ValueError, OSError) as e:  # ConnectionError is an OSError
         raise SystemExit(f"raypd batch: {e}") from None
+    log.info("wrote %d completions to %s", summary["completions"], summary["output"])
     print(json.dumps(summary))
     return 0
 
@@ -304,20 +442,26 @@ def batch(args: argparse.Namespace) -> int:
 
 
 def add_status(subparsers) -> None:
-    p = subparsers.add_parser(
-        "status", help="workers, queue lengths, pages in use, KV store size and hit rate of a deployment",
-        description="Attach to a running deployment on the Ray cluster at --address and print its status as JSON.")
-    p.add_argument("--deployment", default="raypd")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    p = _add_parser(
+        subparsers, "status", help="workers, queue lengths, pages in use, KV store size and hit rate of a deployment",
+        description="Attach to a running deployment on the Ray cluster at --address and print its status as JSON. "
+                    "Fails within --connect-timeout-s when nothing answers there.")
+    p.add_argument("--deployment", default="raypd", help="deployment name")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster ('auto', HOST:PORT as `ray start` prints; default: $RAY_ADDRESS, else auto)")
+    _add_connect_timeout(p)
     p.set_defaults(run=status)
 
 
 def status(args: argparse.Namespace) -> int:
-    from raypd.runtime import deployment as dep
+    from raypd import reach
 
     try:
-        handle = dep.connect(args.deployment, address=args.address)
-        print(json.dumps(handle.status(), indent=2, default=str))
+        reach.ray_init(args.address, timeout_s=args.connect_timeout_s, log_to_driver=False)
+        from raypd.runtime import deployment as dep
+
+        handle = dep.connect(args.deployment)
+        print(json.dumps(handle.status(timeout_s=max(args.connect_timeout_s, 30.0)), indent=2, default=str))
     except Exception as e:  # noqa: BLE001 - no cluster, no deployment: say so
         raise SystemExit(f"raypd status: {e}") from None
     return 0
@@ -329,8 +473,8 @@ def status(args: argparse.Namespace) -> int:
 def add_bench(subparsers) -> None:
     from raypd.bench import cli as bench_cli
 
-    p = subparsers.add_parser("bench", help="load-test a target: TTFT/TPOT/ITL/E2E, goodput, report + plots",
-                              description=bench_cli.DESCRIPTION)
+    p = _add_parser(subparsers, "bench", help="load-test a target: TTFT/TPOT/ITL/E2E, goodput, report + plots",
+                    description=bench_cli.DESCRIPTION)
     bench_cli.add_arguments(p)
     p.set_defaults(run=bench)
 
@@ -340,7 +484,7 @@ def bench(args: argparse.Namespace) -> int:
 
     try:
         bench_cli.print_summary(bench_cli.main(args))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConnectionError is an OSError
         raise SystemExit(f"raypd bench: {e}") from None
     return 0
 
@@ -356,21 +500,62 @@ def _planner_subcommands():
 SUBCOMMANDS = (add_convert, add_generate, add_serve, add_batch, add_status, add_bench, *_planner_subcommands())
 
 
+class _Version(argparse.Action):
+    """--version without importing the package (which imports JAX) until asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        try:
+            version = metadata.version("raypd")
+        except metadata.PackageNotFoundError:
+            import raypd
+
+            version = raypd.__version__
+        print(f"raypd {version}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raypd", description="Prefill/decode-disaggregated LLM "
-                                     "serving for JAX on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser = argparse.ArgumentParser(prog="raypd", parents=[_common()], formatter_class=HelpFormatter,
+                                     description="Prefill/decode-disaggregated LLM serving for JAX on Ray.")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
 
 
+class Interrupted(Exception):
+    """SIGTERM arrived (SIGINT raises KeyboardInterrupt)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from raypd import compile_cache, logs
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    level = "debug" if getattr(args, "verbose", False) else getattr(args, "log_level", "info")
+    logs.configure(level, getattr(args, "log_format", "text"))
+    if args.command not in ("convert", "status"):
+        cache = compile_cache.enable(getattr(args, "compile_cache", None))
+        log.debug("compilation cache: %s", cache or "off")
+    # Every command stops promptly on SIGTERM as on Ctrl-C (serve installs its own handlers
+    # for a graceful stop); a connect in progress runs in a helper thread, so this is heard.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.run(args)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"raypd {args.command}: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

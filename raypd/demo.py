@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.model or models.DEFAULT_MODEL
     prompts = args.prompt or PROMPTS
-    local = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")  # also compiles
     if args.backend == "local":
+        raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")  # compiles
         local = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")
         print(f"model {name}, colocated in-process engine")
         show(prompts, local)
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from scheduler import PolicyConfig
 
     t = time.perf_counter()
-    # Every prompt is prefilled on the prefill worker (no local prefill on the decode worker),
-    # so each one's K/V really moves between the two actors.
+    # Ray starts its processes before this one runs JAX: forking a process whose JAX runtime is
+    # up makes JAX warn that os.fork() may deadlock. Every prompt is prefilled on the prefill
+    # worker (no local prefill on the decode worker), so each one's K/V really moves between
+    # the two actors.
     deployment = raypd.serve(model=name, num_prefill=1, num_decode=1,
                              policy=PolicyConfig(local_prefill_max_len=0), local_prefill_stall_s=None)
     try:
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         deployment.generate(prompts, max_tokens=args.max_tokens)  # compile the workers' shapes
         completions = deployment.generate(prompts, max_tokens=args.max_tokens)
         show(prompts, completions)
+        local = raypd.generate(prompts, model=name, max_tokens=args.max_tokens, backend="local")
         same = sum(c.token_ids == ref.token_ids for c, ref in zip(completions, local))
         print(f"\ndisaggregated == colocated (greedy tokens): {same}/{len(prompts)} prompts")
         return 0 if same == len(prompts) else 1

@@ -19,7 +19,10 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] | None  # logprob of each generated token, when asked
-    metrics: dict  # ttft_s, tpot_s, e2e_s, prompt_tokens, completion_tokens
+    # ttft_s, tpot_s, e2e_s, prompt_tokens, completion_tokens from every backend (a Ray
+    # deployment adds its scheduler's timings: queue_s, prefill_s, transfer_s, ...). TPOT is the
+    # time between tokens after the first: (last token - first token) / (completion_tokens - 1).
+    metrics: dict
 
 
 @dataclasses.dataclass
@@ -28,7 +31,7 @@ class StreamChunk:
     text: str  # text delta
     logprob: float
     finish_reason: str | None
-    metrics: dict | None = None  # on the last chunk from a Ray deployment: ttft_s, queue_s, prefill_s, transfer_s, ...
+    metrics: dict | None = None  # on the last chunk: as Completion.metrics
 
 
 def check_sampling(params: SamplingParams, model) -> None:
@@ -77,3 +80,12 @@ def _utf8(text: str, field: str) -> bytes:
 def _too_long(field: str, n: int, max_tokens: int, max_seq_len: int):
     raise ValueError(f"{field}: prompt ({n} tokens) + max_tokens ({max_tokens}) must be "
                      f"<= the context length {max_seq_len}")
+
+
+def request_metrics(submitted_s: float, first_s: float, last_s: float, prompt_tokens: int | None,
+                    completion_tokens: int) -> dict:
+    """The metrics every backend reports for a request (perf_counter times in seconds)."""
+    from raypd.logs import tpot_s
+
+    return dict(ttft_s=first_s - submitted_s, tpot_s=tpot_s(first_s, last_s, completion_tokens),
+                e2e_s=last_s - submitted_s, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)

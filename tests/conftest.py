@@ -12,6 +12,9 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count=4"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Commands run by tests do not share a compilation cache (raypd/compile_cache.py): each test
+# compiles what it runs, as on a fresh machine (tests that need the cache turn it on).
+os.environ.setdefault("RAYPD_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 

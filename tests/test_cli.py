@@ -123,7 +123,8 @@ def is_open(address: str) -> bool:
 
 def test_serve_ray_deployment_in_the_foreground_and_sigint_stops_everything():
     """`raypd serve --backend ray`: it starts a local Ray cluster and a deployment (tiny model,
-    no calibration), serves a gRPC call, and on SIGINT stops the server, the deployment and the
+    no calibration, a short context so that warming up compiles few shapes), reports ready
+    only once warm, serves a gRPC call, and on SIGINT stops the server, the deployment and the
     cluster it started, with exit code 0."""
     import os
     import signal
@@ -137,11 +138,12 @@ def test_serve_ray_deployment_in_the_foreground_and_sigint_stops_everything():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = subprocess.Popen([sys.executable, "-m", "raypd.cli", "serve", "--backend", "ray", "--model", "tiny-random",
                              "--num-prefill", "1", "--num-decode", "1", "--no-calibrate", "--grpc-port", "0",
-                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+                             "--metrics-port", "0", "--max-seq-len", "64", "--max-slots", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
-        info = read_json_line(proc, timeout_s=240)
+        info = read_json_line(proc, timeout_s=600)
         assert info["backend"] == "ray" and info["started_ray"] and info["grpc"].startswith("127.0.0.1:")
+        assert info["warmed_up"]
         with grpc.insecure_channel(info["grpc"]) as ch:
             stub = raypd_pb2_grpc.GenerationStub(ch)
             resp = stub.Generate(raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5, 6, 7]),

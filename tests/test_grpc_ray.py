@@ -153,7 +153,7 @@ def deployment():
 
 def start_endpoint(d, model=MOCK_MODEL, **kw) -> Endpoint:
     backend = RayBackend(d, "mock", model, 512 if model is not None else 0, max_slots=MAX_SLOTS)
-    return Endpoint(backend, **kw).start()
+    return Endpoint(backend, **kw).start(warmup=False)  # the mock engines compile nothing
 
 
 @pytest.fixture(scope="module")

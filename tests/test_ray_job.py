@@ -79,18 +79,30 @@ def ray_head():
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
-    try:
-        ping = driver(url, env, "ping", timeout=180)
-        assert ping.returncode == 0, f"the Ray head did not come up: {ping.stderr[-2000:]}"
-        yield url, env, base
-    finally:
+
+    def stop() -> None:
+        """Stop the head and everything it started; its session directory goes with it."""
         head.terminate()
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-        os.killpg(head.pid, signal.SIGKILL)  # whatever of the head's process group is left
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the head's process group is left
+        except ProcessLookupError:
+            pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+    try:
+        ping = driver(url, env, "ping", timeout=180)
+        assert ping.returncode == 0, f"the Ray head did not come up: {ping.stderr[-2000:]}"
+        HEAD["stop"] = stop
+        yield url, env, base
+    finally:
+        stop()
+
+
+HEAD: dict = {}  # "stop": stops the module's head early; "outputs": files jobs wrote, checked after that
 
 
 def test_job_api_refuses_a_missing_or_wrong_token(ray_head):
@@ -121,3 +133,32 @@ def test_batch_job_reaches_succeeded_with_its_output(ray_head, tmp_path):
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert len(rows[1]["token_ids"]) == 3 and all(1 <= len(r["token_ids"]) <= 5 for r in rows)
     assert '"started_deployment": true' in result["logs"]
+    # the log ends with where the results are: a line naming the file, then the JSON summary
+    last_lines = result["logs"].strip().splitlines()[-2:]
+    assert f"wrote 3 completions to {out}" in last_lines[0] and json.loads(last_lines[1])["output"] == str(out)
+    HEAD.setdefault("outputs", []).append((out, out.read_text()))
+
+
+def test_batch_job_refuses_a_relative_output(ray_head, tmp_path):
+    """A relative --output would land in the job's temporary copy of its working directory,
+    deleted with the session: the job fails at once and says so."""
+    url, env, _ = ray_head
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"prompt": [5, 6, 7]}) + "\n")
+    entrypoint = (f"{sys.executable} scripts/batch_generate.py --input {prompts} --output completions.jsonl "
+                  f"--model tiny-random --max-tokens 2 --no-progress")
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "out", "__pycache__"]}
+    run = driver(url, env, "submit", entrypoint, json.dumps(runtime_env))
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["status"].endswith("FAILED"), result["logs"][-3000:]
+    assert "relative, and this runs as a Ray job" in result["logs"]
+
+
+def test_job_output_outlives_the_cluster(ray_head):
+    """Runs last in this module: stop the head (its session and the jobs' working directories
+    go), then the batch job's output is still there, whole."""
+    assert HEAD.get("outputs"), "the batch job test did not run"
+    HEAD["stop"]()
+    for path, text in HEAD["outputs"]:
+        assert path.exists() and path.read_text() == text and len(text.splitlines()) == 3

@@ -34,13 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rate", type=float, default=None,
                    help="mean request rate, req/s ('inf': all at once; default inf, or the trace's timestamps)")
     g.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
-    g.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    g.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="inter-arrival distribution")
     g.add_argument("--burstiness", type=float, default=None,
                    help="gamma shape: < 1 burstier, > 1 more regular than Poisson (gamma only; default 1)")
     g.add_argument("--sweep-rates", default=None, metavar="R1,R2,...",
                    help="run the same workload at each rate, one after another")
     g.add_argument("--num-requests", type=int, default=None, help="default 100, or every row of --trace")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
     d = p.add_argument_group("workload")
     d.add_argument("--dataset", choices=sorted(DATASETS), default="fixed",
                    help="input/output length distributions: fixed 128/32, uniform 64:256/16:64, "
@@ -51,9 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--trace-block-len", type=int, default=512, help="prompt tokens per trace hash id")
     d.add_argument("--trace-time-scale", type=float, default=1.0, help="multiply trace inter-arrival times")
     s = p.add_argument_group("SLOs (goodput counts requests meeting all that are given)")
-    s.add_argument("--slo-ttft-ms", type=float, default=None)
-    s.add_argument("--slo-tpot-ms", type=float, default=None)
-    s.add_argument("--slo-e2e-ms", type=float, default=None)
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token SLO (ms)")
+    s.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token SLO (ms)")
+    s.add_argument("--slo-e2e-ms", type=float, default=None, help="end-to-end latency SLO (ms)")
     t = p.add_argument_group("target")
     t.add_argument("--max-slots", type=int, default=None, help="decode batch capacity of an engine started here")
     t.add_argument("--max-seq-len", type=int, default=None, help="context length of an engine started here")
@@ -62,16 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--grpc-address", default=None, help="HOST:PORT of a running `raypd serve` (default: start one)")
     t.add_argument("--auth-token", default=None, help="gRPC bearer token (or $RAYPD_AUTH_TOKEN)")
     t.add_argument("--deployment", default=None, help="ray: attach to this running deployment (default: start one)")
-    t.add_argument("--ray-address", default=None)
+    t.add_argument("--address", default=None,
+                   help="ray: the Ray cluster of --deployment ('auto', HOST:PORT; default: $RAY_ADDRESS, else auto)")
+    t.add_argument("--ray-address", dest="address", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     t.add_argument("--num-prefill", type=int, default=1, help="ray: prefill workers of a deployment started here")
     t.add_argument("--num-decode", type=int, default=1, help="ray: decode workers of a deployment started here")
     t.add_argument("--url", default=None, help="openai: the server, http://HOST:PORT[/v1]")
     t.add_argument("--api-key", default=None, help="openai: bearer key (or $OPENAI_API_KEY)")
     t.add_argument("--served-model", default=None, help="openai: model id to request (default: the first listed)")
-    t.add_argument("--request-timeout-s", type=float, default=600.0)
+    t.add_argument("--request-timeout-s", type=float, default=600.0, help="fail a request after this long")
+    t.add_argument("--connect-timeout-s", type=float, default=15.0,
+                   help="give up connecting to a Ray cluster or gRPC server after this many seconds")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _rates(args) -> list[float | None]:
@@ -117,10 +121,18 @@ def make_target(args):
         return targets.OpenAITarget(args.url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
                                     args.served_model, args.request_timeout_s)
     if args.target == "grpc":
+        if args.grpc_address is not None:
+            from raypd import reach
+
+            reach.check_grpc(args.grpc_address, args.connect_timeout_s)
         return targets.GrpcTarget(args.model, args.grpc_address, args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN"),
                                   cfg, max_queued=args.max_queued, warmup=not args.no_warmup,
                                   request_timeout_s=args.request_timeout_s)
-    return targets.RayTarget(args.model, args.deployment, args.ray_address, args.num_prefill, args.num_decode, cfg)
+    from raypd import reach
+
+    if args.deployment is not None or args.address is not None:  # attach: the cluster must answer
+        reach.ray_init(args.address, timeout_s=args.connect_timeout_s)
+    return targets.RayTarget(args.model, args.deployment, args.address, args.num_prefill, args.num_decode, cfg)
 
 
 def make_requests(args, target, rate: float | None) -> tuple[list, dict]:
@@ -175,7 +187,10 @@ def main(args: argparse.Namespace) -> dict:
     slo = metrics.SLO(*(None if v is None else v / 1e3 for v in (args.slo_ttft_ms, args.slo_tpot_ms,
                                                                 args.slo_e2e_ms)))
     env = report.environment()
-    target = make_target(args)
+    from raypd import logs
+
+    with logs.progress("starting the target (loading, compiling)", target=args.target):
+        target = make_target(args)
     try:
         log.info("target ready; first request took %.2f s", targets.wait_ready(target))
         points, info = [], {}
@@ -191,12 +206,52 @@ def main(args: argparse.Namespace) -> dict:
                   rates=[p["rate"] for p in points], max_concurrency=args.concurrency, seed=args.seed,
                   slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_e2e_ms=args.slo_e2e_ms)
     paths = report.write(args.out, config, env, points, slo)
-    return dict(paths={k: str(v) for k, v in paths.items()},
+    return dict(paths={k: str(v) for k, v in paths.items()}, table=summary_table(points),
                 summaries=[dict(rate=p["rate"], **{k: v for k, v in p["summary"].items()
                                                    if not isinstance(v, dict)},
                                 ttft_p99_ms=p["summary"]["ttft_ms"]["p99"], tpot_p99_ms=p["summary"]["tpot_ms"]["p99"])
                            for p in points])
 
 
+def summary_table(points: list[dict]) -> str:
+    """The run's numbers as a fixed-width table (one block per rate), like `vllm bench serve`."""
+    width = 50
+    lines = []
+
+    def row(label: str, value, fmt: str = "{:.2f}") -> None:
+        text = "-" if value is None else (fmt.format(value) if isinstance(value, float) else str(value))
+        lines.append(f"{label + ':':<{width - 12}}{text:>12}")
+
+    for p in points:
+        s = p["summary"]
+        rate = "trace" if p["rate"] is None else ("inf" if p["rate"] == math.inf else f"{p['rate']:g}")
+        lines.append(f" Serving Benchmark Result (rate {rate} req/s) ".center(width, "="))
+        row("Successful requests", s["num_completed"])
+        row("Rejected requests", s["num_rejected"])
+        row("Failed requests", s["num_failed"])
+        row("Benchmark duration (s)", s["duration_s"])
+        row("Total input tokens", s["total_input_tokens"])
+        row("Total generated tokens", s["total_output_tokens"])
+        row("Request throughput (req/s)", s["request_throughput"])
+        row("Output token throughput (tok/s)", s["output_throughput"])
+        row("Total token throughput (tok/s)", s["total_token_throughput"])
+        if s["goodput"] is not None:
+            row("Request goodput (req/s)", s["goodput"])
+            row("SLO attainment (%)", 100 * s["slo_attainment"])
+        for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st token)"),
+                           ("itl_ms", "Inter-token Latency"), ("e2e_ms", "End-to-end Latency")):
+            short = key[:-3].upper()
+            lines.append(f" {title} ".center(width, "-"))
+            st = s[key]
+            row(f"Mean {short} (ms)", st.get("mean"))
+            row(f"Median {short} (ms)", st.get("p50"))
+            row(f"P99 {short} (ms)", st.get("p99"))
+        lines.append("=" * width)
+    return "\n".join(lines)
+
+
 def print_summary(out: dict) -> None:
+    """The table for people, then the JSON (last line) for scripts."""
+    out = dict(out)
+    print(out.pop("table", ""))
     print(json.dumps(out, default=str))

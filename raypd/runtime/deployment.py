@@ -24,7 +24,7 @@ from typing import Iterator
 
 import ray
 
-from raypd.protocol import Completion, StreamChunk, check_sampling
+from raypd.protocol import Completion, StreamChunk, check_sampling, request_metrics
 from raypd.engine.api import SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
@@ -186,7 +186,8 @@ def connect(name: str = "raypd", address: str | None = None) -> "Deployment":
     sched = _find(name)
     if sched is None:
         raise errors.DeploymentNotFound(f"no raypd deployment named {name!r} on this Ray cluster "
-                                        f"(namespace {NAMESPACE!r}); start one with raypd.serve(name={name!r})")
+                                        f"(namespace {NAMESPACE!r}); start one with `raypd serve --address "
+                                        f"ADDRESS --deployment {name}` (or raypd.serve(name={name!r}) in Python)")
     return Deployment(name, sched)
 
 
@@ -205,6 +206,7 @@ class Deployment:
         self.name, self._scheduler, self._actors = name, scheduler, list(actors)
         self._is_shut_down = False
         self._model_card = None
+        self._tokenizer = None  # the deployment's, fetched on first need (prompt token counts)
         self._poller: TokenPoller | None = None
         self._poller_lock = threading.Lock()
 
@@ -294,32 +296,53 @@ class Deployment:
         start = time.perf_counter()
         ids = self.submit(prompts, params, ttft_slo_s, kv_compression)
         tokens = {rid: [] for rid in ids}
-        metrics = {}
+        metrics, first, last = {}, {}, {}
         for rid, entry in self._chunks(ids):
+            now = time.perf_counter()
+            if entry["tokens"]:
+                first.setdefault(rid, now)
+                last[rid] = now
             tokens[rid].extend(entry["tokens"])
             metrics[rid] = entry["metrics"]
-        e2e = time.perf_counter() - start
         out = []
         for rid, prompt in zip(ids, prompts):
-            toks, m = tokens[rid], metrics[rid]
-            n, ttft = len(toks), m.get("ttft_s") or 0.0
+            toks, m = tokens[rid], dict(metrics[rid])
+            m["scheduler_ttft_s"] = m.pop("ttft_s", None)  # from arrival at the scheduler, before polling
             out.append(Completion(
                 text="".join(t[3] for t in toks), token_ids=[t[0] for t in toks], finish_reason=toks[-1][2],
                 logprobs=[t[1] for t in toks] if logprobs else None,
-                metrics=dict(m, ttft_s=ttft, e2e_s=e2e, tpot_s=(e2e - ttft) / (n - 1) if n > 1 else 0.0,
-                             prompt_tokens=None, completion_tokens=n)))
+                metrics=dict(m, **request_metrics(start, first[rid], last[rid], self._prompt_tokens(prompt),
+                                                  len(toks)))))
         return out
+
+    def _prompt_tokens(self, prompt) -> int | None:
+        """How many tokens the deployment's scheduler made of `prompt` (its tokenizer, fetched once)."""
+        if not isinstance(prompt, str):
+            return len(prompt)
+        if self._tokenizer is None:
+            self._tokenizer = self.info()["model"].tokenizer
+        return len(self._tokenizer.encode(prompt)) if self._tokenizer is not None else None
 
     def stream(self, prompt, *, ttft_slo_s: float | None = None, kv_compression: str | None = None,
                **sampling) -> Iterator[StreamChunk]:
         """Yield a StreamChunk per token of one prompt; tokens arrive from the scheduler in chunks."""
         (rid,) = self.submit([prompt], SamplingParams(**_sampling(sampling)), ttft_slo_s, kv_compression)
 
+        start = time.perf_counter()
+
         def chunks():
+            first, n = None, 0
             for _, entry in self._chunks([rid]):
+                now = time.perf_counter()
+                first = first or now
                 for token_id, logprob, finish, text in entry["tokens"]:
-                    yield StreamChunk(token_id, text, logprob, finish,
-                                      entry["metrics"] if finish is not None else None)
+                    n += 1
+                    metrics = None
+                    if finish is not None:
+                        metrics = dict(entry["metrics"])
+                        metrics["scheduler_ttft_s"] = metrics.pop("ttft_s", None)
+                        metrics.update(request_metrics(start, first, now, self._prompt_tokens(prompt), n))
+                    yield StreamChunk(token_id, text, logprob, finish, metrics)
 
         return chunks()
 

@@ -67,6 +67,7 @@ class JaxEngineFactory:
     engine: EngineConfig = EngineConfig()
     compression: str = "none"  # K/V on the wire: "none" | "int8"
     dtype: str | None = None
+    warmup: bool = False  # compile every engine shape in `build`, before the worker reports ready
 
     def build(self, role: str, tp: int = 1) -> WorkerEngines:
         import models
@@ -81,6 +82,12 @@ class JaxEngineFactory:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         model = models.load(self.model, self.dtype)
         runner = ModelRunner(model, dataclasses.replace(self.engine, tp=tp))
+        if self.warmup:
+            start = time.perf_counter()
+            num_shapes = runner.warmup()
+            # a worker's stdout reaches the driver's log (Ray's log_to_driver); its logging is not set up
+            print(f"raypd {role} worker: compiled {num_shapes} engine shapes in {time.perf_counter() - start:.1f} s",
+                  flush=True)
         prefill = PrefillEngine(runner)
         decode = DecodeEngine(runner, model.tokenizer) if role == "decode" else None
         compression = self.compression

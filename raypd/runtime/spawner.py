@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from raypd import compile_cache
 from raypd.transfer.base import make_transport
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -20,7 +21,8 @@ STATUS_GROUP = "status"
 
 
 def _options(res, tp: int, has_gpus: bool, **extra) -> dict:
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+           **compile_cache.worker_env()}  # workers share this process's compilation cache, when on
     num_gpus = res.num_gpus if res.num_gpus is not None else (tp if has_gpus else 0)
     if not num_gpus:
         env["JAX_PLATFORMS"] = "cpu"

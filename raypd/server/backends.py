@@ -16,6 +16,8 @@ retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ra
 Request ids: a stream's `request_id` is the client's own (Job.request_id) or, when the client
 sent none, one the server assigns, which starts with SERVER_ID_PREFIX (clients may not use it,
 so the two never collide). The Ray backend maps each to the deployment's own id.
+`start(warmup)` compiles every shape the backend will serve before it returns (the endpoint
+reports ready only then); `stats()` is the gauges of the periodic stats line.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
 from typing import Sequence
 
+import numpy as np
+
+from raypd import logs
 from raypd.api import LocalBackend, check_sampling, encode_prompt
 from raypd.engine.api import SERVER_ID_PREFIX, Request, SamplingParams, TokenOutput
 from raypd.runtime import errors
@@ -36,6 +42,7 @@ from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
 from raypd.server.metrics import FunctionCollector, StatusCollector, deployment_families, engine_families
 
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +101,27 @@ class LocalEngineBackend:
         self.model, self.max_seq_len = local.model, local.max_seq_len
         self.loop = EngineLoop(local.engine, max_queued=max_queued)
         self.card = ModelCard.of(model_name, local.model, local.max_seq_len)
+        self._is_started = False
 
     def start(self, warmup: bool = True) -> None:
         """Compile every engine shape first (so no request waits on the compiler), then run."""
         if warmup:
-            self.local.engine.runner.warmup()
+            self.local.warmup()
         self.loop.start()
+        self._is_started = True
+        if warmup:  # one real request through the loop: its first pass through the Python path
+            self._run_one(Request(f"warmup-{next(_ids)}", [3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True)))
+
+    def _run_one(self, request: Request, timeout_s: float = 600.0) -> None:
+        stream = self.loop.submit(request)
+        deadline = time.monotonic() + timeout_s
+        while not stream.get(max(0.0, deadline - time.monotonic())).is_finished:
+            pass
 
     def stop(self) -> None:
-        self.loop.stop()
+        if self._is_started:
+            self.loop.stop()
+            self._is_started = False
 
     def submit(self, job: Job) -> LocalStream:
         ids = _encode(job, self.local.model, self.local.max_seq_len)
@@ -116,6 +135,13 @@ class LocalEngineBackend:
 
     def collector(self):
         return FunctionCollector(lambda: engine_families(self.local.engine))
+
+    def stats(self) -> dict:
+        engine = self.local.engine
+        running = engine.decode_engine.num_running
+        allocator = engine.runner.allocator
+        return dict(num_running=running, num_queued=engine.num_unfinished - running,
+                    num_pages_used=allocator.num_used, num_pages_total=allocator.num_pages - 1)
 
 
 # ---------------------------------------------------------------------------- Ray deployment
@@ -199,7 +225,33 @@ class RayBackend:
         self._poller = TokenPoller(deployment.poll, name="raypd-grpc-poller")  # one poll for every stream
 
     def start(self, warmup: bool = True) -> None:
-        """The deployment's workers built and warmed their engines when it started."""
+        """Warm the deployment's request path: the workers compiled their engines' shapes when
+        they started (JaxEngineFactory.warmup); here one request per prefill length bucket, all
+        at once, compiles what sits between them (K/V send and receive, local prefills on the
+        decode workers, the decode batch sizes they reach)."""
+        if not warmup:
+            return
+        info = self.deployment.info()
+        lengths = warmup_lengths(info.get("prefill_buckets") or _buckets(info["max_seq_len"]), info["max_seq_len"])
+        vocab = info["model"].config.vocab_size
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, max(4, min(vocab, 259)), size=n).tolist() for n in lengths]
+        from raypd.engine.api import SamplingParams
+
+        with logs.progress("warming up the deployment", num_requests=len(prompts), prompt_lens=lengths):
+            for _ in range(2):  # the second pass reaches the shapes of prefix hits on the first's pages
+                ids = self.deployment.submit(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+                pending = set(ids)
+                deadline = time.monotonic() + 1800.0
+                while pending:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("deployment warm-up did not finish within 1800 s")
+                    for rid, entry in self.deployment.poll(sorted(pending), 5.0).items():
+                        if entry["error"] is not None:
+                            raise errors.from_wire(entry["error"])
+                        if entry["finished"]:
+                            pending.discard(rid)
+        self.deployment.clear_cache()  # the warm-up's random prompts are nobody's prefix
 
     def stop(self) -> None:
         """The deployment outlives the endpoint: whoever started it shuts it down."""
@@ -253,3 +305,22 @@ class RayBackend:
 
     def collector(self):
         return StatusCollector(self.deployment.status, deployment_families, self.status_timeout_s)
+
+    def stats(self) -> dict:
+        s = self.deployment.status(timeout_s=self.status_timeout_s)
+        return dict(num_running=sum(w["num_running"] for w in s["decode"]), num_queued=s["num_queued"],
+                    num_pages_used=sum(sum(w["used_pages"]) for w in s["prefill"] + s["decode"]),
+                    num_pages_total=self.num_pages_total or None, kv_hit_rate=round(s["index"]["hit_rate"], 3),
+                    num_transfers=sum(t["count"] for t in s["transfer"]),
+                    transfer_mb=round(sum(t["bytes"] for t in s["transfer"]) / 1e6, 1))
+
+
+def _buckets(max_seq_len: int) -> list[int]:
+    from raypd.engine.runner import EngineConfig
+
+    return list(EngineConfig(max_seq_len=max_seq_len).prefill_buckets)
+
+
+def warmup_lengths(prefill_buckets, max_seq_len: int) -> list[int]:
+    """One prompt length per prefill bucket (its size, leaving room for 2 new tokens)."""
+    return sorted({max(1, min(int(b), max_seq_len - 2)) for b in prefill_buckets})

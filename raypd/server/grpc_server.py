@@ -25,6 +25,7 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
+import threading
 import time
 from concurrent import futures
 
@@ -33,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import raypd
+from raypd import logs
 from raypd.api import LocalBackend
 from raypd.engine.api import SamplingParams, check_request_id
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
@@ -78,8 +80,12 @@ def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
 class GenerationService(raypd_pb2_grpc.GenerationServicer):
     """The RPCs over a backend (raypd/server/backends.py: the local engine or a Ray deployment)."""
 
-    def __init__(self, backend, metrics: Metrics | None = None, max_request_s: float = 600.0):
+    def __init__(self, backend, metrics: Metrics | None = None, max_request_s: float = 600.0,
+                 request_log_level: int | None = logging.INFO, stats: logs.StatsReporter | None = None):
         self.backend, self.metrics, self.max_request_s = backend, metrics, max_request_s
+        self.request_log_level, self.stats = request_log_level, stats
+        self._finished_lock = threading.Lock()
+        self.num_finished = 0  # requests that ended with a response (any finish reason)
 
     # ------------------------------------------------------------------ request handling
 
@@ -150,11 +156,22 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
             if batch[-1].is_finished:
                 return
 
-    def _timings(self, stream, first_s: float, end_s: float, n: int) -> raypd_pb2.Timings:
+    def _timings(self, stream, first_s: float, end_s: float, n: int, finish_reason: str) -> raypd_pb2.Timings:
+        """The request's timings (TPOT: time between tokens after the first, raypd.logs.tpot_s);
+        observed in the metrics and logged as the request's one line."""
         ttft = first_s - stream.submitted_s
-        tpot = (end_s - first_s) / (n - 1) if n > 1 else 0.0
+        tpot = logs.tpot_s(first_s, end_s, n)
+        scheduler = getattr(stream, "metrics", None) or {}
         if self.metrics:
-            self.metrics.observe_request(ttft, tpot if n > 1 else None, getattr(stream, "metrics", None))
+            self.metrics.observe_request(ttft, tpot if n > 1 else None, scheduler)
+        with self._finished_lock:
+            self.num_finished += 1
+        if self.stats is not None:
+            self.stats.count(1, n)
+        logs.log_request(log, self.request_log_level, request_id=stream.request_id,
+                         prompt_tokens=stream.prompt_tokens or None, completion_tokens=n, ttft_s=ttft, tpot_s=tpot,
+                         e2e_s=end_s - stream.submitted_s, finish_reason=finish_reason,
+                         prefilled_on=_prefilled_on(scheduler, self.backend.name))
         return raypd_pb2.Timings(ttft_s=ttft, tpot_s=tpot, e2e_s=end_s - stream.submitted_s)
 
     def _count(self, code: str) -> None:
@@ -175,7 +192,7 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
             token_ids=[o.token_id for o in outs],
             logprobs=[o.logprob for o in outs] if req.params.logprobs else [],
             finish_reason=outs[-1].finish_reason,
-            timings=self._timings(stream, first_s, time.perf_counter(), len(outs)),
+            timings=self._timings(stream, first_s, time.perf_counter(), len(outs), outs[-1].finish_reason),
             prompt_tokens=stream.prompt_tokens)
 
     def GenerateStream(self, req, context):
@@ -190,7 +207,8 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
                 token_ids=[o.token_id for o in batch],
                 logprobs=[o.logprob for o in batch] if req.params.logprobs else [],
                 finish_reason=last.finish_reason or "",
-                timings=self._timings(stream, first_s, time.perf_counter(), n) if last.is_finished else None)
+                timings=self._timings(stream, first_s, time.perf_counter(), n, last.finish_reason)
+                if last.is_finished else None)
         self._count("ok")
 
     def ListModels(self, req, context):
@@ -205,6 +223,14 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
         except DeploymentNotRunning as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return raypd_pb2.ServerInfoResponse(version=raypd.__version__, backend=self.backend.name, **info)
+
+
+def _prefilled_on(scheduler_metrics: dict, backend_name: str) -> str:
+    """Where a request's prompt was prefilled: the prefill worker's id, "<decode worker> (local)"
+    for a local prefill on a decode worker, or "local" for the in-process engine."""
+    if scheduler_metrics.get("is_local_prefill"):
+        return f"{scheduler_metrics.get('decode_worker')} (local)"
+    return scheduler_metrics.get("prefill_worker") or ("local" if backend_name == "local" else None)
 
 
 class BearerAuth(grpc.ServerInterceptor):
@@ -278,8 +304,10 @@ def check_bind(host: str, token: str | None, tls_cert: bytes | None, tls_key: by
 
 def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  tls_cert: bytes | None = None, tls_key: bytes | None = None, max_message_bytes: int = 4 << 20,
-                 max_workers: int = 32, allow_insecure_remote: bool = False) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server and the port it bound."""
+                 max_workers: int = 32, allow_insecure_remote: bool = False,
+                 health_servicer: health.HealthServicer | None = None) -> tuple[grpc.Server, int]:
+    """A started-ready (not yet started) server and the port it bound. Health reports SERVING
+    unless a `health_servicer` is given (then its owner says when)."""
     check_bind(host, token, tls_cert, tls_key, allow_insecure_remote)
     if not is_loopback(host) and tls_cert is None and token is None:
         log.warning("!!! raypd gRPC listens on %s WITHOUT TLS OR AUTH: anyone who can reach it can use it !!!", host)
@@ -290,10 +318,10 @@ def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: i
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[BearerAuth(token)] if token else [], options=options)
     add_generation_service(service, server)
-    health_servicer = health.HealthServicer()
+    if health_servicer is None:
+        health_servicer = health.HealthServicer()
+        set_health(health_servicer, True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
     try:
@@ -309,32 +337,63 @@ def build_server(service: GenerationService, *, host: str = "127.0.0.1", port: i
     return server, bound
 
 
+def set_health(servicer: health.HealthServicer, is_serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, status)
+
+
 class Endpoint:
     """A backend, the gRPC server over it and (optionally) a metrics listener.
 
     `backend`: a LocalEngineBackend or RayBackend (raypd/server/backends.py), or a LocalBackend,
-    which is wrapped in a LocalEngineBackend named `model_name` with `max_queued` requests in flight."""
+    which is wrapped in a LocalEngineBackend named `model_name` with `max_queued` requests in flight.
+    Ready means warm: `start` compiles every shape the backend serves (with progress lines in
+    the log) before the server opens its port and health says SERVING. A stats line is logged
+    every `stats_interval_s` while there is traffic (None: never); each finished request logs
+    one line at `request_log_level` (None: none)."""
 
     def __init__(self, backend, model_name: str | None = None, *, max_queued: int = 256,
-                 metrics_port: int | None = None, **server_kw):
+                 metrics_port: int | None = None, request_log_level: int | None = logging.INFO,
+                 stats_interval_s: float | None = None, **server_kw):
         if isinstance(backend, LocalBackend):
             backend = LocalEngineBackend(backend, model_name or backend.model.name, max_queued)
         self.backend = backend
         self.metrics = Metrics(backend.collector(), port=metrics_port)
-        self.service = GenerationService(backend, self.metrics)
+        self.stats = logs.StatsReporter(backend.stats, stats_interval_s) if stats_interval_s else None
+        self.service = GenerationService(backend, self.metrics, request_log_level=request_log_level,
+                                         stats=self.stats)
+        self.health = health.HealthServicer()
+        set_health(self.health, False)
+        self._is_stopped = False
         try:
-            self.server, self.port = build_server(self.service, **server_kw)
+            self.server, self.port = build_server(self.service, health_servicer=self.health, **server_kw)
         except BaseException:
             self.metrics.close()
             raise
 
     def start(self, warmup: bool = True) -> "Endpoint":
-        self.backend.start(warmup)
-        self.server.start()
+        """Warm the backend up, then serve. On any failure (or Ctrl-C) what started is stopped."""
+        try:
+            self.backend.start(warmup)
+            self.server.start()
+        except BaseException:
+            self.stop(grace_s=0)
+            raise
+        set_health(self.health, True)
+        if self.stats is not None:
+            self.stats.start()
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stop taking RPCs, end those in flight (their requests are aborted), then the backend."""
+        """Stop taking RPCs, end those in flight (their requests are aborted), then the backend.
+        Idempotent."""
+        if self._is_stopped:
+            return
+        self._is_stopped = True
+        set_health(self.health, False)
+        if self.stats is not None:
+            self.stats.stop()
         self.server.stop(grace_s).wait(grace_s + 5)
         self.backend.stop()
         self.metrics.close()
