@@ -379,3 +379,32 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(deployment, stub):
         for c in calls:
             c.cancel()
     wait_for_load(deployment, baseline)
+
+
+def test_health_follows_whether_the_deployment_can_generate(deployment):
+    """A deployment whose only decode worker died (and is not replaced) cannot generate: health
+    turns NOT_SERVING within a few readiness checks instead of saying SERVING forever."""
+    from raypd.runtime.deployment import Resources
+
+    d = raypd.serve(name="grpc-ready", factory=MockEngineFactory(num_pages=32), calibrate=False, num_prefill=1,
+                    max_replacements=0, prefill_resources=Resources(num_cpus=0.25),
+                    decode_resources=Resources(num_cpus=0.25))
+    ep = Endpoint(RayBackend(d, "mock"), readiness_interval_s=0.2).start(warmup=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ep.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status():
+                return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            import ray
+
+            ray.kill(d._actors[-1])  # the decode worker (actors: scheduler, prefill, decode)
+            end = time.monotonic() + 20
+            while status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < end, "health still SERVING with no decode worker"
+                time.sleep(0.1)
+    finally:
+        ep.stop()
+        d.shutdown()

@@ -346,6 +346,14 @@ class Deployment:
 
         return chunks()
 
+    def is_ready(self, timeout_s: float = 5.0) -> bool:
+        """Whether the deployment can generate now (running, with a live decode worker); False
+        when its scheduler does not answer within `timeout_s`."""
+        try:
+            return bool(self._call("is_ready", timeout_s=timeout_s))
+        except errors.DeploymentNotRunning:
+            return False
+
     def status(self, timeout_s: float | None = 60.0) -> dict:
         return self._call("status", timeout_s=timeout_s)
 

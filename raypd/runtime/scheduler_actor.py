@@ -183,6 +183,11 @@ class Scheduler:
         return dict(self.core.stats(), prefill=pre, decode=dec, calibration=self._calibration,
                     overhead_ms_per_request=1e3 * self._overhead_s / max(1, self.core.num_requests))
 
+    async def is_ready(self) -> bool:
+        """Whether a request submitted now can be served (a live decode worker), without asking
+        the workers anything: cheap enough for health checks."""
+        return self.core.is_ready()
+
     async def info(self) -> dict:
         """The deployment's shapes: model (.config, .tokenizer), context, pool and batch sizes."""
         decode = [self._infos[d] for d in self._live(core.DECODE)]

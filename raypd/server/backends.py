@@ -118,6 +118,10 @@ class LocalEngineBackend:
         while not stream.get(max(0.0, deadline - time.monotonic())).is_finished:
             pass
 
+    def is_ready(self) -> bool:
+        """The engine loop is running (a health check asks this every few seconds)."""
+        return self._is_started and self.loop.is_alive
+
     def stop(self) -> None:
         if self._is_started:
             self.loop.stop()
@@ -252,6 +256,11 @@ class RayBackend:
                         if entry["finished"]:
                             pending.discard(rid)
         self.deployment.clear_cache()  # the warm-up's random prompts are nobody's prefix
+
+    def is_ready(self) -> bool:
+        """The deployment can generate now (a health check asks this every few seconds)."""
+        is_ready = getattr(self.deployment, "is_ready", None)
+        return bool(is_ready(self.status_timeout_s)) if is_ready is not None else True
 
     def stop(self) -> None:
         """The deployment outlives the endpoint: whoever started it shuts it down."""

@@ -79,6 +79,10 @@ class EngineLoop:
             raise TimeoutError(f"engine loop did not stop within {timeout_s} s")
 
     @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
     def num_active(self) -> int:
         with self._lock:
             return len(self._streams)

@@ -349,13 +349,15 @@ class Endpoint:
     `backend`: a LocalEngineBackend or RayBackend (raypd/server/backends.py), or a LocalBackend,
     which is wrapped in a LocalEngineBackend named `model_name` with `max_queued` requests in flight.
     Ready means warm: `start` compiles every shape the backend serves (with progress lines in
-    the log) before the server opens its port and health says SERVING. A stats line is logged
+    the log) before the server opens its port and health says SERVING; after that, health says
+    SERVING only while the backend can generate (`backend.is_ready()`, every
+    `readiness_interval_s`: a deployment with no live decode worker is NOT_SERVING). A stats line is logged
     every `stats_interval_s` while there is traffic (None: never); each finished request logs
     one line at `request_log_level` (None: none)."""
 
     def __init__(self, backend, model_name: str | None = None, *, max_queued: int = 256,
                  metrics_port: int | None = None, request_log_level: int | None = logging.INFO,
-                 stats_interval_s: float | None = None, **server_kw):
+                 stats_interval_s: float | None = None, readiness_interval_s: float | None = 2.0, **server_kw):
         if isinstance(backend, LocalBackend):
             backend = LocalEngineBackend(backend, model_name or backend.model.name, max_queued)
         self.backend = backend
@@ -366,6 +368,8 @@ class Endpoint:
         self.health = health.HealthServicer()
         set_health(self.health, False)
         self._is_stopped = False
+        self.readiness_interval_s = readiness_interval_s
+        self._stop_event = threading.Event()
         try:
             self.server, self.port = build_server(self.service, health_servicer=self.health, **server_kw)
         except BaseException:
@@ -383,7 +387,20 @@ class Endpoint:
         set_health(self.health, True)
         if self.stats is not None:
             self.stats.start()
+        if self.readiness_interval_s:
+            threading.Thread(target=self._watch_readiness, name="raypd-readiness", daemon=True).start()
         return self
+
+    def _watch_readiness(self) -> None:
+        """Health says SERVING only while the backend can generate (a deployment whose decode
+        workers are all gone, and not yet replaced, is NOT_SERVING), checked every interval."""
+        while not self._stop_event.wait(self.readiness_interval_s):
+            try:
+                is_ready = bool(self.backend.is_ready())
+            except Exception:  # noqa: BLE001 - a backend that cannot say is not ready
+                is_ready = False
+            if not self._is_stopped:
+                set_health(self.health, is_ready)
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Stop taking RPCs, end those in flight (their requests are aborted), then the backend.
@@ -391,6 +408,7 @@ class Endpoint:
         if self._is_stopped:
             return
         self._is_stopped = True
+        self._stop_event.set()
         set_health(self.health, False)
         if self.stats is not None:
             self.stats.stop()
