@@ -359,8 +359,10 @@ class SchedulerCore:
     def set_roles(self, num_prefill: int, num_decode: int, now_s: float) -> list:
         """Move workers between the prefill and decode roles without dropping a request: each
         one to move drains (placement skips it; what it holds finishes), then is retired and a
-        worker of the other role starts in its place (`RetireWorker` + `ReplaceWorker`)."""
-        roles = {w: self.draining.get(w, s.role) for w, s in self.workers.items()}
+        worker of the other role starts in its place (`RetireWorker` + `ReplaceWorker`). Workers
+        still starting count in the role they start in, so asking again for the same split while
+        a move is under way changes nothing."""
+        roles = {**{w: self.draining.get(w, s.role) for w, s in self.workers.items()}, **self.joining}
         have = {PREFILL: sum(r == PREFILL for r in roles.values()), DECODE: sum(r == DECODE for r in roles.values())}
         if num_prefill < 0 or num_decode < 1 or num_prefill + num_decode != len(roles):
             raise ValueError(f"need num_prefill >= 0 and num_decode >= 1 adding up to the {len(roles)} live "
@@ -369,7 +371,7 @@ class SchedulerCore:
             DECODE, num_decode - have[DECODE])
         source = DECODE if move_to == PREFILL else PREFILL
         # the least loaded first: fewest running (decode), least queued work (prefill)
-        pool = sorted((w for w, r in roles.items() if r == source and w not in self.draining),
+        pool = sorted((w for w, r in roles.items() if r == source and w in self.workers and w not in self.draining),
                       key=lambda w: (self.workers[w].num_running, self.workers[w].queued_s, w))
         for w in pool[:n]:
             self.draining[w] = move_to

@@ -290,6 +290,7 @@ def test_set_roles_drains_then_moves_a_worker_without_dropping_requests():
     assert not c.core.draining and list(c.core.retired) == [moving]
     (a,) = c.replacements
     assert (a.dead_worker, a.role) == (moving, core.PREFILL) and a.new_worker == "prefill-1"
+    assert c.core.set_roles(2, 1, c.tick()) == [] and not c.core.draining  # the same split while it starts
     c.start_replacements()
     assert sorted(c.core._of(core.PREFILL)) == ["prefill-0", "prefill-1"] and len(c.core._of(core.DECODE)) == 1
     assert busy  # requests were running when the move was asked for
