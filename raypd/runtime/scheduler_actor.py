@@ -23,7 +23,7 @@ import time
 
 from ray.exceptions import RayActorError
 
-from raypd.protocol import encode_prompt
+from raypd.protocol import check_sampling, encode_prompt
 from raypd.engine.api import Request, SamplingParams, check_kv_compression
 from raypd.runtime import errors
 from raypd.runtime.messages import PrefillJob
@@ -148,8 +148,7 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             check_kv_compression(kv_compression)
-            if params.stop and self.model.tokenizer is None:
-                raise ValueError("stop: stop strings need a model with a tokenizer; use stop_token_ids")
+            check_sampling(params, self.model)
             ids = [encode_prompt(p, self.model, self.max_seq_len, params.max_tokens, f"prompts[{i}]")
                    for i, p in enumerate(prompts)]
         except ValueError as e:
