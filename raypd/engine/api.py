@@ -25,6 +25,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 KV_COMPRESSIONS = ("int8", "none")  # how a request's K/V travels from prefill to decode
+DEFAULT_KV_COMPRESSION = "none"  # the one default, for every layer (a request or deployment may name another)
 
 # Bounds on one request. Past them a request is refused at submit (ValueError naming the field
 # and the limit; INVALID_ARGUMENT over gRPC): every decode step checks each running request's

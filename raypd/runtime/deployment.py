@@ -25,7 +25,7 @@ from typing import Iterator
 import ray
 
 from raypd.protocol import Completion, StreamChunk, check_sampling, request_metrics
-from raypd.engine.api import SamplingParams
+from raypd.engine.api import DEFAULT_KV_COMPRESSION, SamplingParams
 from raypd.engine.runner import EngineConfig
 from raypd.runtime import errors
 from raypd.runtime.engines import JaxEngineFactory
@@ -128,7 +128,7 @@ class DeploymentConfig:
 
 
 def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int = 1, decode_tp: int = 1,
-          name: str = "raypd", engine_config: EngineConfig | None = None, compression: str = "none",
+          name: str = "raypd", engine_config: EngineConfig | None = None, compression: str = DEFAULT_KV_COMPRESSION,
           config: DeploymentConfig | None = None, **overrides) -> "Deployment":
     """Start a deployment on the current Ray cluster (or a new local one) and return its handle.
     `config` gives every setting at once; otherwise the arguments (and `overrides`, any other

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from raypd.engine.api import KVPayload, PrefillOutput, Request, TokenOutput
+from raypd.engine.api import DEFAULT_KV_COMPRESSION, KVPayload, PrefillOutput, Request, TokenOutput
 from raypd.engine.kv_codec import EncodedKV
 from raypd.engine.mock import MockDecodeEngine, MockPrefillEngine
 from raypd.engine.runner import EngineConfig
@@ -44,7 +44,7 @@ class WorkerEngines:
     max_slots: int = 0  # decode batch capacity (decode workers)
     export_pages: Callable | None = None  # (pages, compression) -> EncodedKV: a host copy of full pages
     import_pages: Callable | None = None  # ([EncodedKV]) -> new pool pages holding them (one reference)
-    compression: str = "none"  # the deployment's K/V compression (a request may name its own)
+    compression: str = DEFAULT_KV_COMPRESSION  # the deployment's K/V compression (a request may name its own)
 
     @property
     def page_size(self) -> int:
@@ -65,7 +65,7 @@ class WorkerEngines:
 class JaxEngineFactory:
     model: str | None = None  # anything models.load accepts by name or path
     engine: EngineConfig = EngineConfig()
-    compression: str = "none"  # K/V on the wire: "none" | "int8"
+    compression: str = DEFAULT_KV_COMPRESSION  # K/V on the wire: "none" | "int8"
     dtype: str | None = None
     warmup: bool = False  # compile every engine shape in `build`, before the worker reports ready
 

@@ -51,11 +51,12 @@ def _status(worker, own_group: bool):
 
 
 class Scheduler:
-    def __init__(self, name: str, prefill_workers: dict, decode_workers: dict, *,
-                 policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, calibrate: bool = False,
-                 local_prefill_stall_s: float | None = None, collect_timeout_s: float = 0.02, max_retries: int = 2,
-                 host_copies: str | None = None, host_cache_bytes: int = 256 << 20, stream_layers: bool = False,
-                 spawn=None, max_replacements: int = 0, join_timeout_s: float = 600.0, rebalance=None):
+    # Every setting comes from DeploymentConfig (raypd/runtime/deployment.py), the one place with
+    # defaults; `host_copies` already resolved ("auto" -> the engines' compression).
+    def __init__(self, name: str, prefill_workers: dict, decode_workers: dict, *, policy: PolicyConfig,
+                 cache_bytes: int | None, calibrate: bool, local_prefill_stall_s: float | None,
+                 collect_timeout_s: float, max_retries: int, host_copies: str | None, host_cache_bytes: int,
+                 stream_layers: bool, spawn, max_replacements: int, rebalance, join_timeout_s: float = 600.0):
         self.name = name
         self.handles = {**prefill_workers, **decode_workers}
         self._roles = {**{w: core.PREFILL for w in prefill_workers}, **{w: core.DECODE for w in decode_workers}}

@@ -17,14 +17,14 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from raypd.engine import kv_codec
-from raypd.engine.api import PrefillOutput, Request, TokenOutput
+from raypd.engine.api import DEFAULT_KV_COMPRESSION, PrefillOutput, Request, TokenOutput
 from raypd.engine.decode import DecodeEngine
 from raypd.engine.pages import OutOfPages
 from raypd.engine.prefill import PrefillEngine
 from raypd.transfer.base import KVTransport, TransferHandle
 
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_COMPRESSION = "int8"  # the deployment default when a request names none
+DEFAULT_COMPRESSION = DEFAULT_KV_COMPRESSION  # when neither the request nor the caller names one
 
 
 def compression_for(request: Request, default: str = DEFAULT_COMPRESSION) -> str:
@@ -33,7 +33,7 @@ def compression_for(request: Request, default: str = DEFAULT_COMPRESSION) -> str
 
 
 def send_prefill(prefill: PrefillEngine, out: PrefillOutput, transport: KVTransport,
-                 compression: str = "int8") -> TransferHandle:
+                 compression: str = DEFAULT_KV_COMPRESSION) -> TransferHandle:
     """Called by the prefill process after `prefill`, before `prefill.release`."""
     kv_codec.check_compression(compression)
     n = prefill.allocator.pages_for(out.prompt_len)
