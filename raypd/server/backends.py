@@ -88,7 +88,7 @@ class LocalStream:
         return self._stream.get(timeout_s)
 
     def abort(self) -> None:
-        self._loop.abort(self.request_id)
+        self._loop.abort(self.request_id, self._stream)  # this stream's request, not a later one with its id
 
 
 class LocalEngineBackend:

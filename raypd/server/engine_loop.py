@@ -62,6 +62,7 @@ class EngineLoop:
         self._idle_wait_s = idle_wait_s
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        self._aborting: dict[str, int] = {}  # id -> aborts asked for and not yet done by the loop
         self._lock = threading.Lock()  # guards _streams between submitters and the loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raypd-engine-loop", daemon=True)
@@ -95,14 +96,20 @@ class EngineLoop:
                 raise DuplicateRequestId(f"request_id {request.request_id!r} is already in flight")
             stream = RequestStream(request.request_id, time.perf_counter())
             self._streams[request.request_id] = stream
-        self._commands.put(("add", request))
+            self._commands.put(("add", request))  # under the lock: commands keep the order of the calls
         return stream
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Stop a request (with `stream`: only if that stream is still the one with this id: a
+        late abort of an ended request must not hit a new one that reuses the id). The abort
+        command is queued before the id is free again, so a new request with the same id
+        (queued after it) is never the one aborted."""
         with self._lock:
-            known = self._streams.pop(request_id, None) is not None
-        if known:
-            self._commands.put(("abort", request_id))
+            if stream is not None and self._streams.get(request_id) is not stream:
+                return
+            if self._streams.pop(request_id, None) is not None:
+                self._aborting[request_id] = self._aborting.get(request_id, 0) + 1
+                self._commands.put(("abort", request_id))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -138,13 +145,18 @@ class EngineLoop:
                     stream._queue.put(e)
         else:
             self.engine.abort(arg)
+            with self._lock:  # from now on outputs with this id are a new request's
+                if self._aborting[arg] <= 1:
+                    del self._aborting[arg]
+                else:
+                    self._aborting[arg] -= 1
 
     def _dispatch(self, outs: list[TokenOutput]) -> None:
         with self._lock:
             for o in outs:
                 stream = self._streams.get(o.request_id)
-                if stream is None:  # aborted while this step ran
-                    continue
+                if stream is None or o.request_id in self._aborting:  # aborted while this step ran (a
+                    continue  # new request may have taken the id already: these are not its tokens)
                 stream._queue.put(o)
                 if o.is_finished:
                     del self._streams[o.request_id]
