@@ -12,8 +12,8 @@ Sections (all on the `bench-random` shape, float32, this machine's XLA backend):
   chunks a 2048-token prompt prefilled in chunks of 256/512/1024/2048 (new path), and in
          chunks of 512 on the old path.
 
-Timings are medians of interleaved repeats (old and new alternate), so the load on a shared
-machine hits both alike; ratios are new over old throughput.
+Timings are medians of interleaved repeats (old and new alternate, the order rotating each
+round), so the load on a shared machine hits both alike; ratios are new over old throughput.
 
     python scripts/bench_kernels.py [--sections proj,attn,step,chunks] [--repeats 9] [--json out.json]
 """
@@ -43,8 +43,11 @@ def interleaved(fns: dict, repeats: int) -> dict:
     for f in fns.values():
         jax.block_until_ready(f())
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        # Rotate who goes first: a call right after a memory-heavy one was seen to run slower.
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            f = fns[k]
             t = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t)
@@ -101,18 +104,19 @@ def attn_case(B, T, ctx_len, num_pages, rng):
     return q, k, k, pool, pool, meta
 
 
-def bench_attn(repeats: int, only_prefill: bool = False) -> list[dict]:
+def bench_attn(repeats: int, only_prefill: bool = False, only_decode: bool = False) -> list[dict]:
     from raypd.engine import attention
 
     rng = np.random.default_rng(0)
     rows = []
     points = [(B, 1, S) for B in (1, 8, 32, 64) for S in (512, 2048)]
     points += [(1, 256, 0), (1, 512, 1536), (1, 2048, 0)]
-    if only_prefill:
-        points = [p for p in points if p[1] > 1]
+    if only_prefill or only_decode:
+        points = [p for p in points if (p[1] > 1) == only_prefill]
     for B, T, S in points:
         args = attn_case(B, T, S, 1024, rng)
         fns = {"reference": jax.jit(lambda *a: attention.reference(*a, None))}
+        fns["blockwise_default"] = jax.jit(lambda *a: attention.blockwise(*a, None))
         if T == 1:
             for n in (1, 2, 4, 8):
                 fns[f"blockwise_p{n}"] = jax.jit(

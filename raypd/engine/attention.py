@@ -91,8 +91,8 @@ def blockwise(q, k, v, pool_k, pool_v, meta: AttentionMeta, window: int | None, 
     """Online softmax over page blocks of the pool and key blocks of the chunk (see module doc).
 
     q_block: query (and chunk key) block length. ctx_block_pages: context pages per block; by
-    default 2 for decode rows and about q_block keys for prefill chunks (scripts/bench_kernels.py
-    measured both on CPU).
+    default 8 pages for up to 4 rows, else 4, and at least q_block keys for prefill chunks
+    (scripts/bench_kernels.py, section attn, measured these on CPU).
     """
     if (ctx_block_pages is not None and ctx_block_pages < 1) or q_block < 1:
         raise ValueError(f"ctx_block_pages and q_block must be >= 1, got {ctx_block_pages}, {q_block}")
@@ -102,8 +102,8 @@ def blockwise(q, k, v, pool_k, pool_v, meta: AttentionMeta, window: int | None, 
     f32 = jnp.float32
     tq = q_block if T % q_block == 0 else T  # query block length t
     nq = T // tq
-    if ctx_block_pages is None:
-        ctx_block_pages = max(2, tq // G)
+    if ctx_block_pages is None:  # 8 pages for up to 4 rows, else 4; prefill: >= one query block
+        ctx_block_pages = max(min(8, max(4, 32 // B)), tq // G if tq > 1 else 1)
     q = q * jnp.asarray(H ** -0.5, q.dtype)
     n = min(ctx_block_pages, max(Pc, 1))
     nb_ctx = -(-Pc // n)
