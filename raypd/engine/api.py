@@ -7,8 +7,11 @@ Lifecycle of a request through the engines:
      shares the prefill engine's pool, as in colocated mode), then `PrefillEngine.release`.
   3. `DecodeEngine.insert(request, out, payload)` puts the request into a free slot between
      steps (continuous batching).
-  4. `DecodeEngine.decode_step()` advances every slot by one token and returns one
-     `TokenOutput` per running request; finished requests free their slot and pages at once.
+  4. `DecodeEngine.decode_step(max_steps)` dispatches the next decode steps for every slot (up
+     to max_steps in one dispatch) and returns the `TokenOutput`s of the previous dispatch
+     (several per request after a multi-step dispatch, each request's in order): the device
+     computes while the host does the bookkeeping. Finished requests free their slot and
+     pages as they are read.
   5. `DecodeEngine.release(request_id)` aborts a running request early.
 """
 
@@ -235,5 +238,5 @@ class PrefillEngineAPI(Protocol):
 class DecodeEngineAPI(Protocol):
     def can_insert(self, prompt_len: int, max_tokens: int) -> bool: ...
     def insert(self, request: Request, out: PrefillOutput, payload: KVPayload | None) -> TokenOutput: ...
-    def decode_step(self) -> list[TokenOutput]: ...
+    def decode_step(self, max_steps: int | None = None) -> list[TokenOutput]: ...
     def release(self, request_id: str) -> None: ...

@@ -1,7 +1,9 @@
 """ModelRunner: the weights, one page pool and the compiled step, for one device mesh.
 
 The runner turns host-built numpy batches into one jitted call (cache donated) and brings
-back the sampled tokens and their logprobs in a single device-to-host transfer. Shapes are
+back the sampled tokens and their logprobs in a single device-to-host transfer (prefill). Decode
+runs from a batch state kept on the device (`decode`, raypd/engine/decode_state.py): nothing
+is sent per step, and the tokens come back by an asynchronous copy the caller reads later. Shapes are
 bucketed so a serving engine compiles a fixed set of programs once, at warm-up:
   - chunk lengths T from `prefill_buckets` (prefill) or 1 (decode),
   - batch rows B: 1 for prefill, powers of two up to `max_slots` for decode,
