@@ -8,7 +8,6 @@ the same backend and the same metrics.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -44,7 +43,7 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     def _run(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._sock]))
+        self._server.run(sockets=[self._sock])  # on uvicorn's loop (uvloop when installed)
 
     def start(self, timeout_s: float = 60.0) -> "HttpServer":
         """Serve from a thread; returns once the app has started (its lifespan ran)."""

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import itertools
 import json
 import time
 import uuid
@@ -45,7 +44,6 @@ from raypd.server.openai_streams import Choices, as_api_error
 EXEMPT_PATHS = ("/health", "/health/ready")  # no API key needed
 CODES = {200: "ok", 400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 413: "invalid_argument",
          429: "resource_exhausted", 499: "cancelled", 500: "internal", 503: "unavailable", 504: "deadline_exceeded"}
-_ids = itertools.count()
 
 
 class OpenAIServer:
