@@ -26,7 +26,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -403,7 +404,7 @@ def add_batch(subparsers) -> None:
         description="Complete every line of --input (JSON objects with 'prompt' and optional 'id', "
                     "'max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'stop') into --output, in order; "
                     "the sampling flags are the defaults of lines that do not set their own. --input and "
-                    "--output may be paths or URIs (s3://, gs://, ... through pyarrow.fs or fsspec when "
+                    "--output may be paths or URIs (s3://, gs://, ... through fsspec or pyarrow.fs when "
                     "installed). With --backend ray (default) it attaches to the deployment named "
                     "--deployment on the cluster at --address, or starts one for the batch; runnable as "
                     "`ray job submit -- python scripts/batch_generate.py ...`, where --output must be an "

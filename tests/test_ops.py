@@ -135,7 +135,8 @@ def test_every_flag_has_help_and_help_shows_defaults():
             assert action.help, f"raypd {name} {action.option_strings or action.dest}: no help"
         text = sub.format_help()
         for action in sub._actions:
-            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            shown = (action.default is not None and action.default is not False
+                     and action.default != argparse.SUPPRESS and action.option_strings)
             if shown and action.help != argparse.SUPPRESS and "default" not in action.help:
                 assert f"(default: {action.default})" in " ".join(text.split()), f"raypd {name} {action.dest}"
 
