@@ -29,20 +29,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from flax import struct
+from raypd.engine.attention_meta import MASK_VALUE, AttentionMeta  # noqa: F401 - re-exported
 
-MASK_VALUE = -1e30
 IMPLEMENTATIONS = ("reference", "blockwise", "pallas")
 
-
-@struct.dataclass
-class AttentionMeta:
-    """Which keys each query sees (the host-built part of paged.Batch that attention needs)."""
-
-    positions: jax.Array  # [B, T] int32; -1 for padding
-    segments: jax.Array  # [B, T] int32; -1 for padding
-    ctx_pages: jax.Array  # [B, Pc] int32; page table of the context (0-padded)
-    ctx_lens: jax.Array  # [B] int32; context tokens visible to segment 0
 
 
 def _window_ok(k_pos, q_pos, window):

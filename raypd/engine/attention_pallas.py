@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from raypd.engine.attention import MASK_VALUE, AttentionMeta
+from raypd.engine.attention_meta import MASK_VALUE, AttentionMeta
 
 ROW_MULTIPLE = 16
 
