@@ -34,7 +34,7 @@ from raypd.engine.api import PrefillOutput, Request, TokenOutput
 from raypd.engine.pages import OutOfPages
 from raypd.runtime.engines import WorkerEngines
 from raypd.runtime.messages import DecodeReport, Token
-from raypd.runtime.workers import (PrefillJob, PrefillResult, StreamHandle, _calibration_request, _identity,
+from raypd.runtime.workers import (PrefillJob, PrefillResult, _calibration_request, _identity,
                                    _load_host_prefix, _retain, pin_to_cpus)
 from raypd.transfer.base import TransferError
 
@@ -220,7 +220,7 @@ class DecodeWorker:
 
     def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
         rid = request.request_id
-        if isinstance(handle, StreamHandle):  # its K/V comes (or came) as layer parts
+        if handle.num_parts:  # its K/V comes (or came) as layer parts
             self._awaiting[rid] = (request, out, handle, time.monotonic())
             return
         start = time.perf_counter()

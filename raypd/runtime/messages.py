@@ -3,7 +3,6 @@ token tuples, never K/V). No JAX and no Ray: the scheduler's process unpickles t
 
   PrefillJob     scheduler -> prefill worker (or a decode worker's local prefill)
   PrefillResult  prefill worker -> scheduler
-  StreamHandle   stands for layer-streamed K/V where a TransferHandle would
   DecodeReport   decode worker -> scheduler, one per `collect`
 Tokens travel as `(token id, logprob, finish reason or None, text delta)` tuples (`Token`).
 """
@@ -40,26 +39,12 @@ class PrefillJob:
     stream_to: object = None
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamHandle:
-    """Stands for a streamed request's K/V where a TransferHandle would: the payloads went to
-    the decode worker as layer parts; this tells it to insert once they are all in."""
-
-    transfer_id: str
-    request_id: str
-    backend: str
-    compression: str
-    num_tokens: int
-    num_bytes: int
-    num_parts: int
-
-
 @dataclasses.dataclass
 class PrefillResult:
     """Worker -> scheduler. Small: page ids and a transfer handle, never K/V."""
 
     output: PrefillOutput  # .pages emptied (they are the sender's business)
-    handle: object | None  # TransferHandle; None when prefilled on the decode worker itself
+    handle: object | None  # TransferHandle (num_parts > 0: layer-streamed); None when prefilled on the decode worker itself
     cached_pages: list[int]  # retained full prompt pages after the worker's own prefix, in order
     num_prefix_pages: int  # leading pages reused from the worker's own pool
     num_computed_tokens: int

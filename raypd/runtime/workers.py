@@ -27,7 +27,8 @@ import numpy as np
 
 from raypd.engine.api import PrefillOutput, Request, SamplingParams
 from raypd.runtime.engines import WorkerEngines
-from raypd.runtime.messages import PrefillJob, PrefillResult, StreamHandle  # noqa: F401 - re-exported
+from raypd.runtime.messages import PrefillJob, PrefillResult  # noqa: F401 - re-exported
+from raypd.transfer.base import TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class PrefillWorker:
                                          computed, time.perf_counter() - start, len(fetched)))
         return results, self.engines.prefill.allocator.num_free
 
-    def _prefill_streamed(self, job: PrefillJob, prefix: list[int]) -> tuple[PrefillOutput, StreamHandle]:
+    def _prefill_streamed(self, job: PrefillJob, prefix: list[int]) -> tuple[PrefillOutput, TransferHandle]:
         """Prefill one request with its K/V streamed to `job.stream_to` layer group by layer
         group (raypd/transfer/streaming.py) while the later groups compute."""
         from raypd.transfer.streaming import StreamingSender
@@ -152,8 +153,9 @@ class PrefillWorker:
             raise
         (out,) = outs
         h = parts[0].handle
-        handle = StreamHandle(f"stream-{h.transfer_id}", job.request.request_id, h.backend, h.compression,
-                              out.prompt_len, sum(p.handle.num_bytes for p in parts), len(parts))
+        handle = dataclasses.replace(h, transfer_id=f"stream-{h.transfer_id}", num_tokens=out.prompt_len,
+                                     num_bytes=sum(p.handle.num_bytes for p in parts), location=None,
+                                     num_parts=len(parts))
         return out, handle
 
     def release_transfers(self, handles: list) -> None:
@@ -161,7 +163,7 @@ class PrefillWorker:
         for h in handles:
             if self._sent.pop(h.transfer_id, None) is None:
                 continue
-            if isinstance(h, StreamHandle):
+            if h.num_parts:
                 self._sender.release(h.request_id)  # its parts' payloads (the pages went already)
             else:
                 self.transport.release(h)

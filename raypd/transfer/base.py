@@ -74,6 +74,10 @@ class TransferHandle:
     num_bytes: int  # payload bytes on the wire
     arrays: tuple[ArraySpec, ...]  # what the payload holds, in a fixed order
     location: object = None  # backend-specific: an ObjectRef, (address, uuid), or None
+    # 0: the payload is whole, at `location`. N > 0: layer streaming (streaming.py) sent it as N
+    # layer parts, each under a handle of its own, straight to the receiver; this handle then
+    # stands for all of them (`location` None) and is released like any other.
+    num_parts: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
