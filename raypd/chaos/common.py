@@ -149,6 +149,17 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition", every_
         time.sleep(every_s)
 
 
+def capacity_rps(d, max_tokens: int, seed: int = 1) -> float:
+    """Requests a second the deployment completes from a closed batch of 4 x its decode slots
+    (prompts of 12 tokens, `max_tokens` each)."""
+    batch = prompts(4 * d.info()["max_slots"], length=12, seed=seed)
+    start = time.monotonic()
+    d.generate(batch, max_tokens=max_tokens, ignore_eos=True)
+    rate = len(batch) / (time.monotonic() - start)
+    d.clear_cache()
+    return rate
+
+
 def percentiles(xs: list[float]) -> dict:
     if not xs:
         return dict(n=0)

@@ -73,12 +73,7 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
     try:
         cal = d.status()["calibration"]
         report.cost_model = cal.get("cost", {}) if cal else {}
-        slots = d.info()["max_slots"]
-        batch = common.prompts(4 * slots, length=12, seed=1)
-        start = time.monotonic()
-        d.generate(batch, max_tokens=max_tokens, ignore_eos=True)
-        report.capacity_rps = len(batch) / (time.monotonic() - start)
-        d.clear_cache()
+        report.capacity_rps = common.capacity_rps(d, max_tokens)
         report.offered_rps = factor * report.capacity_rps
         report.num_offered = max(1, int(duration_s * report.offered_rps))
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
