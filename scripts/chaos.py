@@ -115,8 +115,11 @@ def add_overload(subparsers) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="how long to offer it (default: 10)")
     p.add_argument("--ttft-slo", type=float, default=0.5, help="TTFT SLO in seconds (default: 0.5)")
     p.add_argument("--no-calibrate", action="store_true", help="use the default cost model, not a calibrated one")
+    p.add_argument("--bottleneck", choices=("prefill", "decode"), default="prefill",
+                   help="mock engines: the phase that limits capacity (default: prefill)")
     p.set_defaults(run=lambda a: _finish("overload", _chaos("overload").run(
-        a.factor, a.seconds, a.ttft_slo, calibrate=not a.no_calibrate, model=a.model), a.json))
+        a.factor, a.seconds, a.ttft_slo, calibrate=not a.no_calibrate, model=a.model, bottleneck=a.bottleneck),
+        a.json))
 
 
 def add_soak(subparsers) -> None:

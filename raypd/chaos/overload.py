@@ -7,7 +7,9 @@
    every accepted request, so one rejected later (deadline) or failed is a miss.
 Pass: p99 submit latency of refusals <= `reject_budget_s` (50 ms) and attainment >= 90%.
 The deployment is calibrated (`calibrate=True`: the scheduler times the engines at start and
-fits its cost model) unless told otherwise; the report prints the fitted model.
+fits its cost model) unless told otherwise; the report prints the fitted model. On mock
+engines `bottleneck` picks what limits capacity: the prefill worker (a 20 ms delay per request
+while it sends the K/V) or the decode slots (8 slots, 20 ms a step).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 import time
 
 from raypd.chaos import common
+
+BOTTLENECKS = ("prefill", "decode")  # mock engines: which phase limits capacity
 
 
 @dataclasses.dataclass
@@ -60,13 +64,18 @@ class Report:
 
 
 def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, max_tokens: int = 16,
-        calibrate: bool = True, model: str | None = None, name: str = "chaos-overload") -> Report:
+        calibrate: bool = True, model: str | None = None, name: str = "chaos-overload",
+        bottleneck: str = "prefill") -> Report:
     from raypd.engine.api import SamplingParams
 
+    if bottleneck not in BOTTLENECKS:
+        raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
     if model:
         factory = common.model_factory(model)
-    else:  # prefill is the bottleneck: 20 ms a request on one prefill worker
+    elif bottleneck == "prefill":  # 20 ms a request on the one prefill worker (sending its K/V)
         factory = common.mock_factory(max_slots=16, prefill_delay_s=0.02, step_delay_s=0.01)
+    else:  # prefill is free; 8 decode slots at 20 ms a step
+        factory = common.mock_factory(max_slots=8, step_delay_s=0.02)
     d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate)
     report = Report(ttft_slo_s, factor)
     tracker = common.Tracker(d)
