@@ -8,8 +8,8 @@
 Pass: p99 submit latency of refusals <= `reject_budget_s` (50 ms) and attainment >= 90%.
 The deployment is calibrated (`calibrate=True`: the scheduler times the engines at start and
 fits its cost model) unless told otherwise; the report prints the fitted model. On mock
-engines `bottleneck` picks what limits capacity: the prefill worker (a 20 ms delay per request
-while it sends the K/V) or the decode slots (8 slots, 20 ms a step).
+engines `bottleneck` picks what limits capacity: the prefill worker (`delay_s`, default 20 ms,
+per request while it sends the K/V) or the decode slots (8 slots, `delay_s` a step).
 """
 
 from __future__ import annotations
@@ -65,17 +65,17 @@ class Report:
 
 def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, max_tokens: int = 16,
         calibrate: bool = True, model: str | None = None, name: str = "chaos-overload",
-        bottleneck: str = "prefill") -> Report:
+        bottleneck: str = "prefill", delay_s: float = 0.02) -> Report:
     from raypd.engine.api import SamplingParams
 
     if bottleneck not in BOTTLENECKS:
         raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
     if model:
         factory = common.model_factory(model)
-    elif bottleneck == "prefill":  # 20 ms a request on the one prefill worker (sending its K/V)
-        factory = common.mock_factory(max_slots=16, prefill_delay_s=0.02, step_delay_s=0.01)
-    else:  # prefill is free; 8 decode slots at 20 ms a step
-        factory = common.mock_factory(max_slots=8, step_delay_s=0.02)
+    elif bottleneck == "prefill":  # `delay_s` a request on the one prefill worker (sending its K/V)
+        factory = common.mock_factory(max_slots=16, prefill_delay_s=delay_s, step_delay_s=delay_s / 2)
+    else:  # prefill is free; 8 decode slots at `delay_s` a step
+        factory = common.mock_factory(max_slots=8, step_delay_s=delay_s)
     d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate)
     report = Report(ttft_slo_s, factor)
     tracker = common.Tracker(d)
