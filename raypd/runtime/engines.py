@@ -180,3 +180,51 @@ class MockEngineFactory:
             max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots,
             export_pages=lambda pages, c: _mock_export(prefill, pages),
             import_pages=lambda encs: prefill.allocator.allocate(sum(e.num_pages for e in encs)))
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultyEngineFactory:
+    """Another factory's engines, except that a decode worker loses `fail_fraction` of the K/V
+    it receives: the payload is dropped unread and `SenderLost` raised, as when the sender dies
+    on the way, so the scheduler prefills the request again (for the fault suite,
+    raypd/chaos/transfer_faults.py). Deterministic: whether the n-th arrival of a request's K/V
+    at a worker is lost is a draw of `random.Random(f"{seed}:{request_id}:{n}")`, so a seed
+    replays the same faults (request ids are the scheduler's counter). The worker's engines
+    count them in `fault_counter["faults"]`."""
+
+    inner: object  # JaxEngineFactory or MockEngineFactory
+    fail_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.fail_fraction <= 1.0:
+            raise ValueError(f"fail_fraction must be in [0, 1], got {self.fail_fraction}")
+
+    @property
+    def compression(self) -> str:
+        return getattr(self.inner, "compression", "none")
+
+    def build(self, role: str, tp: int = 1) -> WorkerEngines:
+        import random
+
+        from raypd.transfer import SenderLost
+
+        engines = self.inner.build(role, tp)
+        if role != "decode" or self.fail_fraction == 0.0:
+            return engines
+        recv_into, counter, arrivals = engines.recv_into, {"faults": 0}, {}
+
+        def faulty_recv_into(request, out, handle, transport):
+            n = arrivals[request.request_id] = arrivals.get(request.request_id, -1) + 1
+            if random.Random(f"{self.seed}:{request.request_id}:{n}").random() < self.fail_fraction:
+                counter["faults"] += 1
+                raise SenderLost(f"fault injected: K/V of {request.request_id} lost on the way "
+                                 f"(fault {counter['faults']})")
+            return recv_into(request, out, handle, transport)
+
+        engines.recv_into = faulty_recv_into
+        engines.fault_counter = counter
+        return engines
