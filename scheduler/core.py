@@ -573,8 +573,10 @@ class SchedulerCore:
         busy = [max(0, q.max_tokens - len(q.generated)) * step_s for q in self.requests.values()
                 if q.phase not in (QUEUED, ENDED)]
         slots = busy + [0.0] * max(0, sum(s.max_slots for s in decode) - len(busy))
-        queue = [(self.cost.predict_prefill_s(self.requests[rid].spec.prompt_len),
-                  self.requests[rid].spec.max_tokens) for rid in self.queue]
+        send = bool(self._of(PREFILL))  # disaggregated: each prefill also sends its K/V before the next
+        queue = [(self.cost.predict_prefill_s(q.spec.prompt_len)
+                  + (self.cost.predict_transfer_s(self.cost.kv_bytes(q.spec.prompt_len)) if send else 0.0),
+                  q.spec.max_tokens) for q in (self.requests[rid] for rid in self.queue)]
         waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1)
         return dict(zip(self.queue, waits))
 
@@ -610,8 +612,11 @@ class SchedulerCore:
             call = _Call(next(self._call_ids), rid, w, decision, list(r.request.prompt_ids), list(pins),
                          list(match.worker_pages.get(w, []))[:k], 0.0, now_s)
             self.calls[call.call_id] = call
-            call.estimate_s = est.prefill_s
-            self.workers[w].queued_s += est.prefill_s
+            # the worker's time on it: the prefill, and for a remote one the send of its K/V, which
+            # the prefill worker does before it takes the next call
+            call.estimate_s = est.prefill_s + (0.0 if decision.is_local_prefill else
+                                               self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len)))
+            self.workers[w].queued_s += call.estimate_s
             if decision.is_local_prefill:
                 self.workers[d].reserve(rid, need_here)
                 self.local_calls[(d, rid)] = call.call_id
@@ -647,7 +652,7 @@ class SchedulerCore:
     def is_idle(self) -> bool:
         """Nothing queued, running, reserved, pinned or in flight."""
         return not (self.queue or self.requests or self.calls or self.transfers or any(
-            s.reserved or s.call_pages or s.backlog_bytes or s.queued_s for s in self.workers.values()))
+            s.reserved or s.call_pages or s.backlog_bytes or s.queued_s > 1e-9 for s in self.workers.values()))
 
     def check(self) -> None:
         """Invariants between the tables (tests call it after every event)."""
