@@ -127,7 +127,8 @@ def _subparsers():
 
 def test_every_flag_has_help_and_help_shows_defaults():
     parser, commands = _subparsers()
-    assert set(commands) == {"convert", "generate", "serve", "batch", "status", "bench"}
+    assert set(commands) == {"convert", "generate", "serve", "batch", "status", "bench", "profile", "simulate", "plan",
+                             "rebalance"}
     for name, sub in commands.items():
         for action in sub._actions:
             if action.help == argparse.SUPPRESS:
