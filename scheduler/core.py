@@ -137,7 +137,11 @@ class SchedulerCore:
             if error is None and r.phase == QUEUED:
                 decision, _ = self._place(r, now_s)
                 if not isinstance(decision, Rejection) and r.spec.ttft_slo_s is not None:
-                    decision = admit_deadline(r.spec, decision.ttft_s, waits[r.spec.request_id], self.policy)
+                    # its turn (a slot, and the prefill work ahead of it), then its own prefill and send
+                    own_s = self.cost.predict_prefill_s(r.spec.prompt_len) + (self.cost.predict_transfer_s(
+                        self.cost.kv_bytes(r.spec.prompt_len)) if self._of(PREFILL) else 0.0)
+                    decision = admit_deadline(r.spec, now_s - r.spec.arrival_s + own_s, waits[r.spec.request_id],
+                                              self.policy)
                 if isinstance(decision, Rejection):
                     self.rejections[decision.reason.value] += 1
                     error = _rejected(decision)
@@ -570,14 +574,23 @@ class SchedulerCore:
         """Predicted wait of each queued request for its turn (policy.predict_queue_waits)."""
         decode = [self.workers[d] for d in self._of(DECODE)]
         step_s = max((self.cost.predict_decode_step_s(s.max_slots, s.context_len) for s in decode), default=0.0)
-        busy = [max(0, q.max_tokens - len(q.generated)) * step_s for q in self.requests.values()
-                if q.phase not in (QUEUED, ENDED)]
+        # a remote prefill finishes after the calls sent to its worker before it (FIFO) and itself
+        queued, prefill_done_s = defaultdict(float), {}
+        for c in self.calls.values():  # in the order they were sent
+            if c.worker in self.workers and self.workers[c.worker].role == PREFILL:
+                queued[c.worker] += c.estimate_s
+                prefill_done_s[c.request_id] = queued[c.worker]
+        busy = []  # when each occupied slot frees: after its prefill (if still queued) and its tokens left
+        for q in self.requests.values():
+            if q.phase not in (QUEUED, ENDED):
+                busy.append(prefill_done_s.get(q.spec.request_id, 0.0) + max(0, q.max_tokens - len(q.generated)) * step_s)
         slots = busy + [0.0] * max(0, sum(s.max_slots for s in decode) - len(busy))
         send = bool(self._of(PREFILL))  # disaggregated: each prefill also sends its K/V before the next
         queue = [(self.cost.predict_prefill_s(q.spec.prompt_len)
                   + (self.cost.predict_transfer_s(self.cost.kv_bytes(q.spec.prompt_len)) if send else 0.0),
                   q.spec.max_tokens) for q in (self.requests[rid] for rid in self.queue)]
-        waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1)
+        backlog = sum(self.workers[w].queued_s for w in self._of(PREFILL))
+        waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1, backlog)
         return dict(zip(self.queue, waits))
 
     def _make_room(self, worker: str, need: int, now_s: float) -> list:

@@ -289,19 +289,21 @@ def _late(request: RequestSpec, ttft_s: float, config: PolicyConfig) -> Rejectio
 
 
 def predict_queue_waits(slot_free_s: Sequence[float], queue: Sequence[tuple[float, int]], step_s: float,
-                        num_prefill_workers: int = 1) -> list[float]:
+                        num_prefill_workers: int = 1, prefill_backlog_s: float = 0.0) -> list[float]:
     """Seconds until each queued request could start its own prefill, in FIFO order: the later
     of a decode slot coming free and the prefill work ahead of it being done.
 
     slot_free_s: for every decode slot of every live worker, seconds until it is free (0 for a
     free one; a running request's remaining tokens x `step_s`); queue: (prefill seconds,
     max_tokens) of each queued request, head first. Each request takes the earliest free slot
-    and holds it for its prefill and its tokens. No slot at all: infinity for every one."""
+    and holds it for its prefill and its tokens. `prefill_backlog_s`: prefill work already sent
+    to the prefill workers (all of them together), which every queued prefill waits behind. No
+    slot at all: infinity for every one."""
     heap = list(slot_free_s)
     if not heap:
         return [float("inf")] * len(queue)
     heapq.heapify(heap)
-    waits, prefill_ahead_s = [], 0.0
+    waits, prefill_ahead_s = [], prefill_backlog_s
     for prefill_s, max_tokens in queue:
         waits.append(max(heap[0], prefill_ahead_s / max(1, num_prefill_workers)))
         t = heapq.heappop(heap)
