@@ -67,6 +67,7 @@ def _rejected(r: Rejection) -> tuple:
 
 
 MAX_CANDIDATES = 16  # workers of a role placement estimates in full, beyond those holding the prefix
+SLOWDOWN_RANGE = (0.25, 20.0)  # bounds of a worker's observed / predicted prefill-call time
 
 
 class SchedulerCore:
@@ -138,10 +139,8 @@ class SchedulerCore:
                 decision, _ = self._place(r, now_s)
                 if not isinstance(decision, Rejection) and r.spec.ttft_slo_s is not None:
                     # its turn (a slot, and the prefill work ahead of it), then its own prefill and send
-                    own_s = self.cost.predict_prefill_s(r.spec.prompt_len) + (self.cost.predict_transfer_s(
-                        self.cost.kv_bytes(r.spec.prompt_len)) if self._of(PREFILL) else 0.0)
-                    decision = admit_deadline(r.spec, now_s - r.spec.arrival_s + own_s, waits[r.spec.request_id],
-                                              self.policy)
+                    decision = admit_deadline(r.spec, now_s - r.spec.arrival_s + self._own_prefill_s(r),
+                                              waits[r.spec.request_id], self.policy)
                 if isinstance(decision, Rejection):
                     self.rejections[decision.reason.value] += 1
                     error = _rejected(decision)
@@ -219,6 +218,8 @@ class SchedulerCore:
         ws = self.workers.get(worker)
         if ws is not None and num_free_pages is not None:
             ws.num_free_pages = num_free_pages
+        if ws is not None:
+            self._observe_call_time(ws, [self.calls[t.call_id] for t in tasks if t.call_id in self.calls], now_s)
         by_decode = defaultdict(list)
         for task, res in zip(tasks, results):
             call = self._end_call(task.call_id)
@@ -487,6 +488,18 @@ class SchedulerCore:
         return actions
 
     # ------------------------------------------------------------------ calls
+    def _observe_call_time(self, ws: WorkerState, calls: list[_Call], now_s: float) -> None:
+        """Keep `ws.slowdown`, how much longer a prefill call takes than the cost model says (an
+        EWMA of observed / predicted), so that admission and placement see the worker as it
+        runs now: the calibration may be old, or the machine busier. A call starts when it was
+        sent or when the worker's previous call ended, whichever is later (one call at a time)."""
+        predicted = sum(c.estimate_s for c in calls) / ws.slowdown
+        if calls and predicted > 0:
+            start = max(min(c.sent_s for c in calls), ws.last_done_s)
+            ratio = (now_s - start) / predicted
+            ws.slowdown = min(SLOWDOWN_RANGE[1], max(SLOWDOWN_RANGE[0], 0.7 * ws.slowdown + 0.3 * ratio))
+        ws.last_done_s = now_s
+
     def _end_call(self, call_id: int | None) -> _Call | None:
         call = self.calls.pop(call_id, None) if call_id is not None else None
         if call is not None and call.worker in self.workers:
@@ -570,6 +583,16 @@ class SchedulerCore:
         return place(spec, self._prefill_states(match), self._decode_states(match), self.cost, now_s,
                      self.policy, transfer), match
 
+    def _own_prefill_s(self, r: RequestState) -> float:
+        """Predicted time a prefill worker spends on a queued request (its prefill and, when
+        disaggregated, the send of its K/V), at the prefill workers' observed pace."""
+        pre = self._of(PREFILL)
+        if not pre:
+            return self.cost.predict_prefill_s(r.spec.prompt_len)
+        pace = sum(self.workers[w].slowdown for w in pre) / len(pre)
+        return pace * (self.cost.predict_prefill_s(r.spec.prompt_len)
+                       + self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len)))
+
     def _queue_waits(self) -> dict[str, float]:
         """Predicted wait of each queued request for its turn (policy.predict_queue_waits)."""
         decode = [self.workers[d] for d in self._of(DECODE)]
@@ -585,10 +608,7 @@ class SchedulerCore:
             if q.phase not in (QUEUED, ENDED):
                 busy.append(prefill_done_s.get(q.spec.request_id, 0.0) + max(0, q.max_tokens - len(q.generated)) * step_s)
         slots = busy + [0.0] * max(0, sum(s.max_slots for s in decode) - len(busy))
-        send = bool(self._of(PREFILL))  # disaggregated: each prefill also sends its K/V before the next
-        queue = [(self.cost.predict_prefill_s(q.spec.prompt_len)
-                  + (self.cost.predict_transfer_s(self.cost.kv_bytes(q.spec.prompt_len)) if send else 0.0),
-                  q.spec.max_tokens) for q in (self.requests[rid] for rid in self.queue)]
+        queue = [(self._own_prefill_s(q), q.spec.max_tokens) for q in (self.requests[rid] for rid in self.queue)]
         backlog = sum(self.workers[w].queued_s for w in self._of(PREFILL))
         waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1, backlog)
         return dict(zip(self.queue, waits))
@@ -627,8 +647,8 @@ class SchedulerCore:
             self.calls[call.call_id] = call
             # the worker's time on it: the prefill, and for a remote one the send of its K/V, which
             # the prefill worker does before it takes the next call
-            call.estimate_s = est.prefill_s + (0.0 if decision.is_local_prefill else
-                                               self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len)))
+            call.estimate_s = self.workers[w].slowdown * (est.prefill_s + (0.0 if decision.is_local_prefill else
+                                               self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len))))
             self.workers[w].queued_s += call.estimate_s
             if decision.is_local_prefill:
                 self.workers[d].reserve(rid, need_here)

@@ -23,6 +23,8 @@ class WorkerState:
     call_pages: dict = dataclasses.field(default_factory=dict)  # call id -> pages a prefill call will take
     queued_s: float = 0.0  # predicted prefill work sent and not returned
     backlog_bytes: int = 0  # K/V bytes placed to move out of / into this worker, not yet received
+    slowdown: float = 1.0  # prefill calls: observed / predicted time (EWMA; core._observe_call_time)
+    last_done_s: float = float("-inf")  # when its last prefill call returned
 
     num_reserved_pages: int = 0  # sum of `reserved` and `call_pages`, kept by the methods below
 

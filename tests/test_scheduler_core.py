@@ -297,3 +297,18 @@ def test_set_roles_drains_then_moves_a_worker_without_dropping_requests():
     with pytest.raises(ValueError, match="adding up"):
         c.core.set_roles(3, 1, c.tick())
     c.assert_baseline()
+
+
+def test_prefill_workers_observed_pace_feeds_admission():
+    """Prefill calls that take far longer than the cost model says (an old calibration, a busy
+    machine) raise the worker's slowdown, and with it every prediction built on that worker."""
+    c = FakeCluster(max_slots=8)
+    c.dt = 0.05  # each fake prefill call returns 50 ms later: ~20x what the cost model predicts
+    for i in range(6):
+        c.run(c.submit(prompts(1, base=300 + i), max_tokens=2))
+    assert c.core.workers["prefill-0"].slowdown > 5
+    (rid,) = c.submit(prompts(1, base=9), max_tokens=2)
+    r = c.core.requests[rid]
+    assert c.core._own_prefill_s(r) > 5 * c.core.cost.predict_prefill_s(r.spec.prompt_len)
+    c.run([rid])
+    c.assert_baseline()
