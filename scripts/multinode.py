@@ -103,7 +103,7 @@ def submit_job(args) -> int:
                    "excludes": [".venv", ".git", "out", "docs/results", "*.png", "__pycache__", ".gl", ".whl"],
                    "env_vars": {"JAX_PLATFORMS": "cpu"}}
     cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}",
-           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "scripts/multinode_job.py",
+           "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "scripts/multinode_job.py",
            "--model", args.model, "--max-tokens", str(args.max_tokens),
            "--kill-ports", ",".join(str(NODES[n]["ports"]["node_manager"]) for n in ("node-2", "node-3"))]
     for attempt in range(12):  # the head's job agent needs a while after `ray start`
