@@ -106,7 +106,7 @@ def submit_job(args) -> int:
            "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "scripts/multinode_job.py",
            "--model", args.model, "--max-tokens", str(args.max_tokens),
            "--kill-ports", ",".join(str(NODES[n]["ports"]["node_manager"]) for n in ("node-2", "node-3"))]
-    for attempt in range(12):  # the head's job agent needs a while after `ray start`
+    for attempt in range(30):  # the head's job agent needs a while after `ray start`
         out = subprocess.run(cmd, env=env(), timeout=args.timeout_s, capture_output=True, text=True)
         if "No available agent" not in out.stdout + out.stderr:
             break
