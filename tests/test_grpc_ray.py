@@ -61,9 +61,9 @@ class SlowMockFactory(MockEngineFactory):
         if engines.decode is not None:
             step, pause = engines.decode.decode_step, self.step_s
 
-            def slow_step():
+            def slow_step(*args, **kwargs):  # decode_step(max_steps=...) as the engines take it
                 time.sleep(pause)
-                return step()
+                return step(*args, **kwargs)
 
             engines.decode.decode_step = slow_step
         return engines
