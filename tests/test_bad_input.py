@@ -175,6 +175,43 @@ def test_ray_backend_carries_the_client_id_and_maps_it_to_the_deployment_id():
     assert backend.submit(job).request_id == "client-a"  # free again once it ended
 
 
+def test_a_grpc_deadline_reaches_the_deployment_as_the_ttft_bound_and_a_refusal_is_resource_exhausted():
+    """The client's deadline travels to the scheduler as the request's TTFT bound; when the
+    scheduler says it cannot be met (RequestRejected "deadline"), the RPC ends at once with
+    RESOURCE_EXHAUSTED, rejection-reason deadline and a retry hint, not after the deadline."""
+    import time
+
+    class Bounded(FakeDeployment):
+        def __init__(self):
+            super().__init__()
+            self.bounds = []
+
+        def submit(self, prompts, params, ttft_slo_s, kv_compression):
+            self.bounds.append(ttft_slo_s)
+            if ttft_slo_s is not None and ttft_slo_s < 1.0:
+                raise errors.RequestRejected("predicted TTFT 2.0 s exceeds the SLO", "deadline", 2.0, 1.5)
+            return super().submit(prompts, params, ttft_slo_s, kv_compression)
+
+        def status(self, timeout_s=None):
+            return dict(decode=[], prefill=[], num_queued=0, index=dict(hit_rate=0.0), transfer=[])
+
+    dep = Bounded()
+    ep = Endpoint(RayBackend(dep, "m"), readiness_interval_s=None).start(warmup=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ep.port}") as ch:
+            stub = raypd_pb2_grpc.GenerationStub(ch)
+            ok = stub.Generate(raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5, 6])), timeout=20)
+            assert list(ok.token_ids) == [7] and 10 < dep.bounds[-1] <= 20
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(raypd_pb2.GenerateRequest(token_ids=raypd_pb2.TokenIds(ids=[5, 6])), timeout=0.5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - start < 0.4
+            meta = dict(e.value.trailing_metadata())
+            assert meta["rejection-reason"] == "deadline" and meta["retry-after-ms"] == "1500"
+    finally:
+        ep.stop()
+
+
 # ---------------------------------------------------------------- the chaos scenario
 
 
