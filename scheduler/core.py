@@ -22,6 +22,9 @@ Lifecycle of a request (`phase`):
   ended      finished, failed, rejected or aborted: `_end` releases what the request holds
              (reservations, backlog, a transfer in flight), once. A finished request's full
              pages are published on its decode worker for the next turn.
+The core is split by responsibility: `scheduler/placement_view.py` (worker snapshots for the
+policy, placement candidates, predicted waits; reads only) and `scheduler/membership.py`
+(deaths, replacements, role moves) are mixins of `SchedulerCore`.
 Failover: a worker that died (`worker_died`, or `prefill_done` with `lost=True`) leaves
 placement and the store, and its requests go back to the head of the queue (`_retry`); a
 request with tokens resumes from prompt + tokens so far. A K/V transfer the decode worker
@@ -31,15 +34,15 @@ could not receive asks for a liveness probe of its sender (`ProbeWorker`), then 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 from collections import defaultdict, deque
 from typing import Sequence
 
 from scheduler.cost_model import CostModel
 from scheduler.kv_store import FreePages, KVStore
-from scheduler.policy import (DecodeWorkerState, Placement, PolicyConfig, PrefillWorkerState, Rejection,
-                              RequestSpec, TransferState, Wait, admit, admit_deadline, place, predict_queue_waits)
+from scheduler.membership import Membership
+from scheduler.placement_view import MAX_CANDIDATES, PlacementView  # noqa: F401 - MAX_CANDIDATES re-exported
+from scheduler.policy import Placement, PolicyConfig, Rejection, RequestSpec, admit, admit_deadline
 from scheduler.actions import (AbortOnWorker, Action, Insert, PrefillTask, ProbeWorker,  # noqa: F401 - re-exported
                                ReleaseTransfers, ReplaceWorker, RetireWorker, RunLocalPrefill, RunPrefill)
 from scheduler.state import (DECODE, DECODING, ENDED, HANDOFF, PREFILL, PREFILLING, QUEUED,  # noqa: F401
@@ -66,11 +69,10 @@ def _rejected(r: Rejection) -> tuple:
             r.retry_after_s)
 
 
-MAX_CANDIDATES = 16  # workers of a role placement estimates in full, beyond those holding the prefix
 SLOWDOWN_RANGE = (0.25, 20.0)  # bounds of a worker's observed / predicted prefill-call time
 
 
-class SchedulerCore:
+class SchedulerCore(PlacementView, Membership):
     def __init__(self, name: str, workers: dict[str, WorkerState], store: KVStore, cost: CostModel,
                  policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False,
                  max_replacements: int = 0):
@@ -325,100 +327,6 @@ class SchedulerCore:
             actions += self._retry(r, why, now_s)
         return actions + self._dispatch(now_s)
 
-    def worker_died(self, w: str, why: str, now_s: float) -> list:
-        """Drop a dead worker: no placement sees it again, the store forgets its pages, its
-        local prefills end, and requests decoding there (or headed there) start over."""
-        ws = self.workers.pop(w, None)
-        if ws is None:
-            return []
-        self._by_role = None
-        self.dead[w] = why
-        self.store.remove_worker(w)
-        actions: list = []
-        if self.num_replacements < self.max_replacements and self.is_running:
-            self.num_replacements += 1
-            new = f"{ws.role}-{self._num_ever[ws.role]}"
-            self._num_ever[ws.role] += 1
-            self.joining[new] = ws.role
-            actions.append(ReplaceWorker(w, new, ws.role))
-        for (d, rid), call_id in list(self.local_calls.items()):
-            if d == w:
-                del self.local_calls[(d, rid)]
-                actions += self._unpin(self._end_call(call_id))
-        for tid, (rid, sender, handle, receiver) in list(self.transfers.items()):
-            if sender == w:  # its payloads went with it; the receiver reports the loss
-                self.transfers[tid] = (rid, None, None, receiver)
-            elif receiver == w:  # nobody will take them now
-                del self.transfers[tid]
-                if sender in self.workers:
-                    actions.append(ReleaseTransfers(sender, (handle,)))
-                if rid in self.requests:
-                    self.requests[rid].transfer_id = None
-        if ws.role == DECODE:
-            for r in list(self.requests.values()):
-                if r.placement is not None and r.placement.decode_worker_id == w and not r.is_finished \
-                        and r.phase != QUEUED:
-                    actions += self._retry(r, f"decode worker {w} died", now_s)
-        return actions + self._dispatch(now_s)
-
-    def set_roles(self, num_prefill: int, num_decode: int, now_s: float) -> list:
-        """Move workers between the prefill and decode roles without dropping a request: each
-        one to move drains (placement skips it; what it holds finishes), then is retired and a
-        worker of the other role starts in its place (`RetireWorker` + `ReplaceWorker`). Workers
-        still starting count in the role they start in, so asking again for the same split while
-        a move is under way changes nothing."""
-        roles = {**{w: self.draining.get(w, s.role) for w, s in self.workers.items()}, **self.joining}
-        have = {PREFILL: sum(r == PREFILL for r in roles.values()), DECODE: sum(r == DECODE for r in roles.values())}
-        if num_prefill < 0 or num_decode < 1 or num_prefill + num_decode != len(roles):
-            raise ValueError(f"need num_prefill >= 0 and num_decode >= 1 adding up to the {len(roles)} live "
-                             f"workers, got {num_prefill} + {num_decode}")
-        move_to, n = (PREFILL, num_prefill - have[PREFILL]) if num_prefill > have[PREFILL] else (
-            DECODE, num_decode - have[DECODE])
-        source = DECODE if move_to == PREFILL else PREFILL
-        # the least loaded first: fewest running (decode), least queued work (prefill)
-        pool = sorted((w for w, r in roles.items() if r == source and w in self.workers and w not in self.draining),
-                      key=lambda w: (self.workers[w].num_running, self.workers[w].queued_s, w))
-        for w in pool[:n]:
-            self.draining[w] = move_to
-        self._by_role = None
-        return self._dispatch(now_s)
-
-    def _is_drained(self, w: str) -> bool:
-        s = self.workers[w]
-        return not (s.reserved or s.call_pages or s.backlog_bytes or s.num_running
-                    or any(c.worker == w for c in self.calls.values())
-                    or any(w in (t[1], t[3]) for t in self.transfers.values())
-                    or any(r.placement is not None and w in (r.placement.decode_worker_id, r.placement.prefill_worker_id)
-                           and r.phase not in (QUEUED, ENDED) for r in self.requests.values()))
-
-    def _retire_drained(self) -> list:
-        actions: list = []
-        for w, role in list(self.draining.items()):
-            if self._is_drained(w):
-                del self.draining[w]
-                self.workers.pop(w)
-                self._by_role = None
-                self.store.remove_worker(w)  # its pool goes with it
-                new = f"{role}-{self._num_ever[role]}"
-                self._num_ever[role] += 1
-                self.joining[new] = role
-                self.retired[w] = new
-                actions += [RetireWorker(w), ReplaceWorker(w, new, role)]
-        return actions
-
-    def worker_joined(self, w: str, state: WorkerState, now_s: float) -> list:
-        """A new worker (a replacement, or one added by hand) is healthy: placement sees it."""
-        self.joining.pop(w, None)
-        self.workers[w] = state
-        self._by_role = None
-        return self._dispatch(now_s)
-
-    def worker_join_failed(self, w: str, why: str, now_s: float) -> list:
-        """A replacement never became healthy: queued requests stop waiting for it."""
-        self.joining.pop(w, None)
-        self.dead[w] = why
-        return self._dispatch(now_s)
-
     def is_ready(self) -> bool:
         """Whether a request submitted now can be served: running, with a live decode worker."""
         return self.is_running and bool(self._of(DECODE))
@@ -536,82 +444,6 @@ class SchedulerCore:
                 self.workers[a.worker].num_free_pages += len(a.pages)
             out.append(a)
         return out
-
-    # ------------------------------------------------------------------ placement
-    def _candidates(self, role: str, match, key) -> list[str]:
-        """Workers placement looks at: all of them in a small cluster; in a large one, those
-        holding the prompt's prefix plus the MAX_CANDIDATES best by a cheap `key` (smallest
-        first), so a placement costs one pass over the workers, not a full estimate of each."""
-        workers = self._of(role)
-        if len(workers) <= MAX_CANDIDATES:
-            return workers
-        holders = [w for w in (match.worker_pages if match else ()) if w in self.workers
-                   and self.workers[w].role == role]
-        return list(dict.fromkeys(holders + heapq.nsmallest(MAX_CANDIDATES, workers, key=key)))
-
-    def _prefill_states(self, match) -> list[PrefillWorkerState]:
-        workers = self.workers
-        key = lambda w: workers[w].queued_s + workers[w].backlog_bytes / self.cost.transfer_bytes_per_s  # noqa: E731
-        return [PrefillWorkerState(w, queued_s=workers[w].queued_s,
-                                   num_cached_pages=match.num_worker_pages(w) if match else 0)
-                for w in self._candidates(PREFILL, match, key)]
-
-    def _decode_states(self, match) -> list[DecodeWorkerState]:
-        out = []
-        workers = self.workers
-
-        def key(d):  # the order place_decode prefers: a free slot, the most free pages, fewer running
-            s = workers[d]
-            free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages
-            return (s.num_free_slots - len(s.reserved) <= 0, -free, s.num_running)
-
-        for d in self._candidates(DECODE, match, key):
-            s = self.workers[d]
-            # Pages the store caches there count as free: placement evicts them when needed.
-            free = s.num_free_pages + self.store.num_worker_pages(d) - s.num_reserved_pages
-            out.append(DecodeWorkerState(d, s.num_free_slots - len(s.reserved), free, s.max_pages,
-                                         s.num_running, s.context_len, match.num_worker_pages(d) if match else 0,
-                                         queued_prefill_s=s.queued_s))
-        return out
-
-    def _place(self, r: RequestState, now_s: float):
-        match = self.store.match(r.request.prompt_ids, r.spec.max_cached_pages)
-        if not self._of(DECODE) and DECODE in self.joining.values():  # wait for the replacement
-            return Wait(r.spec.request_id, now_s - r.spec.arrival_s), match
-        spec = dataclasses.replace(r.spec, num_host_pages=self.store.num_host_pages(match))
-        transfer = TransferState({w: s.backlog_bytes for w, s in self.workers.items()})
-        return place(spec, self._prefill_states(match), self._decode_states(match), self.cost, now_s,
-                     self.policy, transfer), match
-
-    def _own_prefill_s(self, r: RequestState) -> float:
-        """Predicted time a prefill worker spends on a queued request (its prefill and, when
-        disaggregated, the send of its K/V), at the prefill workers' observed pace."""
-        pre = self._of(PREFILL)
-        if not pre:
-            return self.cost.predict_prefill_s(r.spec.prompt_len)
-        pace = sum(self.workers[w].slowdown for w in pre) / len(pre)
-        return pace * (self.cost.predict_prefill_s(r.spec.prompt_len)
-                       + self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len)))
-
-    def _queue_waits(self) -> dict[str, float]:
-        """Predicted wait of each queued request for its turn (policy.predict_queue_waits)."""
-        decode = [self.workers[d] for d in self._of(DECODE)]
-        step_s = max((self.cost.predict_decode_step_s(s.max_slots, s.context_len) for s in decode), default=0.0)
-        # a remote prefill finishes after the calls sent to its worker before it (FIFO) and itself
-        queued, prefill_done_s = defaultdict(float), {}
-        for c in self.calls.values():  # in the order they were sent
-            if c.worker in self.workers and self.workers[c.worker].role == PREFILL:
-                queued[c.worker] += c.estimate_s
-                prefill_done_s[c.request_id] = queued[c.worker]
-        busy = []  # when each occupied slot frees: after its prefill (if still queued) and its tokens left
-        for q in self.requests.values():
-            if q.phase not in (QUEUED, ENDED):
-                busy.append(prefill_done_s.get(q.spec.request_id, 0.0) + max(0, q.max_tokens - len(q.generated)) * step_s)
-        slots = busy + [0.0] * max(0, sum(s.max_slots for s in decode) - len(busy))
-        queue = [(self._own_prefill_s(q), q.spec.max_tokens) for q in (self.requests[rid] for rid in self.queue)]
-        backlog = sum(self.workers[w].queued_s for w in self._of(PREFILL))
-        waits = predict_queue_waits(slots, queue, step_s, len(self._of(PREFILL)) or 1, backlog)
-        return dict(zip(self.queue, waits))
 
     def _make_room(self, worker: str, need: int, now_s: float) -> list:
         """Evict cached pages of `worker` until `need` pages are free (as last reported)."""
