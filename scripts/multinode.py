@@ -106,13 +106,20 @@ def submit_job(args) -> int:
            "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "scripts/multinode_job.py",
            "--model", args.model, "--max-tokens", str(args.max_tokens),
            "--kill-ports", ",".join(str(NODES[n]["ports"]["node_manager"]) for n in ("node-2", "node-3"))]
-    for attempt in range(30):  # the head's job agent needs a while after `ray start`
+    for attempt in range(6):  # the head's job agent needs a while after `ray start`
         out = subprocess.run(cmd, env=env(), timeout=args.timeout_s, capture_output=True, text=True)
         if "No available agent" not in out.stdout + out.stderr:
-            break
+            print(out.stdout[-20000:], out.stderr[-5000:] if out.returncode else "", flush=True)
+            return out.returncode
         time.sleep(10)
-    print(out.stdout[-20000:], out.stderr[-5000:] if out.returncode else "", flush=True)
-    return out.returncode
+    # Ray's job agent never came up (seen on this loaded machine): run the same script as a
+    # driver of the cluster, shipping the checkout the same way (runtime_env working_dir), so the
+    # workers still import raypd from the uploaded copy.
+    print("[multinode] the job agent never answered; running the job as a driver with the same "
+          "runtime_env", flush=True)
+    driver = [sys.executable, str(ROOT / "scripts" / "multinode_job.py"), "--address", f"{head_ip()}:{HEAD_PORT}",
+              "--runtime-env-json", json.dumps(runtime_env)] + cmd[cmd.index("--model"):]
+    return subprocess.run(driver, env=env(), timeout=args.timeout_s, cwd=ROOT).returncode
 
 
 def main(argv=None) -> int:

@@ -39,10 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="pystdlib-tiny")
     p.add_argument("--max-tokens", type=int, default=120)
     p.add_argument("--kill-ports", default="", help="node manager ports of the nodes that may be killed")
+    p.add_argument("--address", default=None, help="run as a driver of this cluster (default: as its job)")
+    p.add_argument("--runtime-env-json", default=None, help="with --address: the runtime_env to ship")
     args = p.parse_args(argv)
     import ray
 
-    ray.init()
+    if args.address:
+        ray.init(address=args.address, runtime_env=json.loads(args.runtime_env_json or "{}"))
+    else:
+        ray.init()
     import raypd
     from raypd.runtime.deployment import Resources
     from scheduler import PolicyConfig
