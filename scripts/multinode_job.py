@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from scheduler import PolicyConfig
 
     d = raypd.serve(args.model, name="multinode", num_prefill=1, num_decode=1, calibrate=False, max_replacements=1,
-                    policy=PolicyConfig(local_prefill_max_len=0),
+                    policy=PolicyConfig(local_prefill_max_len=0), scheduler_resources={"prefill_node": 0.01},
                     prefill_resources=Resources(num_cpus=0.5, resources={"prefill_node": 0.5}),
                     decode_resources=Resources(num_cpus=0.5, resources={"decode_node": 1}))
     report = dict(job_raypd=os.path.dirname(raypd.__file__))

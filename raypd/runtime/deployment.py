@@ -112,6 +112,9 @@ class DeploymentConfig:
     # Move workers between the prefill and decode roles by itself when the recent traffic, replayed
     # through the simulator, would meet these SLOs clearly more often with another split (None: off).
     rebalance: RebalanceConfig | None = None
+    # custom resources the scheduler actor needs (e.g. {"head": 0.01} to keep it on the head node;
+    # it takes no CPU); empty: anywhere
+    scheduler_resources: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -150,6 +153,7 @@ def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int
     decode = {f"decode-{i}": spawn("decode", f"decode-{i}") for i in range(config.num_decode)}
     sched = ray.remote(Scheduler).options(
         name=config.name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000,
+        resources=dict(config.scheduler_resources),
         runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}).remote(
         config.name, prefill, decode, policy=config.policy, cache_bytes=config.cache_bytes,
         calibrate=config.calibrate, local_prefill_stall_s=config.local_prefill_stall_s,
