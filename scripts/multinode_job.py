@@ -21,8 +21,9 @@ def kill_node(node_manager_port: int) -> int:
     """Kill the raylet with this port and everything it started (the node's workers)."""
     import psutil
 
-    raylets = [p for p in psutil.process_iter(["cmdline"])
-               if f"--node_manager_port={node_manager_port}" in " ".join(p.info["cmdline"] or [])]
+    marks = (f"--node_manager_port={node_manager_port}", f"--node-manager-port={node_manager_port}")
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+               and any(m in " ".join(p.info["cmdline"] or []) for m in marks)]  # the raylet and its workers
     procs = set(raylets)
     for r in raylets:
         procs.update(r.children(recursive=True))
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     finally:
         d.shutdown()
     print(json.dumps(report, indent=1))
-    ok = report.get("identical") and report.get("num_replacements") == 1
+    ok = (report.get("identical") and report.get("num_replacements") == 1 and report.get("num_retries", 0) >= 1
+          and victim not in report.get("decode_worker_node_ports_now", [victim]))
     print("multinode:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
