@@ -47,7 +47,9 @@ PAST_LIMIT = [
 
 @pytest.mark.parametrize("kwargs", AT_LIMIT)
 def test_sampling_params_at_the_limits_are_accepted(kwargs):
-    SamplingParams(**kwargs)
+    params = SamplingParams(**kwargs)  # raises ValueError if a value at its limit were refused
+    for name, value in kwargs.items():  # and keeps what it was given (sequences as tuples)
+        assert getattr(params, name) == (tuple(value) if isinstance(value, list) else value), name
 
 
 @pytest.mark.parametrize("kwargs,match", PAST_LIMIT, ids=[m for _, m in PAST_LIMIT])
