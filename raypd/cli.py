@@ -263,6 +263,7 @@ def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    _watch_signals_during_start_up(is_serving)
     token = args.auth_token or os.environ.get("RAYPD_AUTH_TOKEN") or None
     read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
     server_kw = dict(metrics_port=args.metrics_port, host=args.grpc_host, port=args.grpc_port, token=token,
@@ -532,6 +533,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Interrupted(Exception):
     """SIGTERM arrived (SIGINT raises KeyboardInterrupt)."""
+
+
+_UNWIND_LIMIT_S = 15.0  # what a stop during start-up may spend unwinding before the process just exits
+
+
+def _watch_signals_during_start_up(is_serving: list[bool]) -> None:
+    """A stop during start-up ends the process within _UNWIND_LIMIT_S even when the main thread
+    is stuck in a native call (a compile, a thread join) and cannot run its Python handler: the
+    signal's byte reaches a watcher thread through the wakeup fd, which arms a watchdog that
+    prints every thread's stack and exits. Once serving, the graceful stop is the handler's."""
+    import faulthandler
+    import os
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def fire(code: int) -> None:
+        print(f"raypd: still stopping after {_UNWIND_LIMIT_S:.0f} s; exiting now. Where each thread was:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(code)
+
+    def watch() -> None:
+        while True:
+            signum = os.read(read_fd, 1)
+            if not signum:
+                return
+            if not is_serving[0]:
+                code = 143 if signum[0] == signal.SIGTERM else 130
+                timer = threading.Timer(_UNWIND_LIMIT_S, fire, (code,))
+                timer.daemon = True  # a normal unwind is not held up by it
+                timer.start()
+                return
+
+    threading.Thread(target=watch, name="raypd-stop-watchdog", daemon=True).start()
 
 
 def _on_sigterm(signum, frame):
