@@ -93,7 +93,8 @@ def measure_profile(model: str | None = None, max_seq_len: int = 2048, max_slots
     lengths = sorted({min(n, top - 16) for n in lengths})
     pre = prefill.calibrate(lengths)
     decode = DecodeWorker("profile-d", factory, lambda: transport, start=False)
-    dec = decode.calibrate([b for b in batch_sizes if b <= max_slots], min(context_len, top - 17))
+    contexts = sorted({min(n, top - 17) for n in (context_len, 4 * context_len)})
+    dec = decode.calibrate([b for b in batch_sizes if b <= max_slots], contexts)
     info = decode.info()
     kv_per_token = info["kv_bytes_per_page"] // info["page_size"]
     cost = fit(pre["prefill"], dec["decode"], pre["transfer"], kv_per_token)

@@ -357,32 +357,47 @@ class DecodeWorker:
                     num_local_prefills=len(self._local), num_streamed=self.num_streamed,
                     num_computed_tokens=self.num_computed_tokens)
 
-    def calibrate(self, batch_sizes: list[int], context_len: int, seed: int = 0) -> dict:
-        """Time one decode step for each batch size (contexts of `context_len` tokens) and a
-        local prefill of `context_len` tokens. -> {"decode": [(B, B * S, s)], "prefill": [(n, 0, s)]}."""
+    def calibrate(self, batch_sizes: list[int], context_lens: int | list[int], seed: int = 0,
+                  prefill_lengths: list[int] = ()) -> dict:
+        """Time one decode step for each batch size at each context length (two or more lengths
+        separate the per-slot and per-context-token costs), and a local prefill of each of
+        `prefill_lengths` (run twice, the second timed, so compilation is not).
+        -> {"decode": [(B, B * S, s)], "prefill": [(n, 0, s)]}."""
         rng = np.random.default_rng(seed)
         e, vocab = self.engines, self.engines.model.config.vocab_size
+        contexts = [context_lens] if isinstance(context_lens, int) else list(context_lens)
         decode_samples, prefill_samples = [], []
         with self._engine_lock:
-            for B in batch_sizes:
-                reqs = [_calibration_request(context_len, rng, vocab, f"{self.worker_id}-{B}-{i}", 16)
-                        for i in range(B)]
-                try:
-                    for r in reqs:
+            for n in prefill_lengths:
+                r = _calibration_request(n, rng, vocab, f"{self.worker_id}-prefill")
+                for _ in range(2):
+                    try:
                         start = time.perf_counter()
-                        (out,) = e.prefill.prefill([r], {})
+                        e.prefill.prefill([r], {})
                         prefill_s = time.perf_counter() - start
-                        e.decode.insert(r, out, None)
+                    finally:
                         e.prefill.release(r.request_id)
-                    times = []  # the first step may compile; the fastest of the rest is the step time
-                    for _ in range(4):
-                        start = time.perf_counter()
-                        e.decode.decode_step()
-                        times.append(time.perf_counter() - start)
-                    decode_samples.append((B, B * (context_len + 2), min(times[1:])))
-                    prefill_samples.append((context_len, 0, prefill_s))
-                finally:
-                    for r in reqs:
-                        e.prefill.release(r.request_id)
-                        e.decode.release(r.request_id)
+                prefill_samples.append((n, 0, prefill_s))
+            for S in contexts:
+                for B in batch_sizes:
+                    reqs = [_calibration_request(S, rng, vocab, f"{self.worker_id}-{B}-{i}", 16) for i in range(B)]
+                    try:
+                        for r in reqs:
+                            (out,) = e.prefill.prefill([r], {})
+                            e.decode.insert(r, out, None)
+                            e.prefill.release(r.request_id)
+                        # One step per dispatch (the engine may run several per dispatch and
+                        # overlaps each with reading the last), so each call costs one step in
+                        # steady state; the first may compile; the fastest of the rest counts.
+                        times = []
+                        for _ in range(4):
+                            start = time.perf_counter()
+                            e.decode.decode_step(max_steps=1)
+                            times.append(time.perf_counter() - start)
+                        decode_samples.append((B, B * (S + 2), min(times[1:])))
+                    finally:
+                        e.decode.flush()
+                        for r in reqs:
+                            e.prefill.release(r.request_id)
+                            e.decode.release(r.request_id)
         return dict(decode=decode_samples, prefill=prefill_samples)

@@ -128,10 +128,13 @@ class Scheduler:
         dec_w = [h for w, h in self.handles.items() if self._roles[w] == core.DECODE]
         lengths = sorted({min(n, top - 16) for n in (G, 4 * G, 16 * G, 64 * G) if n < top})
         pre = await asyncio.gather(*[w.calibrate.remote(lengths) for w in pre_w])
-        # The timed steps stay within one page (no new shape to compile), and the calibration
-        # request (context + 16 new tokens) must fit the engines' context.
-        mid_page = max(1, min(4 * G + G // 2, top - 17))
-        dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], mid_page) for w in dec_w])
+        # Two context lengths (mid-page, so the timed steps stay within one page: no new shape)
+        # separate the per-slot from the per-context-token cost; a calibration request (context
+        # + 16 new tokens) must fit the engines' context. Without prefill workers the decode
+        # workers' local prefills are timed at the prefill workers' lengths instead.
+        contexts = sorted({max(1, min(n * G + G // 2, top - 17)) for n in (4, 16)})
+        local = [] if pre_w else lengths
+        dec = await asyncio.gather(*[w.calibrate.remote([1, 2, 4], contexts, 0, local) for w in dec_w])
         prefill = [s for r in pre for s in r["prefill"]] or [s for r in dec for s in r["prefill"]]
         transfer = [s for r in pre for s in r["transfer"]] or [(1, 1e-3)]
         cost = fit(prefill, [s for r in dec for s in r["decode"]], transfer, self.kv_bytes_per_page // self.page_size)
