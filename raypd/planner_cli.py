@@ -18,7 +18,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("RAYPD_CACHE_DIR", Path.home() / ".cache" / "raypd")) / "profiles"
 
 
-def _workload_arguments(p: argparse.ArgumentParser) -> None:
+def _workload_arguments(p: argparse.ArgumentParser, many_profiles: bool = False) -> None:
     from raypd.bench.workload import DATASETS
 
     g = p.add_argument_group("workload (as raypd bench)")
@@ -33,8 +33,13 @@ def _workload_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("SLOs (goodput counts requests meeting all that are given)")
     s.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token SLO")
     s.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token SLO")
-    p.add_argument("--profile", required=True,
-                   help="a profile JSON (raypd profile), or a model name to profile now (cached)")
+    if many_profiles:
+        p.add_argument("--profile", required=True, action="append",
+                       help="a profile JSON (raypd profile), or a model name to profile now (cached); "
+                            "repeat with profiles of other --tp degrees to plan a TP degree per pool")
+    else:
+        p.add_argument("--profile", required=True,
+                       help="a profile JSON (raypd profile), or a model name to profile now (cached)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -78,7 +83,9 @@ def add_profile(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure this machine's engine costs for the simulator",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="model name or checkpoint (default: the embedded model)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each worker (1 only for now)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree of each worker (needs that many devices: on CPU "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length of the profiled engines")
     p.add_argument("--out", default="profile.json", help="where to write the profile")
     p.set_defaults(run=profile)
@@ -87,13 +94,13 @@ def add_profile(subparsers) -> None:
 def profile(args) -> int:
     from raypd.planner import measure_profile
 
-    if args.tp != 1:
-        raise SystemExit(f"raypd profile: --tp must be 1 (profiles of tensor-parallel workers are not "
-                         f"supported yet), got {args.tp}")
-    p = measure_profile(args.model, max_seq_len=args.max_seq_len)
+    try:
+        p = measure_profile(args.model, max_seq_len=args.max_seq_len, tp=args.tp)
+    except ValueError as e:
+        raise SystemExit(f"raypd profile: {e}") from None
     p.save(args.out)
     c = p.worker.cost
-    print(f"{args.out}: {p.worker.device}; prefill {c.predict_prefill_s(1024) * 1e3:.1f} ms / 1024 tokens, "
+    print(f"{args.out}: {p.worker.device} x {p.worker.tp}; prefill {c.predict_prefill_s(1024) * 1e3:.1f} ms / 1024 tokens, "
           f"decode step {c.predict_decode_step_s(8, 8 * 256) * 1e3:.2f} ms at batch 8, "
           f"K/V {c.transfer_bytes_per_s / 1e9:.2f} GB/s")
     return 0
@@ -141,7 +148,7 @@ def add_plan(subparsers) -> None:
     p.add_argument("--rates", default=DEFAULT_RATES, help="offered rates to sweep, req/s")
     p.add_argument("--attainment", type=float, default=0.9, help="SLO attainment a rate must keep to count")
     p.add_argument("--plot", default=None, help="write goodput vs rate of every candidate to this PNG")
-    _workload_arguments(p)
+    _workload_arguments(p, many_profiles=True)
     p.set_defaults(run=plan)
 
 
@@ -150,7 +157,7 @@ def plan(args) -> int:
 
     try:
         rates = [float(r) for r in args.rates.split(",")]
-        result = run(load_or_measure(args.profile), args.devices, _workload(args), _slo(args), rates, args.attainment)
+        result = run([load_or_measure(spec) for spec in args.profile], args.devices, _workload(args), _slo(args), rates, args.attainment)
     except ValueError as e:
         raise SystemExit(f"raypd plan: {e}") from None
     if args.plot:
@@ -158,10 +165,10 @@ def plan(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{'candidate':>10}  {'goodput/device':>15}  goodput by rate")
+    print(f"{'candidate':>14}  {'goodput/device':>15}  goodput by rate")
     for row in result["candidates"]:
         curve = " ".join(f"{p['rate']:g}:{p['goodput_rps'] or 0:.2f}" for p in row["curve"])
-        print(f"{row['candidate']:>10}  {row['goodput_per_device']:>15.3f}  {curve}")
+        print(f"{row['candidate']:>14}  {row['goodput_per_device']:>15.3f}  {curve}")
     margin = f" by {result['margin']:.2f}x" if result["margin"] else ""
     if result["margin"] is not None and result["margin"] < 1.05:
         margin += ": within 5%, so either will do; the model's error is larger than that"

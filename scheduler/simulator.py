@@ -36,7 +36,7 @@ from scheduler.policy import PolicyConfig
 
 @dataclasses.dataclass(frozen=True)
 class WorkerProfile:
-    """What one worker (one device at TP 1) costs and holds."""
+    """What one worker costs and holds (`tp` devices: a tensor-parallel worker spans several)."""
 
     cost: CostModel
     num_pages: int  # its page pool
@@ -46,6 +46,11 @@ class WorkerProfile:
     prefill_chunk_len: int = 256  # a decode worker's local prefill chunk per iteration
     iteration_overhead_s: float = 0.0  # host work per decode iteration (scheduling, the report RPC)
     device: str = "unknown"
+    tp: int = 1  # devices per worker
+
+    def __post_init__(self):
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +129,23 @@ class _DecodeWorker:
 
 
 class Simulator:
-    """`Simulator(profile, num_prefill, num_decode, policy).run(requests, ttft_slo_s)`."""
+    """`Simulator(profile, num_prefill, num_decode, policy).run(requests, ttft_slo_s)`.
+
+    `profile` is the decode workers' (and the prefill workers' unless `prefill_profile` is
+    given: pools of different tensor-parallel degrees). As in a deployment, the scheduler's one
+    cost model takes its prefill and transfer costs from the prefill pool and its decode cost
+    from the decode pool."""
 
     def __init__(self, profile: WorkerProfile, num_prefill: int, num_decode: int,
                  policy: PolicyConfig = PolicyConfig(), cache_bytes: int | None = None, prefix_cache: bool = True,
-                 multi_step: bool = True, rebalancer=None, worker_startup_s: float = 5.0):
+                 multi_step: bool = True, rebalancer=None, worker_startup_s: float = 5.0,
+                 prefill_profile: WorkerProfile | None = None):
         if num_decode < 1 or num_prefill < 0:
             raise ValueError(f"need num_decode >= 1 and num_prefill >= 0, got {num_decode}, {num_prefill}")
-        self.profile = profile
+        pp = prefill_profile or profile
+        if pp.page_size != profile.page_size:
+            raise ValueError(f"prefill and decode pools need one page size, got {pp.page_size} and {profile.page_size}")
+        self.profile, self.prefill_profile = profile, pp
         self.prefix_cache = prefix_cache  # workers retain full pages for the KV store (off: faster, no reuse)
         self.multi_step = multi_step  # idle stretches of decode steps in one event (same times, fewer events)
         self.rebalancer = rebalancer  # scheduler.rebalancer.Rebalancer: moves workers between roles while running
@@ -140,13 +154,16 @@ class Simulator:
         self._num_arrived = self._num_requests = 0
         p = profile
         kv_bytes_per_page = p.cost.kv_bytes_per_token * p.page_size
-        self.workers: dict[str, object] = {**{f"prefill-{i}": _PrefillWorker(p) for i in range(num_prefill)},
+        self.workers: dict[str, object] = {**{f"prefill-{i}": _PrefillWorker(pp) for i in range(num_prefill)},
                                            **{f"decode-{i}": _DecodeWorker(p) for i in range(num_decode)}}
-        states = {w: core.WorkerState(core.PREFILL if isinstance(x, _PrefillWorker) else core.DECODE, p.num_pages,
-                                      p.max_slots, p.num_pages, p.max_slots) for w, x in self.workers.items()}
-        pool_bytes = len(self.workers) * p.num_pages * kv_bytes_per_page
+        states = {w: self._state(core.PREFILL if isinstance(x, _PrefillWorker) else core.DECODE)
+                  for w, x in self.workers.items()}
+        pool_bytes = sum(x.profile.num_pages for x in self.workers.values()) * kv_bytes_per_page
         store = KVStore(p.page_size, kv_bytes_per_page, cache_bytes if cache_bytes is not None else pool_bytes // 2)
-        self.core = core.SchedulerCore("sim", states, store, p.cost, policy)
+        cost = dataclasses.replace(p.cost, prefill_coefs=pp.cost.prefill_coefs,
+                                   transfer_latency_s=pp.cost.transfer_latency_s,
+                                   transfer_bytes_per_s=pp.cost.transfer_bytes_per_s)
+        self.core = core.SchedulerCore("sim", states, store, cost, policy)
         self.now = 0.0
         self._events: list = []
         self._seq = itertools.count()
@@ -212,11 +229,13 @@ class Simulator:
                 if entry["error"] is not None:
                     res.status, res.error = "failed", entry["error"][1]
 
+    def _state(self, role: str) -> core.WorkerState:
+        p = self.prefill_profile if role == core.PREFILL else self.profile
+        return core.WorkerState(role, p.num_pages, p.max_slots, p.num_pages, p.max_slots)
+
     def _join(self, name: str, role: str) -> None:
-        p = self.profile
-        self.workers[name] = _PrefillWorker(p) if role == core.PREFILL else _DecodeWorker(p)
-        self._apply(self.core.worker_joined(name, core.WorkerState(role, p.num_pages, p.max_slots, p.num_pages,
-                                                                   p.max_slots), self.now))
+        self.workers[name] = _PrefillWorker(self.prefill_profile) if role == core.PREFILL else _DecodeWorker(self.profile)
+        self._apply(self.core.worker_joined(name, self._state(role), self.now))
 
     def _rebalance(self) -> None:
         """Every `rebalancer.config.interval_s` while requests remain: ask, and move workers."""
@@ -254,7 +273,7 @@ class Simulator:
             return
         call = w.calls.popleft()
         w.busy = True
-        cost, G = self.profile.cost, self.profile.page_size
+        cost, G = w.profile.cost, w.profile.page_size
         duration = sum(cost.predict_prefill_s(len(t.request.prompt_ids) - len(t.prefix_pages) * G,
                                               len(t.prefix_pages) * G) for t in call.tasks)
         self._at(self.now + duration, self._prefill_done, name, call, duration)
@@ -270,7 +289,7 @@ class Simulator:
             tid = f"tr-{t.call_id}"
             w.transfers[tid] = w.pool.allocate(-(-n // G))
             handle = types.SimpleNamespace(transfer_id=tid, backend="sim", compression="none", num_tokens=n,
-                                           num_bytes=self.profile.cost.kv_bytes(n))
+                                           num_bytes=w.profile.cost.kv_bytes(n))
             results.append(types.SimpleNamespace(
                 output=types.SimpleNamespace(request_id=t.request.request_id, prompt_len=n), handle=handle,
                 cached_pages=cached, num_prefix_pages=num_prefix, num_computed_tokens=n - num_prefix * G,

@@ -7,6 +7,8 @@ must win."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from raypd.bench.metrics import SLO
@@ -31,6 +33,43 @@ def test_colocated_wins_when_the_link_is_slow():
     r = plan(profile(2e-6, 2e6), 4, Workload(dataset="fixed", num_requests=80), SLO(ttft_s=0.2, tpot_s=0.05),
              rates=[2, 8, 16])
     assert r["recommendation"] == "colocated", r
+
+
+def test_candidates_with_a_tp_degree_per_pool_use_every_device():
+    cs = candidates(4, (1, 2))
+    assert {c.name for c in cs} == {"colocated", "colocatedxTP2", "P1:D3", "P2:D2", "P3:D1", "P1xTP2:D2",
+                                    "P1xTP2:D1xTP2", "P2:D1xTP2"}
+    assert all(c.num_devices == 4 for c in cs)
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        candidates(4, (0,))
+
+
+def tp_profiles(speedup: float) -> list[Profile]:
+    """TP 1 and TP 2 profiles: TP 2 runs prefill and decode `speedup` times faster."""
+    one = profile(4e-4, 1e10)
+    c = one.worker.cost
+    two = CostModel(tuple(x / speedup for x in c.prefill_coefs), tuple(x / speedup for x in c.decode_coefs),
+                    c.transfer_latency_s, c.transfer_bytes_per_s, c.kv_bytes_per_token)
+    return [one, Profile(dataclasses.replace(one.worker, cost=two, tp=2), one.model)]
+
+
+def test_a_tp2_prefill_pool_when_one_device_cannot_prefill_within_the_ttft_slo():
+    # 1000-token prompts: 0.4 s of prefill on one device, 0.2 s at TP 2; the TTFT SLO is 0.3 s
+    work, slo = Workload(dataset="fixed", input_len="1000", output_len="16", num_requests=40), SLO(ttft_s=0.3)
+    only_tp1 = plan(tp_profiles(2.0)[0], 4, work, slo, rates=[0.5, 1, 2])
+    assert all(r["goodput_rps"] == 0 for r in only_tp1["candidates"]), only_tp1
+    r = plan(tp_profiles(2.0), 4, work, slo, rates=[0.5, 1, 2])
+    best = next(row for row in r["candidates"] if row["candidate"] == r["recommendation"])
+    assert best["goodput_rps"] > 0 and (best["tp_prefill"] == 2 or best["candidate"] == "colocatedxTP2"), r
+
+
+def test_tp1_pools_when_tp2_is_no_faster():
+    work, slo = Workload(dataset="fixed", input_len="200", output_len="16", num_requests=40), SLO(ttft_s=1.0)
+    r = plan(tp_profiles(1.0), 4, work, slo, rates=[2, 8, 16])
+    best = next(row for row in r["candidates"] if row["candidate"] == r["recommendation"])
+    assert best["tp_prefill"] == best["tp_decode"] == 1, r
+    with pytest.raises(ValueError, match="two profiles with tp=1"):
+        plan([tp_profiles(1.0)[0]] * 2, 4, work, slo, rates=[1])
 
 
 def test_candidates_and_bad_input():
@@ -84,5 +123,12 @@ def test_cli_simulate_and_plan(tmp_path, capsys):
     assert main(["plan", "--devices", "2", "--rates", "1,2", "--plot", str(tmp_path / "plan.png"), *common]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recommendation"] in {"colocated", "P1:D1"} and (tmp_path / "plan.png").stat().st_size > 0
+    one, two = tp_profiles(2.0)  # a profile per TP degree adds the TP candidates
+    one.save(tmp_path / "tp1.json")
+    two.save(tmp_path / "tp2.json")
+    assert main(["plan", "--devices", "2", "--rates", "1,2", *common[2:], "--profile", str(tmp_path / "tp1.json"),
+                 "--profile", str(tmp_path / "tp2.json")]) == 0
+    names = {row["candidate"] for row in json.loads(capsys.readouterr().out)["candidates"]}
+    assert names == {"colocated", "colocatedxTP2", "P1:D1"}
     with pytest.raises(SystemExit, match="profile"):
         main(["simulate", "--profile", str(tmp_path / "missing.json")])

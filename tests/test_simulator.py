@@ -40,6 +40,22 @@ def test_disaggregated_one_request_by_hand():
     assert a.placement == dict(prefill_worker="prefill-0", decode_worker="decode-0", is_local_prefill=False)
 
 
+def test_a_prefill_pool_of_its_own_profile_by_hand():
+    """Pools of different TP degrees: prefill costs come from the prefill pool's profile, decode
+    steps from the decode pool's, in the workers and in the scheduler's one cost model."""
+    import dataclasses
+
+    fast = dataclasses.replace(profile(transfer_s=T), cost=CostModel((P / 2, 0.0, 0.0), (9.0, 0.0, 0.0), T, 1e30, 1),
+                               tp=2)
+    sim = Simulator(profile(transfer_s=T), num_prefill=1, num_decode=1, policy=PolicyConfig(local_prefill_max_len=0),
+                    prefill_profile=fast)
+    (a,) = sim.run([SimRequest(0.0, tuple(range(8)), 3)])
+    assert a.token_s == pytest.approx([P / 2 + T, P / 2 + T + S, P / 2 + T + 2 * S])
+    assert sim.core.cost.prefill_coefs == (P / 2, 0.0, 0.0) and sim.core.cost.decode_coefs == (S, 0.0, 0.0)
+    with pytest.raises(ValueError, match="page size"):
+        Simulator(profile(), 1, 1, prefill_profile=dataclasses.replace(fast, page_size=8))
+
+
 def test_rejections_are_results_too():
     sim = Simulator(profile(), num_prefill=0, num_decode=1, policy=PolicyConfig(local_prefill_max_len=512))
     out = sim.run([SimRequest(0.0, tuple(range(8)), 3)] * 3, ttft_slo_s=0.15)
