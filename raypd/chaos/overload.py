@@ -9,7 +9,9 @@ Pass: p99 submit latency of refusals <= `reject_budget_s` (50 ms) and attainment
 The deployment is calibrated (`calibrate=True`: the scheduler times the engines at start and
 fits its cost model) unless told otherwise; the report prints the fitted model. On mock
 engines `bottleneck` picks what limits capacity: the prefill worker (`delay_s`, default 20 ms,
-per request while it sends the K/V) or the decode slots (8 slots, `delay_s` a step).
+per request while it sends the K/V; every prompt goes there: the calibration would otherwise
+find the mock's prefill free and prefill locally on the decode worker, where the delay is not)
+or the decode slots (8 slots, `delay_s` a step).
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
 
     if bottleneck not in BOTTLENECKS:
         raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
+    config = {}
     if model:
         factory = common.model_factory(model)
     elif bottleneck == "prefill":  # `delay_s` a request on the one prefill worker (sending its K/V)
         factory = common.mock_factory(max_slots=16, prefill_delay_s=delay_s, step_delay_s=delay_s / 2)
+        config = dict(local_prefill_stall_s=None)  # keep common.serve's "every prompt remote"
     else:  # prefill is free; 8 decode slots at `delay_s` a step
         factory = common.mock_factory(max_slots=8, step_delay_s=delay_s)
-    d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate)
+    d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate, **config)
     report = Report(ttft_slo_s, factor)
     tracker = common.Tracker(d)
     try:

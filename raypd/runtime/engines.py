@@ -171,6 +171,9 @@ class MockEngineFactory:
         if role == "decode":
             decode = MockDecodeEngine(self.decode_weight, self.vocab_size, self.max_slots,
                                       self.page_size, self.num_pages, self.eos_ids, self.step_delay_s)
+            # one page pool per worker, as the JAX engines share their runner's: a local prefill's
+            # retained pages and a finished request's must count in the free pages the scheduler sees
+            decode.allocator = prefill.allocator
         config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
         return WorkerEngines(
             prefill=prefill, decode=decode,
