@@ -5,7 +5,8 @@ Load: Poisson arrivals at `load` x the measured capacity (`common.capacity_rps`)
 worker dies (`ray.kill`), decode and prefill in turn; `max_replacements` is high enough that
 each comes back. On mock engines the prefix cache and its host tier are bounded small
 (CACHE_PAGES, HOST_CACHE_BYTES) so that both are full, at steady state, within the first
-minute: growth after that is a leak, not a cache filling. Every `sample_every_s` the report samples the workers' resident memory (psutil,
+minute: growth after that is a leak, not a cache filling (`small_caches=False`: the deployment's
+default sizes, under which the pools fill with cached pages that placement evicts on demand). Every `sample_every_s` the report samples the workers' resident memory (psutil,
 by each worker's process id), pages in use on all workers, host objects and requests tracked.
 
 Pass: every request that was not aborted completes with the right tokens (mock arithmetic,
@@ -110,7 +111,8 @@ def _sample(d, t_s: float, completed: int) -> Sample:
 
 
 def run(minutes: float = 10.0, load: float = 0.7, abort_fraction: float = 0.1, sample_every_s: float = 15.0,
-        max_tokens: int = 16, seed: int = 0, model: str | None = None, name: str = "chaos-soak") -> Report:
+        max_tokens: int = 16, seed: int = 0, model: str | None = None, name: str = "chaos-soak",
+        small_caches: bool = True) -> Report:
     import ray
 
     from raypd.engine.api import SamplingParams
@@ -121,7 +123,8 @@ def run(minutes: float = 10.0, load: float = 0.7, abort_fraction: float = 0.1, s
         factory = common.model_factory(model)
     else:
         factory = common.mock_factory(max_slots=16, prefill_delay_s=0.01, step_delay_s=0.01)
-        caches = dict(cache_bytes=CACHE_PAGES * factory.page_size * 4, host_cache_bytes=HOST_CACHE_BYTES)
+        if small_caches:  # else the deployment's defaults: pools fill with cached pages, evicted on demand
+            caches = dict(cache_bytes=CACHE_PAGES * factory.page_size * 4, host_cache_bytes=HOST_CACHE_BYTES)
     d = common.serve(name, factory, num_prefill=2, num_decode=2, max_replacements=int(minutes) + 4, max_retries=4,
                      **caches)
     report = Report(minutes, load)
