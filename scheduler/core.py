@@ -465,7 +465,8 @@ class SchedulerCore(PlacementView, Membership):
         return self._freed(self.store.make_room(worker, need - self.workers[worker].num_free_pages, now_s))
 
     def _dispatch(self, now_s: float) -> list:
-        """Place queued requests in order (module doc) and send them, batched per worker."""
+        """Place queued requests in order (module doc) and send them: local prefills batched per
+        decode worker, remote ones one call each."""
         actions: list = []
         remote, local = defaultdict(list), defaultdict(list)
         while self.queue and self.is_running:
@@ -479,6 +480,7 @@ class SchedulerCore(PlacementView, Membership):
             self.queue.popleft()
             rid = r.spec.request_id
             r.timings["queue_s"] = now_s - r.spec.arrival_s
+            r.timings["predicted_ttft_s"] = decision.ttft_s  # since arrival, as placement predicts it
             r.placement, r.phase = decision, PREFILLING
             w, d = decision.prefill_worker_id, decision.decode_worker_id
             f = decision.num_fetched_pages
@@ -515,7 +517,10 @@ class SchedulerCore(PlacementView, Membership):
                                tuple(self.store.host_prefix(match.locations[k:k + f])),
                                d if self.stream_layers and not decision.is_local_prefill else None)
             (local[d] if decision.is_local_prefill else remote[w]).append(task)
-        actions += [RunPrefill(w, tuple(tasks)) for w, tasks in remote.items()]
+        # one call per remote prefill: a call's results come back together, so in a call of several
+        # the first would wait for the last (its TTFT past the prediction); the worker runs them one
+        # at a time either way
+        actions += [RunPrefill(w, (task,)) for w, tasks in remote.items() for task in tasks]
         actions += [RunLocalPrefill(d, tuple(tasks)) for d, tasks in local.items()]
         if self.draining:
             actions += self._retire_drained()

@@ -120,7 +120,7 @@ class PolicyConfig:
     min_retry_after_s: float = 0.1  # floor of every retry-after hint
     # Fraction of a TTFT SLO that admission keeps for the prediction's error (a loaded machine's
     # stalls, report lag): it admits up to (1 - admission_headroom) x SLO, placement refuses past the SLO.
-    admission_headroom: float = 0.1
+    admission_headroom: float = 0.2
 
     def __post_init__(self):
         if not 0.0 <= self.admission_headroom < 1.0:

@@ -39,6 +39,8 @@ class Report:
     num_met: int = 0  # accepted, first token within the SLO, completed
     num_late_rejected: int = 0  # accepted, then ended with an error (deadline, failure)
     ttft: dict = dataclasses.field(default_factory=dict)  # of accepted requests that got a token
+    scheduler_ttft: dict = dataclasses.field(default_factory=dict)  # the same from arrival at the scheduler
+    prediction_error: dict = dataclasses.field(default_factory=dict)  # scheduler's TTFT - placement's prediction
     cost_model: dict = dataclasses.field(default_factory=dict)
     reject_budget_s: float = 0.05
     leaks: list = dataclasses.field(default_factory=list)
@@ -61,6 +63,8 @@ class Report:
                 f"{self.num_met} = {100 * self.attainment:.1f}% attainment; {self.num_late_rejected} ended with "
                 f"an error after acceptance",
                 f"  TTFT of accepted: {common.fmt_ms(self.ttft)}",
+                f"  the same at the scheduler: {common.fmt_ms(self.scheduler_ttft)}; minus placement's prediction: "
+                f"{common.fmt_ms(self.prediction_error)}",
                 f"  cost model: {self.cost_model or 'default (not calibrated)'}",
                 f"  leaks after: {self.leaks or 'none'}"]
 
@@ -107,6 +111,10 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
         report.reject_latency = common.percentiles([o.submit_s for o in rejected])
         report.accept_latency = common.percentiles([o.submit_s for o in accepted])
         report.ttft = common.percentiles([o.ttft_s for o in accepted if o.ttft_s is not None])
+        timed = [o.metrics for o in accepted if o.metrics.get("ttft_s") is not None]
+        report.scheduler_ttft = common.percentiles([m["ttft_s"] for m in timed])
+        report.prediction_error = common.percentiles([m["ttft_s"] - m["predicted_ttft_s"] for m in timed
+                                                      if m.get("predicted_ttft_s") is not None])
         report.num_late_rejected = sum(o.error is not None for o in accepted)
         report.num_met = sum(o.error is None and o.ttft_s is not None and o.ttft_s <= ttft_slo_s
                              and len(o.tokens) == max_tokens for o in accepted)
