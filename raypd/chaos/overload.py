@@ -17,6 +17,7 @@ or the decode slots (8 slots, `delay_s` a step).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 from raypd.chaos import common
@@ -38,6 +39,7 @@ class Report:
     num_accepted: int = 0
     num_met: int = 0  # accepted, first token within the SLO, completed
     num_late_rejected: int = 0  # accepted, then ended with an error (deadline, failure)
+    late_errors: dict = dataclasses.field(default_factory=dict)  # those errors, numbers masked -> count
     ttft: dict = dataclasses.field(default_factory=dict)  # of accepted requests that got a token
     scheduler_ttft: dict = dataclasses.field(default_factory=dict)  # the same from arrival at the scheduler
     prediction_error: dict = dataclasses.field(default_factory=dict)  # scheduler's TTFT - placement's prediction
@@ -61,7 +63,7 @@ class Report:
                 f"{common.fmt_ms(self.reject_latency)}",
                 f"  accepted: {self.num_accepted} (submit latency {common.fmt_ms(self.accept_latency)}); met SLO "
                 f"{self.num_met} = {100 * self.attainment:.1f}% attainment; {self.num_late_rejected} ended with "
-                f"an error after acceptance",
+                f"an error after acceptance {self.late_errors or ''}",
                 f"  TTFT of accepted: {common.fmt_ms(self.ttft)}",
                 f"  the same at the scheduler: {common.fmt_ms(self.scheduler_ttft)}; minus placement's prediction: "
                 f"{common.fmt_ms(self.prediction_error)}",
@@ -116,6 +118,10 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
         report.prediction_error = common.percentiles([m["ttft_s"] - m["predicted_ttft_s"] for m in timed
                                                       if m.get("predicted_ttft_s") is not None])
         report.num_late_rejected = sum(o.error is not None for o in accepted)
+        for o in accepted:
+            if o.error is not None:
+                kind = re.sub(r"\d+(\.\d+)?", "N", o.error)[:90]
+                report.late_errors[kind] = report.late_errors.get(kind, 0) + 1
         report.num_met = sum(o.error is None and o.ttft_s is not None and o.ttft_s <= ttft_slo_s
                              and len(o.tokens) == max_tokens for o in accepted)
         report.leaks = common.leaks(d)
