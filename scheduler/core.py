@@ -498,8 +498,9 @@ class SchedulerCore(PlacementView, Membership):
             # the prefill worker does before it takes the next call
             # (est.prefill_s is at the worker's pace already; a local prefill's estimate has no pace)
             pace = 1.0 if decision.is_local_prefill else self.workers[w].slowdown
-            call.predicted_s = est.prefill_s / pace + (0.0 if decision.is_local_prefill else
-                                                       self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len)))
+            send_s = 0.0 if decision.is_local_prefill else self.cost.predict_transfer_s(
+                self.cost.kv_bytes(r.spec.prompt_len))
+            call.predicted_s = est.prefill_s / pace + send_s
             call.estimate_s = pace * call.predicted_s
             self.workers[w].queued_s += call.estimate_s
             if decision.is_local_prefill:

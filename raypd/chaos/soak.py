@@ -6,8 +6,10 @@ worker dies (`ray.kill`), decode and prefill in turn; `max_replacements` is high
 each comes back. On mock engines the prefix cache and its host tier are bounded small
 (CACHE_PAGES, HOST_CACHE_BYTES) so that both are full, at steady state, within the first
 minute: growth after that is a leak, not a cache filling (`small_caches=False`: the deployment's
-default sizes, under which the pools fill with cached pages that placement evicts on demand). Every `sample_every_s` the report samples the workers' resident memory (psutil,
-by each worker's process id), pages in use on all workers, host objects and requests tracked.
+default sizes, under which the pools fill with cached pages that placement evicts on demand,
+and only memory growth is checked). Every `sample_every_s` the report samples the workers'
+resident memory (psutil, by each worker's process id), pages in use on all workers, host
+objects and requests tracked.
 
 Pass: every request that was not aborted completes with the right tokens (mock arithmetic,
 resumes allowed: `common.mock_chain`; a real model: all tokens), nothing failed, nothing is
