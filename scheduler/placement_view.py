@@ -73,9 +73,9 @@ class PlacementView:
         return PrefillEstimate("", 0, 0, n, 0.0, 0.0, self.cost.predict_prefill_s(n), 0.0)
 
     def _own_prefill_s(self, r: RequestState) -> float:
-        """Predicted time a prefill worker spends on a queued request, the work it puts ahead of
-        later ones (its prefill and, when
-        disaggregated, the send of its K/V), at the prefill workers' observed pace."""
+        """Predicted time a prefill worker spends on a queued request (its prefill and, when
+        disaggregated, the send of its K/V), at the prefill workers' observed pace: the work it
+        puts ahead of the requests queued after it."""
         pre = self._of(PREFILL)
         if not pre:
             return self.cost.predict_prefill_s(r.spec.prompt_len)
