@@ -10,11 +10,11 @@ from scheduler.kv_index import Evicted, KVIndex, Location, PrefixMatch, page_has
 from scheduler.policy import (DecodeDecision, DecodeWorkerState, Placement, PolicyConfig, PrefillDecision,
                               PrefillEstimate, PrefillWorkerState, RejectReason, Rejection, RequestSpec,
                               TransferState, Wait, admit, admit_deadline, place, place_decode, place_prefill,
-                              predict_queue_waits)
+                              predict_queue_waits, predict_ttft_s)
 
 __all__ = [
     "CostModel", "fit", "Evicted", "KVIndex", "Location", "PrefixMatch", "page_hash", "page_hashes",
     "DecodeDecision", "DecodeWorkerState", "Placement", "PolicyConfig", "PrefillDecision", "PrefillEstimate",
     "PrefillWorkerState", "RejectReason", "Rejection", "RequestSpec", "TransferState", "Wait", "admit",
-    "place", "place_decode", "place_prefill", "admit_deadline", "predict_queue_waits",
+    "place", "place_decode", "place_prefill", "admit_deadline", "predict_queue_waits", "predict_ttft_s",
 ]

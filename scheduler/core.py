@@ -42,7 +42,8 @@ from scheduler.cost_model import CostModel
 from scheduler.kv_store import FreePages, KVStore
 from scheduler.membership import Membership
 from scheduler.placement_view import MAX_CANDIDATES, PlacementView  # noqa: F401 - MAX_CANDIDATES re-exported
-from scheduler.policy import Placement, PolicyConfig, Rejection, RequestSpec, admit, admit_deadline
+from scheduler.policy import (Placement, PolicyConfig, Rejection, RequestSpec, admit, admit_deadline,
+                             predict_ttft_s)
 from scheduler.actions import (AbortOnWorker, Action, Insert, PrefillTask, ProbeWorker,  # noqa: F401 - re-exported
                                ReleaseTransfers, ReplaceWorker, RetireWorker, RunLocalPrefill, RunPrefill)
 from scheduler.state import (DECODE, DECODING, ENDED, HANDOFF, PREFILL, PREFILLING, QUEUED,  # noqa: F401
@@ -60,8 +61,9 @@ class _Call:
     prompt_ids: list[int]
     pins: list[int]
     own_pages: list[int]
-    estimate_s: float
+    estimate_s: float  # the worker's time on it, at its pace when sent (what `queued_s` counts)
     sent_s: float
+    predicted_s: float = 0.0  # the same by the cost model alone (what the pace is measured against)
 
 
 def _rejected(r: Rejection) -> tuple:
@@ -130,19 +132,15 @@ class SchedulerCore(PlacementView, Membership):
         self.requests.update(zip(ids, new))
         self.queue.extend(ids)
         self.num_requests += len(new)
-        actions = self._dispatch(now_s)
-        # Early rejection: each new request was placed, rejected by placement, or waits behind
-        # others; one that waits is placed once now, and with a TTFT SLO its wait for a slot
-        # and for the prefill work ahead of it counts too, to learn whether it could make it.
-        error = next((r.error for r in new if r.error is not None), None)
-        waits = self._queue_waits() if ttft_slo_s is not None and error is None else {}
+        # With a TTFT SLO, admission first: each new request's TTFT predicted as placement will
+        # predict it once its turn comes (`_admission_error`); then placement, which may place
+        # some at once, reject some outright (no worker could hold one) or leave them queued.
+        error = self._admission_error(new, now_s) if ttft_slo_s is not None else None
+        actions = self._dispatch(now_s) if error is None else []
+        error = error or next((r.error for r in new if r.error is not None), None)
         for r in new:
             if error is None and r.phase == QUEUED:
                 decision, _ = self._place(r, now_s)
-                if not isinstance(decision, Rejection) and r.spec.ttft_slo_s is not None:
-                    # its turn (a slot, and the prefill work ahead of it), then its own prefill and send
-                    decision = admit_deadline(r.spec, now_s - r.spec.arrival_s + self._own_prefill_s(r),
-                                              waits[r.spec.request_id], self.policy)
                 if isinstance(decision, Rejection):
                     self.rejections[decision.reason.value] += 1
                     error = _rejected(decision)
@@ -150,6 +148,23 @@ class SchedulerCore(PlacementView, Membership):
             actions += self.abort(ids, now_s)
             return error, actions
         return ids, actions
+
+    def _admission_error(self, new: list[RequestState], now_s: float) -> tuple | None:
+        """The first of `new` (queued at the tail) that admission refuses, as an error: one
+        placement would reject now, or one whose predicted TTFT (policy.predict_ttft_s, the same
+        prediction placement makes, its turn given by the queue model) leaves less than the
+        policy's admission headroom of its SLO."""
+        turns = self._queue_waits()
+        for r in new:
+            decision, _ = self._place(r, now_s)
+            if not isinstance(decision, Rejection) and r.spec.ttft_slo_s is not None:
+                est = self._chosen_estimate(r, decision)
+                turn_s = max(turns[r.spec.request_id], est.queue_s)  # no sooner than it could be placed now
+                decision = admit_deadline(r.spec, predict_ttft_s(r.spec, now_s, est, turn_s), self.policy)
+            if isinstance(decision, Rejection):
+                self.rejections[decision.reason.value] += 1
+                return _rejected(decision)
+        return None
 
     def poll(self, request_ids: Sequence[str]) -> dict:
         """New tokens of each request since the last poll; an ended request is forgotten once
@@ -401,7 +416,7 @@ class SchedulerCore(PlacementView, Membership):
         EWMA of observed / predicted), so that admission and placement see the worker as it
         runs now: the calibration may be old, or the machine busier. A call starts when it was
         sent or when the worker's previous call ended, whichever is later (one call at a time)."""
-        predicted = sum(c.estimate_s for c in calls) / ws.slowdown
+        predicted = sum(c.predicted_s for c in calls)
         if calls and predicted > 0:
             start = max(min(c.sent_s for c in calls), ws.last_done_s)
             ratio = (now_s - start) / predicted
@@ -450,7 +465,8 @@ class SchedulerCore(PlacementView, Membership):
         return self._freed(self.store.make_room(worker, need - self.workers[worker].num_free_pages, now_s))
 
     def _dispatch(self, now_s: float) -> list:
-        """Place queued requests in order (module doc) and send them, batched per worker."""
+        """Place queued requests in order (module doc) and send them: local prefills batched per
+        decode worker, remote ones one call each."""
         actions: list = []
         remote, local = defaultdict(list), defaultdict(list)
         while self.queue and self.is_running:
@@ -464,6 +480,7 @@ class SchedulerCore(PlacementView, Membership):
             self.queue.popleft()
             rid = r.spec.request_id
             r.timings["queue_s"] = now_s - r.spec.arrival_s
+            r.timings["predicted_ttft_s"] = decision.ttft_s  # since arrival, as placement predicts it
             r.placement, r.phase = decision, PREFILLING
             w, d = decision.prefill_worker_id, decision.decode_worker_id
             f = decision.num_fetched_pages
@@ -479,8 +496,12 @@ class SchedulerCore(PlacementView, Membership):
             self.calls[call.call_id] = call
             # the worker's time on it: the prefill, and for a remote one the send of its K/V, which
             # the prefill worker does before it takes the next call
-            call.estimate_s = self.workers[w].slowdown * (est.prefill_s + (0.0 if decision.is_local_prefill else
-                                               self.cost.predict_transfer_s(self.cost.kv_bytes(r.spec.prompt_len))))
+            # (est.prefill_s is at the worker's pace already; a local prefill's estimate has no pace)
+            pace = 1.0 if decision.is_local_prefill else self.workers[w].slowdown
+            send_s = 0.0 if decision.is_local_prefill else self.cost.predict_transfer_s(
+                self.cost.kv_bytes(r.spec.prompt_len))
+            call.predicted_s = est.prefill_s / pace + send_s
+            call.estimate_s = pace * call.predicted_s
             self.workers[w].queued_s += call.estimate_s
             if decision.is_local_prefill:
                 self.workers[d].reserve(rid, need_here)
@@ -497,7 +518,10 @@ class SchedulerCore(PlacementView, Membership):
                                tuple(self.store.host_prefix(match.locations[k:k + f])),
                                d if self.stream_layers and not decision.is_local_prefill else None)
             (local[d] if decision.is_local_prefill else remote[w]).append(task)
-        actions += [RunPrefill(w, tuple(tasks)) for w, tasks in remote.items()]
+        # one call per remote prefill: a call's results come back together, so in a call of several
+        # the first would wait for the last (its TTFT past the prediction); the worker runs them one
+        # at a time either way
+        actions += [RunPrefill(w, (task,)) for w, tasks in remote.items() for task in tasks]
         actions += [RunLocalPrefill(d, tuple(tasks)) for d, tasks in local.items()]
         if self.draining:
             actions += self._retire_drained()

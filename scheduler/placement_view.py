@@ -8,7 +8,8 @@ import dataclasses
 import heapq
 from collections import defaultdict
 
-from scheduler.policy import DecodeWorkerState, PrefillWorkerState, TransferState, Wait, place, predict_queue_waits
+from scheduler.policy import (DecodeWorkerState, Placement, PrefillEstimate, PrefillWorkerState, TransferState, Wait,
+                             place, predict_queue_waits)
 from scheduler.state import DECODE, ENDED, PREFILL, QUEUED, RequestState
 
 MAX_CANDIDATES = 16  # workers of a role placement estimates in full, beyond those holding the prefix
@@ -30,7 +31,8 @@ class PlacementView:
         workers = self.workers
         key = lambda w: workers[w].queued_s + workers[w].backlog_bytes / self.cost.transfer_bytes_per_s  # noqa: E731
         return [PrefillWorkerState(w, queued_s=workers[w].queued_s,
-                                   num_cached_pages=match.num_worker_pages(w) if match else 0)
+                                   num_cached_pages=match.num_worker_pages(w) if match else 0,
+                                   pace=workers[w].slowdown)
                 for w in self._candidates(PREFILL, match, key)]
 
     def _decode_states(self, match) -> list[DecodeWorkerState]:
@@ -60,9 +62,20 @@ class PlacementView:
         return place(spec, self._prefill_states(match), self._decode_states(match), self.cost, now_s,
                      self.policy, transfer), match
 
+    def _chosen_estimate(self, r: RequestState, decision) -> PrefillEstimate:
+        """The prefill estimate a Placement or Wait rests on: its chosen (or best) worker's; with
+        no prefill worker to estimate, the prefill alone."""
+        if isinstance(decision, Placement):
+            return next(e for e in decision.estimates if e.worker_id == decision.prefill_worker_id)
+        if decision.estimate is not None:
+            return decision.estimate
+        n = r.spec.prompt_len
+        return PrefillEstimate("", 0, 0, n, 0.0, 0.0, self.cost.predict_prefill_s(n), 0.0)
+
     def _own_prefill_s(self, r: RequestState) -> float:
         """Predicted time a prefill worker spends on a queued request (its prefill and, when
-        disaggregated, the send of its K/V), at the prefill workers' observed pace."""
+        disaggregated, the send of its K/V), at the prefill workers' observed pace: the work it
+        puts ahead of the requests queued after it."""
         pre = self._of(PREFILL)
         if not pre:
             return self.cost.predict_prefill_s(r.spec.prompt_len)

@@ -21,12 +21,19 @@ Lifecycle of a request through the scheduler (the Ray actor calls these; they de
   4. The actor pins the prefix in the index, runs prefill, moves the K/V, inserts into the
      decode worker; on finish it publishes the request's pages to the index.
 
-TTFT estimate on a prefill worker (seconds from now):
-    queue_s    predicted prefill work already queued on the worker
+TTFT estimate on a prefill worker (seconds from now; `predict_ttft_s`, the one prediction that
+admission and placement both use):
+    queue_s    predicted prefill work already queued on the worker (at admission: the later
+               of a decode slot coming free and the prefill work ahead, `predict_queue_waits`)
   + fetch_s    host copies (object store) of prefix pages the worker's pool lacks, if used
   + prefill_s  prefill of the uncached tokens after the reused prefix (cost model)
   + transfer_s K/V of the whole prompt to the decode worker behind the transfer backlog
+The last three are scaled by the worker's observed pace (observed / predicted call time).
 A prefix may cover at most (prompt_len - 1) // G pages: the engine computes the last token.
+Admission admits a request predicted to take at most (1 - `admission_headroom`) x its TTFT
+SLO; placement refuses one (DEADLINE) only past the SLO itself, so what admission let in is
+refused later only when the world changed by more than the headroom (a worker died, the
+pace dropped), not for the prediction's ordinary error.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class PrefillWorkerState:
     num_queued_tokens: int = 0  # uncached tokens queued (for logs; queued_s is what counts)
     num_cached_pages: int = 0  # leading pages of this prompt in the worker's pool (index match)
     is_alive: bool = True
+    pace: float = 1.0  # observed / predicted time of its calls: scales this request's own parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,13 @@ class PolicyConfig:
     local_prefill_max_len: int = 64  # uncached tokens up to this prefill on the decode worker
     tpot_slo_s: float | None = None  # default TPOT target (None: no TPOT filter)
     min_retry_after_s: float = 0.1  # floor of every retry-after hint
+    # Fraction of a TTFT SLO that admission keeps for the prediction's error (a loaded machine's
+    # stalls, report lag): it admits up to (1 - admission_headroom) x SLO, placement refuses past the SLO.
+    admission_headroom: float = 0.2
+
+    def __post_init__(self):
+        if not 0.0 <= self.admission_headroom < 1.0:
+            raise ValueError(f"admission_headroom must be in [0, 1), got {self.admission_headroom}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +185,7 @@ class Rejection:
 class Wait:
     request_id: str
     ttft_s: float  # predicted TTFT since arrival before any wait for decode room
+    estimate: PrefillEstimate | None = None  # the best prefill worker's, if any
 
 
 def estimate_prefill(request: RequestSpec, state: PrefillWorkerState, cost: CostModel,
@@ -188,8 +204,20 @@ def estimate_prefill(request: RequestSpec, state: PrefillWorkerState, cost: Cost
     if decode_worker_id != state.worker_id:
         backlog = transfer.backlog_between(state.worker_id, decode_worker_id)
         transfer_s = cost.predict_transfer_s(backlog + cost.kv_bytes(request.prompt_len))
-    return PrefillEstimate(state.worker_id, cached, fetched, uncached, state.queued_s, fetch_s,
-                           cost.predict_prefill_s(uncached, cached * G), transfer_s)
+    pace = state.pace
+    return PrefillEstimate(state.worker_id, cached, fetched, uncached, state.queued_s, pace * fetch_s,
+                           pace * cost.predict_prefill_s(uncached, cached * G), pace * transfer_s)
+
+
+def predict_ttft_s(request: RequestSpec, now_s: float, estimate: PrefillEstimate,
+                   turn_s: float | None = None) -> float:
+    """The predicted TTFT since arrival, the same for admission and placement: the time waited
+    so far, then the wait for its turn, then its own fetch, prefill and K/V send (`estimate`).
+    Its turn: once placed (`turn_s` None), the work queued on its prefill worker
+    (`estimate.queue_s`); at admission, `predict_queue_waits`'s later of a decode slot coming free
+    and the prefill work ahead of it being done, which is what that queue will hold then."""
+    wait_s = estimate.queue_s if turn_s is None else turn_s
+    return now_s - request.arrival_s + wait_s + estimate.fetch_s + estimate.prefill_s + estimate.transfer_s
 
 
 def place_prefill(request: RequestSpec, prefill_states: Sequence[PrefillWorkerState], cost: CostModel,
@@ -201,7 +229,7 @@ def place_prefill(request: RequestSpec, prefill_states: Sequence[PrefillWorkerSt
     if not estimates:
         return None
     best = min(estimates, key=lambda e: (e.ttft_s, e.worker_id))
-    return PrefillDecision(best.worker_id, now_s - request.arrival_s + best.ttft_s, best, estimates)
+    return PrefillDecision(best.worker_id, predict_ttft_s(request, now_s, best), best, estimates)
 
 
 def can_ever_fit(request: RequestSpec, state: DecodeWorkerState) -> bool:
@@ -260,7 +288,7 @@ def place(request: RequestSpec, prefill_states: Sequence[PrefillWorkerState],
     if decode is None:
         best = place_prefill(request, prefill_states, cost, now_s, transfer)
         bound = best.ttft_s if best else now_s - request.arrival_s
-        return _late(request, bound, config) or Wait(rid, bound)
+        return _late(request, bound, config) or Wait(rid, bound, best.estimate if best else None)
     d = next(s for s in live if s.worker_id == decode.worker_id)
     local = estimate_prefill(request, PrefillWorkerState(d.worker_id, num_cached_pages=d.num_cached_pages),
                              cost, transfer, d.worker_id)
@@ -270,7 +298,7 @@ def place(request: RequestSpec, prefill_states: Sequence[PrefillWorkerState],
     if local.uncached_len > config.local_prefill_max_len:
         remote = place_prefill(request, prefill_states, cost, now_s, transfer, d.worker_id)
     chosen = remote.estimate if remote else local  # no live prefill worker: prefill locally
-    ttft_s = now_s - request.arrival_s + chosen.ttft_s
+    ttft_s = predict_ttft_s(request, now_s, chosen)
     late = _late(request, ttft_s, config)
     if late:
         return late
@@ -279,13 +307,17 @@ def place(request: RequestSpec, prefill_states: Sequence[PrefillWorkerState],
                      remote.estimates if remote else (local,))
 
 
-def _late(request: RequestSpec, ttft_s: float, config: PolicyConfig) -> Rejection | None:
-    """DEADLINE when the predicted TTFT since arrival exceeds the request's TTFT SLO."""
-    if request.ttft_slo_s is None or ttft_s <= request.ttft_slo_s:
+def _late(request: RequestSpec, ttft_s: float, config: PolicyConfig, headroom: float = 0.0) -> Rejection | None:
+    """DEADLINE when the predicted TTFT since arrival exceeds (1 - headroom) x the TTFT SLO."""
+    if request.ttft_slo_s is None:
         return None
+    limit_s = (1.0 - headroom) * request.ttft_slo_s
+    if ttft_s <= limit_s:
+        return None
+    what = "the SLO" if not headroom else f"{100 * (1 - headroom):g}% of the SLO"
     return Rejection(request.request_id, RejectReason.DEADLINE,
-                     f"predicted TTFT {ttft_s * 1e3:.1f} ms exceeds the SLO {request.ttft_slo_s * 1e3:.1f} ms",
-                     ttft_s=ttft_s, retry_after_s=max(config.min_retry_after_s, ttft_s - request.ttft_slo_s))
+                     f"predicted TTFT {ttft_s * 1e3:.1f} ms exceeds {what} {request.ttft_slo_s * 1e3:.1f} ms",
+                     ttft_s=ttft_s, retry_after_s=max(config.min_retry_after_s, ttft_s - limit_s))
 
 
 def predict_queue_waits(slot_free_s: Sequence[float], queue: Sequence[tuple[float, int]], step_s: float,
@@ -311,8 +343,10 @@ def predict_queue_waits(slot_free_s: Sequence[float], queue: Sequence[tuple[floa
         prefill_ahead_s += prefill_s
     return waits
 
-def admit_deadline(request: RequestSpec, placed_ttft_s: float, queue_wait_s: float,
-                   config: PolicyConfig = PolicyConfig()) -> Rejection | None:
-    """At arrival, for a request with a TTFT SLO: DEADLINE when the wait for its turn plus its
-    placement's predicted TTFT (prefill queue, fetch, prefill, transfer backlog) misses the SLO."""
-    return _late(request, queue_wait_s + placed_ttft_s, config)
+
+def admit_deadline(request: RequestSpec, ttft_s: float, config: PolicyConfig = PolicyConfig()) -> Rejection | None:
+    """At arrival, for a request with a TTFT SLO: DEADLINE when its predicted TTFT
+    (`predict_ttft_s` with its turn from `predict_queue_waits`) is past (1 -
+    `config.admission_headroom`) x the SLO: the headroom is what placement, which refuses only
+    past the SLO, has for the prediction's error."""
+    return _late(request, ttft_s, config, config.admission_headroom)

@@ -57,7 +57,8 @@ class RequestState:
     error: tuple | None = None  # ("rejected" | "failed" | ..., message, ...) as raypd.runtime.errors.to_wire
     first_token_s: float | None = None
     num_computed_tokens: int | None = None
-    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, prefill_wait_s, transfer_s
+    timings: dict = dataclasses.field(default_factory=dict)  # queue_s, prefill_s, prefill_wait_s, transfer_s,
+    # predicted_ttft_s
     retries: int = 0
     backlog: tuple | None = None  # (prefill worker, decode worker, bytes) in the transfer backlog
     transfer_id: str | None = None  # K/V on its way to the decode worker

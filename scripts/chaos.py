@@ -128,8 +128,10 @@ def add_soak(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="how long (default: 10)")
     p.add_argument("--load", type=float, default=0.7, help="offered load / measured capacity (default: 0.7)")
     p.add_argument("--sample-every", type=float, default=15.0, help="seconds between samples (default: 15)")
+    p.add_argument("--default-caches", action="store_true",
+                   help="mock engines: the deployment's default prefix cache and host tier sizes, not small bounds")
     p.set_defaults(run=lambda a: _finish("soak", _chaos("soak").run(
-        a.minutes, a.load, sample_every_s=a.sample_every, model=a.model), a.json))
+        a.minutes, a.load, sample_every_s=a.sample_every, model=a.model, small_caches=not a.default_caches), a.json))
 
 
 def _chaos(module: str):

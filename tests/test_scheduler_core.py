@@ -238,7 +238,8 @@ def test_admission_counts_the_queue_ahead_and_keeps_its_promise():
     submit with a retry hint; none is admitted only to be rejected later for its deadline."""
     c = FakeCluster(max_slots=SLOTS)
     step_s = c.core.cost.predict_decode_step_s(SLOTS)
-    slo = 30 * step_s  # about 30 decode steps: the first wave of slots, not the third
+    # admission leaves headroom: it admits up to about 30 decode steps, the first wave of slots, not the third
+    slo = 30 * step_s / (1 - c.core.policy.admission_headroom)
     c.dt = step_s / 3  # the fake workers run as fast as the cost model predicts (a round is ~3 events)
     accepted, refused = [], 0
     for i in range(40):
@@ -312,3 +313,38 @@ def test_prefill_workers_observed_pace_feeds_admission():
     assert c.core._own_prefill_s(r) > 5 * c.core.cost.predict_prefill_s(r.spec.prompt_len)
     c.run([rid])
     c.assert_baseline()
+
+
+@pytest.mark.parametrize("stale_calibration", [False, True])
+def test_prefill_bound_burst_admitted_requests_are_never_rejected_later(stale_calibration):
+    """A burst, then arrivals at 2x what a slow prefill worker can take, each with a TTFT SLO, on
+    the simulator's virtual clock (the core unchanged, workers that take exactly what their cost
+    model says). Admission and placement predict TTFT with the same function: what admission
+    let in, placement never refuses later for its deadline, and every admitted request meets the
+    SLO. Guards against admission and placement disagreeing (issue 12 item 3: prefill-bound,
+    78% of admitted requests were refused at placement), and against the worker's observed pace
+    drifting on calls sent at an older pace. `stale_calibration`: the core's cost model says
+    prefill takes half what it does, so only the observed pace keeps admission honest once it
+    has seen a few calls (what it admitted before that, it may refuse later: the world changed)."""
+    from scheduler.cost_model import CostModel
+    from scheduler.simulator import SimRequest, Simulator, WorkerProfile
+
+    prefill_s, step_s, slo = 0.02, 0.01, 0.5
+    real = CostModel((prefill_s, 0.0, 0.0), (step_s, 0.0, 0.0), 0.0, 1e9, 16)
+    sim = Simulator(WorkerProfile(real, num_pages=512, page_size=G, max_slots=16, max_seq_len=256), 1, 1,
+                    PolicyConfig(local_prefill_max_len=0), prefix_cache=False)
+    if stale_calibration:
+        sim.core.cost = CostModel((prefill_s / 2, 0.0, 0.0), (step_s, 0.0, 0.0), 0.0, 1e9, 16)
+    rate = 2 / prefill_s  # 2x the prefill worker's 50 requests/s
+    learned_s = 0.5 if stale_calibration else 0.0  # the pace is learned by then
+    arrivals = sorted([learned_s + 0.5] * 40 + [i / rate for i in range(int(3 * rate))])
+    results = sim.run([SimRequest(t, tuple(200 + i for _ in range(12)), 16) for i, t in enumerate(arrivals)],
+                      ttft_slo_s=slo)
+    refused = [r for r in results if r.status == "rejected"]
+    admitted = [r for r in results if r.status != "rejected" and r.arrival_s >= learned_s]
+    assert refused and len(admitted) >= 0.3 * len(arrivals)  # overloaded, yet serving near capacity
+    assert all(r.status == "ok" for r in admitted), {r.error for r in admitted}  # none refused later
+    if not stale_calibration:
+        assert sim.core.rejections == {"deadline": len(refused)}
+    ttfts = [r.token_s[0] - r.arrival_s for r in admitted]
+    assert max(ttfts) <= slo, max(ttfts)

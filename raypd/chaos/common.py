@@ -191,6 +191,7 @@ class Outcome:
     error: str | None = None  # an error after submit (a later rejection, a failure)
     finished: bool = False
     aborted: bool = False
+    metrics: dict = dataclasses.field(default_factory=dict)  # the scheduler's, from the last poll
 
     @property
     def ttft_s(self) -> float | None:
@@ -249,6 +250,7 @@ class Tracker:
             if entry["error"] is not None:
                 o.error = str(entry["error"])
             o.finished = o.finished or bool(entry["finished"]) or entry["error"] is not None
+            o.metrics = entry.get("metrics") or o.metrics
 
     def pending(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.request_id is not None and not o.finished and not o.aborted]

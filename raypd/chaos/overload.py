@@ -9,12 +9,15 @@ Pass: p99 submit latency of refusals <= `reject_budget_s` (50 ms) and attainment
 The deployment is calibrated (`calibrate=True`: the scheduler times the engines at start and
 fits its cost model) unless told otherwise; the report prints the fitted model. On mock
 engines `bottleneck` picks what limits capacity: the prefill worker (`delay_s`, default 20 ms,
-per request while it sends the K/V) or the decode slots (8 slots, `delay_s` a step).
+per request while it sends the K/V; every prompt goes there: the calibration would otherwise
+find the mock's prefill free and prefill locally on the decode worker, where the delay is not)
+or the decode slots (8 slots, `delay_s` a step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 from raypd.chaos import common
@@ -36,7 +39,10 @@ class Report:
     num_accepted: int = 0
     num_met: int = 0  # accepted, first token within the SLO, completed
     num_late_rejected: int = 0  # accepted, then ended with an error (deadline, failure)
+    late_errors: dict = dataclasses.field(default_factory=dict)  # those errors, numbers masked -> count
     ttft: dict = dataclasses.field(default_factory=dict)  # of accepted requests that got a token
+    scheduler_ttft: dict = dataclasses.field(default_factory=dict)  # the same from arrival at the scheduler
+    prediction_error: dict = dataclasses.field(default_factory=dict)  # scheduler's TTFT - placement's prediction
     cost_model: dict = dataclasses.field(default_factory=dict)
     reject_budget_s: float = 0.05
     leaks: list = dataclasses.field(default_factory=list)
@@ -57,8 +63,10 @@ class Report:
                 f"{common.fmt_ms(self.reject_latency)}",
                 f"  accepted: {self.num_accepted} (submit latency {common.fmt_ms(self.accept_latency)}); met SLO "
                 f"{self.num_met} = {100 * self.attainment:.1f}% attainment; {self.num_late_rejected} ended with "
-                f"an error after acceptance",
+                f"an error after acceptance {self.late_errors or ''}",
                 f"  TTFT of accepted: {common.fmt_ms(self.ttft)}",
+                f"  the same at the scheduler: {common.fmt_ms(self.scheduler_ttft)}; minus placement's prediction: "
+                f"{common.fmt_ms(self.prediction_error)}",
                 f"  cost model: {self.cost_model or 'default (not calibrated)'}",
                 f"  leaks after: {self.leaks or 'none'}"]
 
@@ -70,13 +78,15 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
 
     if bottleneck not in BOTTLENECKS:
         raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
+    config = {}
     if model:
         factory = common.model_factory(model)
     elif bottleneck == "prefill":  # `delay_s` a request on the one prefill worker (sending its K/V)
         factory = common.mock_factory(max_slots=16, prefill_delay_s=delay_s, step_delay_s=delay_s / 2)
+        config = dict(local_prefill_stall_s=None)  # keep common.serve's "every prompt remote"
     else:  # prefill is free; 8 decode slots at `delay_s` a step
         factory = common.mock_factory(max_slots=8, step_delay_s=delay_s)
-    d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate)
+    d = common.serve(name, factory, num_prefill=1, num_decode=1, calibrate=calibrate, **config)
     report = Report(ttft_slo_s, factor)
     tracker = common.Tracker(d)
     try:
@@ -103,7 +113,15 @@ def run(factor: float = 2.0, duration_s: float = 10.0, ttft_slo_s: float = 0.5, 
         report.reject_latency = common.percentiles([o.submit_s for o in rejected])
         report.accept_latency = common.percentiles([o.submit_s for o in accepted])
         report.ttft = common.percentiles([o.ttft_s for o in accepted if o.ttft_s is not None])
+        timed = [o.metrics for o in accepted if o.metrics.get("ttft_s") is not None]
+        report.scheduler_ttft = common.percentiles([m["ttft_s"] for m in timed])
+        report.prediction_error = common.percentiles([m["ttft_s"] - m["predicted_ttft_s"] for m in timed
+                                                      if m.get("predicted_ttft_s") is not None])
         report.num_late_rejected = sum(o.error is not None for o in accepted)
+        for o in accepted:
+            if o.error is not None:
+                kind = re.sub(r"\d+(\.\d+)?", "N", o.error)[:90]
+                report.late_errors[kind] = report.late_errors.get(kind, 0) + 1
         report.num_met = sum(o.error is None and o.ttft_s is not None and o.ttft_s <= ttft_slo_s
                              and len(o.tokens) == max_tokens for o in accepted)
         report.leaks = common.leaks(d)

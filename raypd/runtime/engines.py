@@ -27,6 +27,7 @@ import numpy as np
 from raypd.engine.api import DEFAULT_KV_COMPRESSION, KVPayload, PrefillOutput, Request, TokenOutput
 from raypd.engine.kv_codec import EncodedKV
 from raypd.engine.mock import MockDecodeEngine, MockPrefillEngine
+from raypd.engine.pages import OutOfPages
 from raypd.engine.runner import EngineConfig
 
 ROLES = ("prefill", "decode")
@@ -112,11 +113,25 @@ def _compression(request: Request, default: str) -> str:
 
 
 class _MockPrefill(MockPrefillEngine):
-    """The mock prefill engine with the JAX engine's signature (cached prefixes are ignored:
-    the mock always computes the whole prompt)."""
+    """The mock prefill engine with the JAX engine's signature and page use: a cached prefix's
+    pages are reused (one more reference each) and only the rest of the prompt gets new pages,
+    which is what the scheduler reserves (the arithmetic output depends on the prompt only)."""
 
     def prefill(self, requests: list[Request], prefixes: dict | None = None) -> list[PrefillOutput]:
-        return super().prefill(requests)
+        outs = []
+        for r in requests:
+            prefix = list((prefixes or {}).get(r.request_id, ()))
+            self.allocator.incref(prefix)
+            try:
+                pages = prefix + self.allocator.allocate(self.allocator.pages_for(len(r.prompt_ids)) - len(prefix))
+            except OutOfPages:
+                self.allocator.free(prefix)
+                raise
+            self._held[r.request_id] = (pages, list(r.prompt_ids))
+            first = (sum(r.prompt_ids) * self.weight) % self.vocab_size
+            outs.append(PrefillOutput(r.request_id, len(r.prompt_ids), first, -1.0, pages,
+                                      num_cached_tokens=len(prefix) * self.allocator.page_size))
+        return outs
 
     def max_cached_pages(self, prompt_len: int) -> int:
         return (prompt_len - 1) // self.allocator.page_size
@@ -171,6 +186,9 @@ class MockEngineFactory:
         if role == "decode":
             decode = MockDecodeEngine(self.decode_weight, self.vocab_size, self.max_slots,
                                       self.page_size, self.num_pages, self.eos_ids, self.step_delay_s)
+            # one page pool per worker, as the JAX engines share their runner's: a local prefill's
+            # retained pages and a finished request's must count in the free pages the scheduler sees
+            decode.allocator = prefill.allocator
         config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
         return WorkerEngines(
             prefill=prefill, decode=decode,
