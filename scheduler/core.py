@@ -308,6 +308,13 @@ class SchedulerCore(PlacementView, Membership):
                 self._release_backlog(r)
             if sender in self.workers:
                 actions.append(ReleaseTransfers(sender, (handle,)))
+        # Tokens of a request the core no longer tracks, still running there: its abort overtook
+        # its K/V on the way to that worker (separate calls); abort it again rather than let it
+        # hold a slot and its pages to the end of its tokens.
+        stray = tuple(rid for rid, tokens in report.tokens.items() if rid not in self.requests
+                      and tokens[-1][2] is None)
+        if stray:
+            actions.append(AbortOnWorker(d, stray))
         for rid, tokens in report.tokens.items():
             r = self.requests.get(rid)
             if r is None or r.is_finished:

@@ -348,3 +348,25 @@ def test_prefill_bound_burst_admitted_requests_are_never_rejected_later(stale_ca
         assert sim.core.rejections == {"deadline": len(refused)}
     ttfts = [r.token_s[0] - r.arrival_s for r in admitted]
     assert max(ttfts) <= slo, max(ttfts)
+
+
+def test_an_abort_that_overtakes_the_insert_is_sent_again():
+    """The abort of a request in handoff reaches its decode worker before the K/V does (two
+    calls that may run in either order there): the worker starts the request after the abort,
+    and its tokens come back for a request the core has forgotten. The core aborts it again, so
+    it does not hold a slot and its pages to the end of its tokens (seen on a real model: a
+    decode worker still running an aborted request 10 s after the abort)."""
+    c = FakeCluster(max_slots=SLOTS)
+    (rid,) = c.submit(prompts(1), max_tokens=50)
+    c.finish_prefills()  # its Insert waits in the decode worker's inbox
+    actions = c.core.abort([rid], c.tick())
+    inbox = c.workers["decode-0"].inbox
+    c.apply(actions)
+    inbox.insert(0, inbox.pop())  # the abort is carried out first
+    c.step()
+    assert rid in c.workers["decode-0"].running  # started after its abort: nobody wants its tokens
+    assert any(isinstance(a, core.AbortOnWorker) and rid in a.request_ids for a in c.workers["decode-0"].inbox)
+    c.step()
+    assert not c.workers["decode-0"].running
+    c.settle()
+    c.assert_baseline()
