@@ -55,8 +55,8 @@ MODEL = "bench-random"
 
 def workload_spec(quick: bool, threads: int, repeats: int | None) -> dict:
     if quick:
-        spec = dict(e2e_prompts=8, e2e_prompt_len=64, e2e_tokens=16, prefill_lens=[128, 512],
-                    batches=[1, 8], prompt_len=64, decode_steps=16, repeats=1)
+        spec = dict(e2e_prompts=4, e2e_prompt_len=32, e2e_tokens=8, prefill_lens=[128],
+                    batches=[1, 4], prompt_len=32, decode_steps=8, repeats=1)
     else:
         spec = dict(e2e_prompts=32, e2e_prompt_len=128, e2e_tokens=64, prefill_lens=[128, 512, 2048],
                     batches=[1, 8, 32, 64], prompt_len=128, decode_steps=64, repeats=2)
@@ -150,6 +150,7 @@ def run_engine(engine: str, spec: dict, cache: Path, work: Path) -> dict:
         python = sys.executable if engine == "hf" else peers_install.venv_python(cache, engine)
         cmd = [python, HERE / "peer_worker.py", engine, spec_path, out_path]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")  # Ray's default 60 s was seen to run out on a busy machine
     start = time.perf_counter()
     try:
         proc = subprocess.run([str(c) for c in cmd], env=env, timeout=ENGINE_TIMEOUT_S, stdout=subprocess.PIPE,
@@ -233,8 +234,8 @@ def main(argv=None):
     ap.add_argument("--peers", default="", help=f"comma-separated, of {peers_install.PEERS} (installed on first use)")
     ap.add_argument("--engines", default=",".join(RAYPD_ENGINES + ("hf",)),
                     help="the non-peer engines to run (default: raypd-local,raypd-serve,hf)")
-    ap.add_argument("--quick", action="store_true", help="small workload (8 x 64-token prompts, 16 tokens; "
-                                                         "prefill 128/512; decode B=1/8), one repeat")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 4 x 32-token prompts, 8 tokens; "
+                                                         "prefill 128; decode B=1/4 over 8 steps; one repeat")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per point (best kept)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--cache", type=Path, default=peers_install.DEFAULT_CACHE)
