@@ -19,9 +19,11 @@ Install quirks (what a plain `pip install` gets wrong on this machine kind):
              NUMA information a container may not give) and sizes its K/V cache from
              `VLLM_CPU_KVCACHE_SPACE` (GiB).
   llama.cpp  `llama-cpp-python` has no CPU wheel on the index: pip builds it from the source
-             release with CMake (a few minutes on 2 cores; CMAKE_BUILD_PARALLEL_LEVEL is set to
-             the core count). The model must be a GGUF file: `convert_hf_to_gguf.py` from the
-             same release turns the HF folder into one (`--outtype f32`, the same weights).
+             release with CMake (178 objects with the multimodal `mtmd` library, which the
+             script leaves out with CMAKE_ARGS=-DLLAVA_BUILD=OFF; at a load average of ~45 the
+             full build took well over an hour; CMAKE_BUILD_PARALLEL_LEVEL = the core count).
+             The model must be a GGUF file: `convert_hf_to_gguf.py` from the same release
+             turns the HF folder into one (`--outtype f32`, the same weights).
              The converter needs a tokenizer it knows; the random bench checkpoint has none,
              so `make_sp_tokenizer` writes a SentencePiece model with the checkpoint's vocabulary
              size (byte fallback; ids 0/1/2 = unk/BOS/EOS). The benchmark feeds token ids, so the
@@ -146,6 +148,7 @@ def install_llamacpp(cache: Path) -> Path:
     tree = llamacpp_source(cache)
     if not _has_version(python, "llama_cpp_python", LLAMACPP_VERSION):
         env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+        env.setdefault("CMAKE_ARGS", "-DLLAVA_BUILD=OFF")  # the multimodal library: 51 of 178 objects
         _run([python, "-m", "pip", "install", tree], log, env=env)
     # the converter's own needs (torch: the CPU wheel, found locally where pip is set up so)
     need = ("numpy", "torch", "safetensors", "sentencepiece", "protobuf", "transformers")
