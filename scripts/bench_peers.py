@@ -198,6 +198,10 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
 
+def num(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def report(res: dict, spec: dict) -> str:
     roof = res["roofline"]
     engines = [e for e in res["engines"] if "error" not in res["engines"][e]]
@@ -213,9 +217,10 @@ def report(res: dict, spec: dict) -> str:
 
     for e in engines:
         r = res["engines"][e]
-        cells = [f"{get(r, k, s):.0f} ({get(r, k, s) / get(roof, k, s):.0%})" for _, k, s in cols]
-        lines.append(f"| {e} | " + " | ".join(cells) + f" | {r.get('agree', float('nan')):.1%} |")
-    lines.append("| roofline | " + " | ".join(f"{get(roof, k, s):.0f}" for _, k, s in cols) + " | |")
+        cells = [f"{num(get(r, k, s))} ({get(r, k, s) / get(roof, k, s):.0%})" for _, k, s in cols]
+        agree = f"{r['agree']:.1%}" if "agree" in r else "-"
+        lines.append(f"| {e} | " + " | ".join(cells) + f" | {agree} |")
+    lines.append("| roofline | " + " | ".join(num(get(roof, k, s)) for _, k, s in cols) + " | |")
     for e, r in res["engines"].items():
         if "error" in r:
             lines.append(f"{e}: FAILED: {r['error']}")
