@@ -102,32 +102,89 @@ class PrefillWorker:
 
     def prefill(self, jobs: list[PrefillJob]) -> tuple[list[PrefillResult | Exception], int]:
         """Prefill, send, retain, release (module doc). -> (one result or exception per job,
-        free pages of the pool after)."""
-        results = []
-        for job in jobs:  # one at a time: a failing request leaves the others untouched
-            rid = job.request.request_id
-            start = time.perf_counter()
-            fetched = _load_host_prefix(self.engines, self.fetch, job)
+        free pages of the pool after).
+
+        The jobs whose K/V is sent whole go through the engine together, packed into shared
+        chunks (`_prefill_packed`); layer-streamed jobs run one at a time. A job that fails
+        fails alone: when a packed call raises, its jobs run again one at a time."""
+        results: list = [None] * len(jobs)
+        packed = [i for i, job in enumerate(jobs) if job.stream_to is None or not hasattr(self.engines.prefill, "step")]
+        if len(packed) > 1:
             try:
-                if job.stream_to is not None and hasattr(self.engines.prefill, "step"):
-                    out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
-                else:
-                    (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
-                    handle = self.engines.send(job.request, out, self.transport)
+                for i, res in zip(packed, self._prefill_packed([jobs[i] for i in packed])):
+                    results[i] = res
+            except Exception:  # noqa: BLE001 - retried one at a time below, where it fails alone
+                log.warning("packed prefill of %d jobs failed; running them one at a time", len(packed),
+                            exc_info=True)
+        for i, job in enumerate(jobs):
+            if results[i] is None:
+                results[i] = self._prefill_one(job)
+        return results, self.engines.prefill.allocator.num_free
+
+    def _prefill_packed(self, jobs: list[PrefillJob]) -> list[PrefillResult | Exception]:
+        """Prefill every job in one engine call (the engine packs prompts into shared chunks),
+        then send, retain and release each. Raises, holding nothing, if the engine call fails;
+        a failed send fails only its own job. Each job's prefill_s is its share of the engine
+        call (by computed tokens) plus its own host-prefix fetch and send."""
+        engine = self.engines.prefill
+        start = time.perf_counter()
+        fetched = {j.request.request_id: _load_host_prefix(self.engines, self.fetch, j) for j in jobs}
+        prefixes = {j.request.request_id: list(j.prefix_pages) + fetched[j.request.request_id] for j in jobs}
+        fetch_s = (time.perf_counter() - start) / len(jobs)
+        start = time.perf_counter()
+        try:
+            outs = {o.request_id: o for o in engine.prefill([j.request for j in jobs], prefixes)}
+        except BaseException:
+            for j in jobs:
+                engine.release(j.request.request_id)
+                engine.allocator.free(fetched[j.request.request_id])
+            raise
+        engine_s = time.perf_counter() - start
+        total = sum(o.prompt_len - o.num_cached_tokens for o in outs.values()) or 1
+        results = []
+        for job in jobs:
+            rid, out = job.request.request_id, outs[job.request.request_id]
+            start = time.perf_counter()
+            try:
+                handle = self.engines.send(job.request, out, self.transport)
                 self._sent[handle.transfer_id] = handle
-                cached = _retain(self.engines.prefill, out, job.retain, len(job.prefix_pages))
+                cached = _retain(engine, out, job.retain, len(job.prefix_pages))
             except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
-                log.exception("prefill of %s failed", rid)
+                log.exception("sending the K/V of %s failed", rid)
                 results.append(e)
                 continue
             finally:
-                self.engines.prefill.release(rid)
-                self.engines.prefill.allocator.free(fetched)
+                engine.release(rid)
+                engine.allocator.free(fetched[rid])
             computed = out.prompt_len - out.num_cached_tokens
             self.num_computed_tokens += computed
+            prefill_s = fetch_s + engine_s * computed / total + time.perf_counter() - start
             results.append(PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, len(job.prefix_pages),
-                                         computed, time.perf_counter() - start, len(fetched)))
-        return results, self.engines.prefill.allocator.num_free
+                                         computed, prefill_s, len(fetched[rid])))
+        return results
+
+    def _prefill_one(self, job: PrefillJob) -> PrefillResult | Exception:
+        rid = job.request.request_id
+        start = time.perf_counter()
+        fetched = _load_host_prefix(self.engines, self.fetch, job)
+        try:
+            if job.stream_to is not None and hasattr(self.engines.prefill, "step"):
+                out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
+            else:
+                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
+                handle = self.engines.send(job.request, out, self.transport)
+            self._sent[handle.transfer_id] = handle
+            cached = _retain(self.engines.prefill, out, job.retain, len(job.prefix_pages))
+        except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails the request
+            log.exception("prefill of %s failed", rid)
+            return e
+        finally:
+            self.engines.prefill.release(rid)
+            self.engines.prefill.allocator.free(fetched)
+        computed = out.prompt_len - out.num_cached_tokens
+        self.num_computed_tokens += computed
+        return PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, len(job.prefix_pages),
+                             computed, time.perf_counter() - start, len(fetched))
 
     def _prefill_streamed(self, job: PrefillJob, prefix: list[int]) -> tuple[PrefillOutput, TransferHandle]:
         """Prefill one request with its K/V streamed to `job.stream_to` layer group by layer
