@@ -93,6 +93,9 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
+    from raypd import compile_cache
+
+    compile_cache.enable()  # a rerun on this machine skips the compiler (the warm-up still runs every shape)
     import models
     from raypd.api import LocalBackend
     from raypd.engine.runner import EngineConfig

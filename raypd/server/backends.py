@@ -87,6 +87,10 @@ class LocalStream:
     def get(self, timeout_s: float) -> TokenOutput:
         return self._stream.get(timeout_s)
 
+    def watch(self, notify) -> None:
+        """`notify()` from the engine loop's thread after each output (RequestStream.watch)."""
+        self._stream.watch(notify)
+
     def abort(self) -> None:
         self._loop.abort(self.request_id, self._stream)  # this stream's request, not a later one with its id
 
@@ -151,6 +155,25 @@ class LocalEngineBackend:
 # ---------------------------------------------------------------------------- Ray deployment
 
 
+class _Entries:
+    """The poll entries of one request: the token poller's thread puts, the stream's reader gets;
+    `notify` (when set) is called after each put, on the poller's thread."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.notify = None
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+        notify = self.notify
+        if notify is not None:
+            notify()
+
+    def get(self, timeout_s: float):
+        """-> the next entry; queue.Empty after `timeout_s` (0: at once) without one."""
+        return self._queue.get(timeout_s > 0, timeout_s if timeout_s > 0 else None)
+
+
 class RayStream:
     """Tokens of one request of a deployment, fetched from its scheduler as `get` asks for them.
     `request_id` is the one the client sees; `deployment_id` the one the scheduler knows."""
@@ -158,7 +181,7 @@ class RayStream:
     def __init__(self, deployment, request_id: str, deployment_id: str, submitted_s: float, prompt_tokens: int,
                  on_end, poller: TokenPoller):
         self._deployment, self.request_id, self.submitted_s = deployment, request_id, submitted_s
-        self._poller, self._entries = poller, poller.add(deployment_id)
+        self._poller, self._entries = poller, poller.add(deployment_id, _Entries())
         self.deployment_id, self.prompt_tokens = deployment_id, prompt_tokens
         self._buffer: collections.deque[TokenOutput] = collections.deque()
         self._ended = False  # finished, failed or aborted: nothing more to fetch
@@ -167,15 +190,22 @@ class RayStream:
         self.metrics: dict = {}  # the scheduler's metrics of the request, once it finished
 
     def get(self, timeout_s: float) -> TokenOutput:
-        if not self._buffer and not self._ended and timeout_s > 0:
+        """The next token output; waits at most `timeout_s` (0: takes only what has arrived)."""
+        if not self._buffer and not self._ended:
             self._fetch(timeout_s)
         if not self._buffer:
             raise StreamTimeout(f"request {self.request_id}: no token within {timeout_s:.3f} s")
         return self._buffer.popleft()
 
+    def watch(self, notify) -> None:
+        """`notify()` from the token poller's thread after each poll entry for this request,
+        and once now; the reader then takes the tokens with `get(0)`."""
+        self._entries.notify = notify
+        notify()
+
     def _fetch(self, timeout_s: float) -> None:
         try:
-            _, entry = self._entries.get(timeout=timeout_s)
+            _, entry = self._entries.get(timeout_s)
         except queue.Empty:
             return
         if self._ended:  # aborted while we waited

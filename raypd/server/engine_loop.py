@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 from raypd.engine.api import Request, TokenOutput
 from raypd.runtime.errors import DuplicateRequestId
@@ -43,6 +44,26 @@ class RequestStream:
     request_id: str
     submitted_s: float
     _queue: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    _notify: Callable[[], None] | None = None  # called by the loop thread after each put (see `watch`)
+
+    def put(self, item: TokenOutput | BaseException, wake: bool = True) -> None:
+        """The loop thread's side: one output (or the error that ends the stream); `wake`
+        False leaves the notification to a later `wake()` (one per step, outside locks)."""
+        self._queue.put(item)
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            notify()
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Call `notify()` (from the loop thread; it must not block or raise) after every output
+        from now on, and once now for what may have arrived already; the reader then takes the
+        outputs with `get(0)`. One reader can so serve many streams without a thread each."""
+        self._notify = notify
+        notify()
 
     def get(self, timeout_s: float) -> TokenOutput:
         """The next token output; raises StreamTimeout after `timeout_s` without one."""
@@ -142,7 +163,7 @@ class EngineLoop:
                 with self._lock:
                     stream = self._streams.pop(arg.request_id, None)
                 if stream is not None:
-                    stream._queue.put(e)
+                    stream.put(e)
         else:
             self.engine.abort(arg)
             with self._lock:  # from now on outputs with this id are a new request's
@@ -152,11 +173,15 @@ class EngineLoop:
                     self._aborting[arg] -= 1
 
     def _dispatch(self, outs: list[TokenOutput]) -> None:
+        touched: dict[int, RequestStream] = {}
         with self._lock:
             for o in outs:
                 stream = self._streams.get(o.request_id)
                 if stream is None or o.request_id in self._aborting:  # aborted while this step ran (a
                     continue  # new request may have taken the id already: these are not its tokens)
-                stream._queue.put(o)
+                stream.put(o, wake=False)
+                touched[id(stream)] = stream
                 if o.is_finished:
                     del self._streams[o.request_id]
+        for stream in touched.values():  # once per stream and step, outside the lock
+            stream.wake()

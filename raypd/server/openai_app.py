@@ -39,7 +39,7 @@ from raypd.server.metrics import Metrics
 from raypd.server.openai_chat import NO_TEMPLATE, ChatTemplate
 from raypd.server.openai_protocol import ApiError, Generation
 from raypd.server.openai_sse import EventStream, sse
-from raypd.server.openai_streams import Choices, as_api_error
+from raypd.server.openai_streams import Choices, Reader, as_api_error
 
 EXEMPT_PATHS = ("/health", "/health/ready")  # no API key needed
 CODES = {200: "ok", 400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 413: "invalid_argument",
@@ -52,7 +52,7 @@ class OpenAIServer:
 
     def __init__(self, backend, *, api_key: str | None = None, chat_template: ChatTemplate | None = None,
                  metrics: Metrics | None = None, max_body_bytes: int = 1 << 20, request_timeout_s: float = 600.0,
-                 ready_timeout_s: float = 10.0, max_streams: int = 256):
+                 ready_timeout_s: float = 10.0):
         if getattr(backend, "model", None) is None:
             raise ValueError("backend: the OpenAI API needs the model's config and tokenizer (backend.model)")
         self.backend, self.model, self.max_seq_len = backend, backend.model, backend.max_seq_len
@@ -62,8 +62,9 @@ class OpenAIServer:
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s, self.ready_timeout_s = request_timeout_s, ready_timeout_s
         self.created = int(time.time())
-        # submits (a Ray submit blocks) and one pump per stream; more than max_streams wait their turn
-        self.executor = futures.ThreadPoolExecutor(max_workers=max_streams + 8, thread_name_prefix="raypd-http")
+        # submits and aborts (a Ray call blocks) and readiness checks; no thread waits on a stream
+        self.executor = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="raypd-http")
+        self._reader: Reader | None = None  # made on the event loop it runs on (openai_streams.py)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -126,7 +127,9 @@ class OpenAIServer:
             raise ApiError(status, f"request rejected ({e.reason}): {e}", None, e.reason, headers) from None
         except Exception as e:  # noqa: BLE001 - mapped to its HTTP status
             raise as_api_error(e, gen.prompt_field) from None
-        return prompt_ids, Choices(streams, self.executor, self.request_timeout_s)
+        if self._reader is None or self._reader.loop is not loop:
+            self._reader = Reader(loop)
+        return prompt_ids, Choices(streams, self._reader, self.executor, self.request_timeout_s)
 
     def usage(self, gen: Generation, prompt_ids: list[list[int]], choices: Choices) -> dict:
         """Prompt tokens once per prompt; cached ones (prefix reuse, never transferred K/V) as the
