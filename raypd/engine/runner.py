@@ -173,6 +173,11 @@ class ModelRunner:
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
         self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
 
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """K/V of pages `src` into pages `dst` (same count), on the device (the pool is donated)."""
+        k, v = paged.read_pages(self.cache, jnp.asarray(src, jnp.int32))
+        self.cache = paged.write_pages(self.cache, jnp.asarray(dst, jnp.int32), k, v)
+
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         k, v = paged.read_pages(self.cache, jnp.asarray(pages, jnp.int32))
         return jax.device_get((k, v))
