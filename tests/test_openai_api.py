@@ -76,7 +76,7 @@ def pages_used(backend) -> int:
     return backend.local.engine.runner.allocator.num_used
 
 
-def wait_idle(backend, within_s: float = 2.0) -> None:
+def wait_idle(backend, within_s: float = 30.0) -> None:  # long enough for a decode shape to compile
     end = time.monotonic() + within_s
     while (pages_used(backend) or backend.loop.num_active) and time.monotonic() < end:
         time.sleep(0.01)
@@ -171,6 +171,20 @@ def test_echo_stop_and_seeds(client):
     assert a.usage.prompt_tokens == len(models.load(NAME).tokenizer.encode(PROMPT))  # the prompt counts once
     only_top = client.completions.create(seed=7, extra_body={"min_p": 1.0}, **kw)  # nothing but the top token
     assert only_top.choices[0].text == greedy
+
+
+def test_n_samples_share_one_prefill_and_equal_independent_requests(client, backend, model):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=10, temperature=1.0, logprobs=0)
+    prefill = backend.local.engine.prefill_engine
+    before = prefill.num_computed_tokens
+    together = client.completions.create(seed=11, n=3, **kw)
+    assert prefill.num_computed_tokens - before == len(model.tokenizer.encode(PROMPT))  # one prefill
+    alone = [client.completions.create(seed=11 + i, **kw).choices[0] for i in range(3)]  # sample i: seed + i
+    for c, ref in zip(together.choices, alone):
+        assert (c.text, c.finish_reason) == (ref.text, ref.finish_reason)
+        assert c.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs, abs=1e-4)
+    assert together.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in alone)
+    wait_idle(backend)
 
 
 # ---------------------------------------------------------------- chat

@@ -136,6 +136,26 @@ class LocalEngineBackend:
         request = Request(job.request_id or f"{SERVER_ID_PREFIX}{next(_ids)}", ids, job.params, kv_compression=job.kv_compression)
         return LocalStream(self.loop, self.loop.submit(request), len(ids))
 
+    def submit_samples(self, job: Job, params: list[SamplingParams]) -> list[LocalStream]:
+        """n samples of one prompt (`params[i]`: sample i's, with its own seed): prefilled once per
+        up to `max_prefill_segments` samples, sharing the prompt's pages in decode. Either all
+        are submitted or none (a later group refused: the earlier ones are aborted)."""
+        checked = [_encode(dataclasses.replace(job, params=p), self.local.model, self.local.max_seq_len)
+                   for p in params]
+        ids = checked[0]
+        per_prefill = self.local.engine.runner.config.max_prefill_segments
+        streams: list[LocalStream] = []
+        try:
+            for lo in range(0, len(params), per_prefill):
+                group = [Request(f"{SERVER_ID_PREFIX}{next(_ids)}", ids, p, kv_compression=job.kv_compression)
+                         for p in params[lo:lo + per_prefill]]
+                streams += [LocalStream(self.loop, s, len(ids)) for s in self.loop.submit_group(group)]
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
     def server_info(self) -> dict:
         runner = self.local.engine.runner
         return dict(num_running=self.loop.num_active, num_pages_used=runner.allocator.num_used,
@@ -323,6 +343,19 @@ class RayBackend:
         n = len(prompt) if isinstance(prompt, list) else 0  # 0: tokenized by the deployment, count unknown
         return RayStream(self.deployment, job.request_id or f"{SERVER_ID_PREFIX}{rid}", rid, submitted_s, n,
                          on_end=lambda: self._release(key), poller=self._poller)
+
+    def submit_samples(self, job: Job, params: list[SamplingParams]) -> list[RayStream]:
+        """n samples of one prompt, each submitted as a request of its own: the deployment
+        shares the prompt's full pages between them only through prefix reuse."""
+        streams: list[RayStream] = []
+        try:
+            for p in params:
+                streams.append(self.submit(dataclasses.replace(job, params=p)))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
 
     def _release(self, key) -> None:
         with self._lock:

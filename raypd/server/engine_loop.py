@@ -110,15 +110,22 @@ class EngineLoop:
             return len(self._streams)
 
     def submit(self, request: Request) -> RequestStream:
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[Request]) -> list[RequestStream]:
+        """Requests with one prompt, prefilled once (`ColocatedEngine.add_group`): a stream each."""
         with self._lock:
-            if len(self._streams) >= self.max_queued:
+            if len(self._streams) + len(requests) > self.max_queued:
                 raise Rejected(f"server at capacity ({self.max_queued} requests in flight)", retry_after_s=1.0)
-            if request.request_id in self._streams:
-                raise DuplicateRequestId(f"request_id {request.request_id!r} is already in flight")
-            stream = RequestStream(request.request_id, time.perf_counter())
-            self._streams[request.request_id] = stream
-            self._commands.put(("add", request))  # under the lock: commands keep the order of the calls
-        return stream
+            ids = [r.request_id for r in requests]
+            for rid in ids:
+                if rid in self._streams or ids.count(rid) > 1:
+                    raise DuplicateRequestId(f"request_id {rid!r} is already in flight")
+            now = time.perf_counter()
+            streams = [RequestStream(rid, now) for rid in ids]
+            self._streams.update(zip(ids, streams))
+            self._commands.put(("add", requests))  # under the lock: commands keep the order of the calls
+        return streams
 
     def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
         """Stop a request (with `stream`: only if that stream is still the one with this id: a
@@ -158,12 +165,13 @@ class EngineLoop:
         kind, arg = cmd
         if kind == "add":
             try:
-                self.engine.add_request(arg)
+                self.engine.add_group(arg)
             except ValueError as e:  # validated upstream; a late error still reaches the caller
                 with self._lock:
-                    stream = self._streams.pop(arg.request_id, None)
-                if stream is not None:
-                    stream.put(e)
+                    streams = [self._streams.pop(r.request_id, None) for r in arg]
+                for stream in streams:
+                    if stream is not None:
+                        stream.put(e)
         else:
             self.engine.abort(arg)
             with self._lock:  # from now on outputs with this id are a new request's

@@ -107,9 +107,11 @@ class OpenAIServer:
                     ids = self.encode(p, field, 1)
                     max_tokens = self.max_seq_len - len(ids)
                 prompt_ids.append(ids)
-                for j in range(gen.n):
-                    streams.append(self.backend.submit(Job(ids, field, gen.params_for(j, max_tokens),
-                                                           gen.kv_compression)))
+                job = Job(ids, field, gen.params_for(0, max_tokens), gen.kv_compression)
+                if gen.n == 1:
+                    streams.append(self.backend.submit(job))
+                else:  # one prefill for the n samples where the backend can share it
+                    streams += self.backend.submit_samples(job, [gen.params_for(j, max_tokens) for j in range(gen.n)])
         except BaseException:
             for s in streams:
                 s.abort()

@@ -75,7 +75,9 @@ def from_value_error(e: ValueError, default_param: str | None = None) -> ApiErro
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One checked request: each prompt is sampled `n` times with `params` (seeds `seed + i`)."""
+    """One checked request: each prompt is sampled `n` times with `params`. Sample i's seed
+    stream: `seed + i` (mod 2**32) when a seed is given, so sample i of a request equals a
+    request with n = 1 and seed `seed + i`; without a seed, each sample's own request id."""
 
     prompts: tuple  # each a str (text) or a tuple of token ids
     params: SamplingParams
