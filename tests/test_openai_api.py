@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -184,6 +185,29 @@ def test_n_samples_share_one_prefill_and_equal_independent_requests(client, back
         assert (c.text, c.finish_reason) == (ref.text, ref.finish_reason)
         assert c.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs, abs=1e-4)
     assert together.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in alone)
+    wait_idle(backend)
+
+
+def test_echo_with_logprobs_returns_the_prompts_from_the_prefill(client, model, backend):
+    ids = model.tokenizer.encode(PROMPT)
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=0)
+    lp = r.choices[0].logprobs
+    n = len(ids)
+    assert lp.tokens[:n] == [model.tokenizer.decode([t]) for t in ids] and len(lp.tokens) == n + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token: null
+    logits = model.logits(ids)  # teacher-forced: log p(ids[i] | ids[:i])
+    expected = [float(logits[i - 1][ids[i]] - np.logaddexp.reduce(logits[i - 1])) for i in range(1, n)]
+    assert lp.token_logprobs[1:n] == pytest.approx(expected, abs=1e-3)
+    plain = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    assert r.choices[0].text == PROMPT + plain.choices[0].text
+    assert lp.token_logprobs[n:] == plain.choices[0].logprobs.token_logprobs
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=0, stream=True))
+    assert chunks[0].choices[0].text == PROMPT and chunks[0].choices[0].logprobs.tokens == lp.tokens[:n]
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs and "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     wait_idle(backend)
 
 

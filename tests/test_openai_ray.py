@@ -89,6 +89,8 @@ def test_every_field_is_identical_in_process_and_on_ray(clients):
         ("completions", dict(prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0)),
         ("completions", dict(prompt=[PROMPT, "import sys\n"], max_tokens=8, temperature=0, echo=True, stop=["("])),
         ("completions", dict(prompt="class A:\n", max_tokens=8, temperature=0.9, seed=3, n=3)),
+        ("completions", dict(prompt=[PROMPT, "import sys\n"], max_tokens=5, temperature=0, echo=True, logprobs=0)),
+        ("completions", dict(prompt="x = [", max_tokens=5, temperature=0.8, seed=9, n=2, echo=True, logprobs=0)),
         ("chat", dict(messages=[{"role": "user", "content": "import re"}], max_tokens=8, temperature=0, logprobs=True)),
     ]
     for kind, kw in requests:

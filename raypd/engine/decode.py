@@ -150,6 +150,7 @@ class DecodeEngine:
     def _start(self, request: Request, out: PrefillOutput, pages: list[int]) -> TokenOutput:
         seq = Sequence(request, pages, out.prompt_len, self.eos_ids, self.tokenizer)
         token_out = seq.append(out.first_token, out.first_logprob)
+        token_out.prompt_logprobs = out.prompt_logprobs
         if token_out.is_finished:
             self.allocator.free(pages)
         else:

@@ -177,9 +177,13 @@ class PrefillEngine:
         outs = []
         for row, (p, start, end) in zip(rows, pieces):
             if end == len(p.request.prompt_ids):
-                for i, req in enumerate((p.request, *p.samples)):
-                    outs.append(PrefillOutput(req.request_id, end, int(tokens[row + i]),
-                                              float(logprobs[row + i]), list(p.pages), p.num_cached))
+                requests = (p.request, *p.samples)
+                prompt_lps = r.prompt_logprobs(p.request.prompt_ids) \
+                    if any(q.params.prompt_logprobs for q in requests) else None
+                for i, req in enumerate(requests):
+                    outs.append(PrefillOutput(req.request_id, end, int(tokens[row + i]), float(logprobs[row + i]),
+                                              list(p.pages), p.num_cached,
+                                              prompt_lps if req.params.prompt_logprobs else None))
         return outs
 
     def read_kv(self, out: PrefillOutput) -> KVPayload:

@@ -4,12 +4,17 @@
   RayBackend          a running Ray deployment (raypd.serve / raypd.connect), through its scheduler.
 
 Both take a `Job` (a request the service has parsed, not yet checked against the model) and
-return a stream with the same four members:
+return a stream with the same five members:
   request_id, submitted_s, prompt_tokens
   get(timeout_s) -> TokenOutput       raises StreamTimeout when none arrives within timeout_s
                                       (0: only what has already arrived)
+  watch(notify)                       notify() is called from the producing thread after each
+                                      output (it must not block): one reader can serve many
+                                      streams without a thread each (openai_streams.py)
   abort()                             frees the request's slot and pages; idempotent
-`submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
+`submit_samples(job, params)` submits n samples of one prompt (a stream each; the local engine
+prefills the prompt once for them); `submit_blocks` says whether submitting waits on another
+process (then a caller on an event loop submits from a worker thread). `submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
 ValueError: the client's request id is already in flight here) or Rejected (at capacity, with a
 retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
 
@@ -99,6 +104,7 @@ class LocalEngineBackend:
     """The colocated engine of a LocalBackend; its loop thread runs between start() and stop()."""
 
     name = "local"
+    submit_blocks = False  # submit only queues the request for the engine loop
 
     def __init__(self, local: LocalBackend, model_name: str, max_queued: int = 256):
         self.local = local
@@ -266,6 +272,7 @@ class RayBackend:
     are never all held by waiting streams."""
 
     name = "ray"
+    submit_blocks = True  # submit waits for the scheduler actor's answer
 
     def __init__(self, deployment, model_name: str, model=None, max_seq_len: int = 0, *,
                  max_in_flight: int = 256, max_slots: int = 0, num_pages_total: int = 0,

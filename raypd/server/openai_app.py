@@ -94,8 +94,9 @@ class OpenAIServer:
         return self.chat_template.render(messages, add_generation_prompt)
 
     def submit_all(self, gen: Generation) -> tuple[list[list[int]], list]:
-        """Runs in a worker thread: encode every prompt, submit n streams for each. -> (prompt ids
-        per prompt, streams in choice order). On any failure the streams submitted are aborted."""
+        """Encode every prompt, submit n streams for each (in a worker thread when the backend's
+        submit blocks). -> (prompt ids per prompt, streams in choice order). On any failure the
+        streams submitted are aborted."""
         prompt_ids, streams = [], []
         try:
             for i, p in enumerate(gen.prompts):
@@ -121,7 +122,10 @@ class OpenAIServer:
     async def start(self, gen: Generation) -> tuple[list[list[int]], Choices]:
         loop = asyncio.get_running_loop()
         try:
-            prompt_ids, streams = await loop.run_in_executor(self.executor, self.submit_all, gen)
+            if self.backend.submit_blocks:  # a Ray submit waits for the scheduler: off the event loop
+                prompt_ids, streams = await loop.run_in_executor(self.executor, self.submit_all, gen)
+            else:  # a queue put: a hop to a thread and back would cost more than the call
+                prompt_ids, streams = self.submit_all(gen)
         except Rejected as e:
             status = 503 if e.reason == "no_workers" else 429
             headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else {}
@@ -174,11 +178,25 @@ class OpenAIServer:
         self.observe(choices)
         out = []
         for k, c in enumerate(choices.items):
-            echo = self.echo_text(gen, k // gen.n, prompt_ids[k // gen.n])
-            logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo)) if gen.logprobs else None
+            ids = prompt_ids[k // gen.n]
+            echo = self.echo_text(gen, k // gen.n, ids)
+            logprobs = None
+            if gen.logprobs and gen.echo:  # the prompt's tokens first, then the completion's
+                first = self.echo_logprobs(ids, c.prompt_logprobs)
+                rest = self.logprobs_of(kind, c.token_ids, c.logprobs, sum(map(len, first["tokens"])))
+                logprobs = {key: first[key] + rest[key] for key in first}
+            elif gen.logprobs:
+                logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo))
             out.append({"text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         build = proto.chat_body if kind == "chat" else proto.completion_body
         return build(rid, created, self.name, out, self.usage(gen, prompt_ids, choices))
+
+    def echo_logprobs(self, ids: list[int], prompt_logprobs: list[float] | None) -> dict:
+        """Completions' logprobs of the prompt, for `echo`: the first token has none (null, as
+        OpenAI's), each later one its logprob given those before it (computed by the prefill)."""
+        if prompt_logprobs is None or len(prompt_logprobs) != len(ids) - 1:
+            raise ApiError(500, "the backend returned no prompt logprobs for echo", None, "internal")
+        return self.logprobs_of("completion", ids, [None, *prompt_logprobs], 0)
 
     def echo_text(self, gen: Generation, prompt_index: int, ids: list[int]) -> str:
         """The prompt as text, for `echo`: as the client sent it, or its token ids decoded."""

@@ -57,11 +57,14 @@ class Choice:
     finish_reason: str | None = None
     first_s: float | None = None
     end_s: float | None = None
+    prompt_logprobs: list[float] | None = None  # with echo and logprobs: from the first token's output
 
     def add(self, batch) -> None:
         for o in batch:
             if o.token_id < 0:  # an abort marker, not a token
                 continue
+            if o.prompt_logprobs is not None:
+                self.prompt_logprobs = list(o.prompt_logprobs)
             self.token_ids.append(o.token_id)
             self.logprobs.append(o.logprob)
             self.texts.append(o.text)
