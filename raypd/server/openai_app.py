@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
+import secrets
 import time
-import uuid
 from concurrent import futures
 
 from fastapi import FastAPI, Request
@@ -65,6 +66,9 @@ class OpenAIServer:
         # submits and aborts (a Ray call blocks) and readiness checks; no thread waits on a stream
         self.executor = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="raypd-http")
         self._reader: Reader | None = None  # made on the event loop it runs on (openai_streams.py)
+        # response ids: random per server, then a count (uuid4 per request reads os.urandom, a
+        # system call that gives up the GIL on the event loop's hottest path)
+        self._id_prefix, self._ids = secrets.token_hex(6), itertools.count()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -165,7 +169,7 @@ class OpenAIServer:
 
     async def generate(self, request: Request, gen: Generation, kind: str):
         prompt_ids, choices = await self.start(gen)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._id_prefix}{next(self._ids):012x}"
         created = int(time.time())
         if gen.stream:
             return EventStream(sse(self, gen, kind, rid, created, prompt_ids, choices), on_close=choices.cancel)
