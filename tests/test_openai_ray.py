@@ -137,7 +137,7 @@ def test_client_going_away_mid_stream_ends_the_request_on_its_worker(servers, de
         while got.count(b"data: ") < 3:
             got += s.recv(4096)
         assert deployment.status()["num_tracked"] == 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # the decode worker ends it between steps: after a compile, on a loaded machine
     while time.monotonic() < deadline:
         status = deployment.status()
         if status["num_tracked"] == 0 and all(w["num_running"] == 0 for w in status["decode"]):
