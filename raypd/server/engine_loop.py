@@ -1,11 +1,14 @@
 """EngineLoop: one thread owns an engine; any thread submits, reads and aborts requests.
 
 Lifecycle of a request:
-  1. `submit(request)` checks the bounded queue (a full queue raises `Rejected` at once),
-     then hands the request to the loop thread through a command queue.
+  1. `submit(request)` (or `submit_group`: n samples of one prompt, prefilled once) checks the
+     bounded queue (a full queue raises `Rejected` at once), then hands the request to the
+     loop thread through a command queue.
   2. The loop thread adds it to the engine between steps and keeps calling `engine.step()`
-     while anything is unfinished; each `TokenOutput` goes to its request's `RequestStream`.
-  3. The caller reads its stream (`RequestStream.get(timeout_s)`: every wait is bounded).
+     while anything is unfinished; each `TokenOutput` goes to its request's `RequestStream`,
+     whose watcher (if any) is notified once per step, outside the loop's lock.
+  3. The caller reads its stream (`RequestStream.get(timeout_s)`: every wait is bounded), or
+     watches it and reads with `get(0)` when notified (the HTTP app's one reader).
   4. `abort(request_id)` (a cancelled RPC, an expired deadline) reaches the loop before its
      next step, and the engine frees the request's slot and pages there.
 The engine is only ever touched by the loop thread, so it needs no locks.
@@ -78,7 +81,7 @@ class RequestStream:
 
 class EngineLoop:
     def __init__(self, engine, max_queued: int = 256, idle_wait_s: float = 0.02):
-        self.engine = engine  # a ColocatedEngine (add_request / step / abort / num_unfinished)
+        self.engine = engine  # a ColocatedEngine (add_group / step / abort / num_unfinished)
         self.max_queued = max_queued
         self._idle_wait_s = idle_wait_s
         self._commands: queue.Queue = queue.Queue()
