@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -76,7 +77,7 @@ def pages_used(backend) -> int:
     return backend.local.engine.runner.allocator.num_used
 
 
-def wait_idle(backend, within_s: float = 2.0) -> None:
+def wait_idle(backend, within_s: float = 30.0) -> None:  # long enough for a decode shape to compile
     end = time.monotonic() + within_s
     while (pages_used(backend) or backend.loop.num_active) and time.monotonic() < end:
         time.sleep(0.01)
@@ -171,6 +172,43 @@ def test_echo_stop_and_seeds(client):
     assert a.usage.prompt_tokens == len(models.load(NAME).tokenizer.encode(PROMPT))  # the prompt counts once
     only_top = client.completions.create(seed=7, extra_body={"min_p": 1.0}, **kw)  # nothing but the top token
     assert only_top.choices[0].text == greedy
+
+
+def test_n_samples_share_one_prefill_and_equal_independent_requests(client, backend, model):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=10, temperature=1.0, logprobs=0)
+    prefill = backend.local.engine.prefill_engine
+    before = prefill.num_computed_tokens
+    together = client.completions.create(seed=11, n=3, **kw)
+    assert prefill.num_computed_tokens - before == len(model.tokenizer.encode(PROMPT))  # one prefill
+    alone = [client.completions.create(seed=11 + i, **kw).choices[0] for i in range(3)]  # sample i: seed + i
+    for c, ref in zip(together.choices, alone):
+        assert (c.text, c.finish_reason) == (ref.text, ref.finish_reason)
+        assert c.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs, abs=1e-4)
+    assert together.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in alone)
+    wait_idle(backend)
+
+
+def test_echo_with_logprobs_returns_the_prompts_from_the_prefill(client, model, backend):
+    ids = model.tokenizer.encode(PROMPT)
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=0)
+    lp = r.choices[0].logprobs
+    n = len(ids)
+    assert lp.tokens[:n] == [model.tokenizer.decode([t]) for t in ids] and len(lp.tokens) == n + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token: null
+    logits = model.logits(ids)  # teacher-forced: log p(ids[i] | ids[:i])
+    expected = [float(logits[i - 1][ids[i]] - np.logaddexp.reduce(logits[i - 1])) for i in range(1, n)]
+    assert lp.token_logprobs[1:n] == pytest.approx(expected, abs=1e-3)
+    plain = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    assert r.choices[0].text == PROMPT + plain.choices[0].text
+    assert lp.token_logprobs[n:] == plain.choices[0].logprobs.token_logprobs
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=0, stream=True))
+    assert chunks[0].choices[0].text == PROMPT and chunks[0].choices[0].logprobs.tokens == lp.tokens[:n]
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs and "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    wait_idle(backend)
 
 
 # ---------------------------------------------------------------- chat

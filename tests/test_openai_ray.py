@@ -89,11 +89,18 @@ def test_every_field_is_identical_in_process_and_on_ray(clients):
         ("completions", dict(prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0)),
         ("completions", dict(prompt=[PROMPT, "import sys\n"], max_tokens=8, temperature=0, echo=True, stop=["("])),
         ("completions", dict(prompt="class A:\n", max_tokens=8, temperature=0.9, seed=3, n=3)),
+        # one prompt per request where logprobs are compared: packing prompts into one prefill chunk or
+        # not (timing) moves the first token's logprob in its last digits
+        ("completions", dict(prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=0)),
+        ("completions", dict(prompt="x = [", max_tokens=5, temperature=0.8, seed=9, n=2, echo=True)),
         ("chat", dict(messages=[{"role": "user", "content": "import re"}], max_tokens=8, temperature=0, logprobs=True)),
     ]
     for kind, kw in requests:
         create = (lambda c: c.completions.create) if kind == "completions" else (lambda c: c.chat.completions.create)
         a, b = (fields(create(c)(model=NAME, **kw)) for c in (local, ray_))
+        for ca, cb in zip(a["choices"], b["choices"]):  # the first difference, named
+            for key in ca:
+                assert ca[key] == cb[key], (kw, ca["index"], key, ca[key], cb[key])
         assert a == b, kw
         assert a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # cold prompts, K/V transferred
     streams = [list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x = 1"}],
@@ -130,7 +137,7 @@ def test_client_going_away_mid_stream_ends_the_request_on_its_worker(servers, de
         while got.count(b"data: ") < 3:
             got += s.recv(4096)
         assert deployment.status()["num_tracked"] == 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # the decode worker ends it between steps: after a compile, on a loaded machine
     while time.monotonic() < deadline:
         status = deployment.status()
         if status["num_tracked"] == 0 and all(w["num_running"] == 0 for w in status["decode"]):

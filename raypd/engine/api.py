@@ -64,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     min_p: float = 0.0  # keep tokens with prob >= min_p * the top token's prob (sampling rows only)
+    prompt_logprobs: bool = False  # the prefill also returns each prompt token's logprob (OpenAI's echo)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) \
@@ -164,6 +165,8 @@ class PrefillOutput:
     first_logprob: float
     pages: list[int]  # pages of the prefill engine's pool holding the prompt's K/V, in order
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from a cached prefix
+    # with params.prompt_logprobs: the logprob of prompt token i given tokens < i, for i >= 1
+    prompt_logprobs: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -223,6 +226,7 @@ class TokenOutput:
     logprob: float
     finish_reason: str | None = None  # None while running; FINISH_STOP / FINISH_LENGTH / FINISH_ABORT
     text: str = ""  # text delta this token adds (empty without a tokenizer)
+    prompt_logprobs: list[float] | None = None  # on a request's first token only: PrefillOutput.prompt_logprobs
 
     @property
     def is_finished(self) -> bool:

@@ -120,8 +120,37 @@ class DecodeEngine:
             self.runner.write_pages(pages, payload.k, payload.v)
         if need > len(pages):
             pages += self.allocator.allocate(need - len(pages))
+        return self._start(request, out, pages)
+
+    def fork(self, request: Request, out: PrefillOutput, own_pages: list[int] | None = None) -> TokenOutput:
+        """Start decoding another sample of a prompt whose K/V is in this pool (`out.pages`, held
+        by someone else: its prefill or its first sample, inserted in the same step): its full
+        prompt pages are shared (a reference is taken), the partial last one is copied into a
+        page of its own, since the sample writes its tokens' K/V there. `own_pages`: pages
+        already allocated for it (ownership passes here), else they are allocated now.
+        Returns its first token's output (`out.first_token`, sampled with its own seed)."""
+        if request.request_id in self._running:
+            raise ValueError(f"request {request.request_id} is already running")
+        if self.num_free_slots <= 0:
+            raise OutOfPages("no free decode slot")
+        num_shared = out.prompt_len // self.runner.page_size
+        need = self.pages_needed(out.prompt_len, request.params.max_tokens) - num_shared
+        if own_pages is None:
+            if not self.allocator.can_allocate(need):
+                raise OutOfPages(f"request {request.request_id}: needs {need} pages")
+            own_pages = self.allocator.allocate(need)
+        elif len(own_pages) != need:
+            raise ValueError(f"request {request.request_id}: own_pages must be {need} pages, got {len(own_pages)}")
+        shared = list(out.pages[:num_shared])
+        self.allocator.incref(shared)
+        if out.prompt_len % self.runner.page_size:
+            self.runner.copy_pages([out.pages[num_shared]], own_pages[:1])
+        return self._start(request, out, shared + list(own_pages))
+
+    def _start(self, request: Request, out: PrefillOutput, pages: list[int]) -> TokenOutput:
         seq = Sequence(request, pages, out.prompt_len, self.eos_ids, self.tokenizer)
         token_out = seq.append(out.first_token, out.first_logprob)
+        token_out.prompt_logprobs = out.prompt_logprobs
         if token_out.is_finished:
             self.allocator.free(pages)
         else:

@@ -1,9 +1,11 @@
 """Prefill engine: prompts -> K/V in pages + the first sampled token.
 
-`add` queues a request (optionally continuing from cached prefix pages); each `step` runs one
+`add` queues a request (optionally continuing from cached prefix pages, optionally with more
+samples of the same prompt: n > 1); each `step` runs one
 chunk: up to the largest prefill bucket of tokens, packing several fresh prompts into one row
 (segment ids keep them apart) behind at most one prompt that continues from earlier K/V
-(a cached prefix or its own previous chunk). A prompt longer than the largest bucket is
+(a cached prefix or its own previous chunk). A chunk has `max_prefill_segments` sample rows: one
+per prompt, and one per sample on the last chunk of a prompt with samples. A prompt longer than the largest bucket is
 prefilled chunk by chunk. `prefill` runs steps until the given requests are done.
 
 Pages stay held after prefill until `release`, so the K/V can be read out (`read_kv`) for a
@@ -28,6 +30,12 @@ class _Pending:
     pages: list[int]
     done: int  # prompt tokens whose K/V is in the pages
     num_cached: int
+    samples: tuple[Request, ...] = ()  # more requests of the same prompt, each sampled from its last position
+
+    @property
+    def num_rows(self) -> int:
+        """Sample rows its last chunk takes: one per request."""
+        return 1 + len(self.samples)
 
 
 class PrefillEngine:
@@ -35,6 +43,7 @@ class PrefillEngine:
         self.runner = runner
         self._queue: deque[_Pending] = deque()
         self._held: dict[str, list[int]] = {}
+        self.num_computed_tokens = 0  # prompt tokens run through the model, over the engine's life
 
     @property
     def allocator(self):
@@ -52,12 +61,22 @@ class PrefillEngine:
         """A cached prefix may cover at most this many whole pages (one token must be computed)."""
         return (prompt_len - 1) // self.runner.page_size
 
-    def add(self, request: Request, prefix_pages: list[int] = (), reserve_tokens: int = 0) -> None:
+    def add(self, request: Request, prefix_pages: list[int] = (), reserve_tokens: int = 0,
+            samples: tuple[Request, ...] = ()) -> None:
         """Queue a request. `prefix_pages` hold K/V of its first len(prefix_pages) * G tokens
-        (a reference is taken on them); `reserve_tokens` sizes the page list beyond the prompt."""
+        (a reference is taken on them); `reserve_tokens` sizes the page list beyond the prompt.
+        `samples`: more requests with the same prompt (n > 1): the prompt is prefilled once,
+        under `request`'s id and pages, and each sample gets its own first token (its own
+        params and seed) from the same last position: one PrefillOutput per request, all
+        naming `request`'s pages (released with `release(request.request_id)`)."""
         n = len(request.prompt_ids)
         if n > self.runner.max_seq_len:
             raise ValueError(f"prompt has {n} tokens; max_seq_len is {self.runner.max_seq_len}")
+        if 1 + len(samples) > self.runner.config.max_prefill_segments:
+            raise ValueError(f"samples: at most {self.runner.config.max_prefill_segments - 1} more samples of one "
+                             f"prefill (EngineConfig.max_prefill_segments), got {len(samples)}")
+        if any(list(r.prompt_ids) != list(request.prompt_ids) for r in samples):
+            raise ValueError("samples: every sample must have the prompt of the request it shares")
         prefix = list(prefix_pages)[: self.max_cached_pages(n)]
         need = self.allocator.pages_for(max(n, reserve_tokens)) - len(prefix)
         if not self.allocator.can_allocate(need):
@@ -67,7 +86,7 @@ class PrefillEngine:
         pages = prefix + self.allocator.allocate(need)
         cached = len(prefix) * self.runner.page_size
         self._held[request.request_id] = pages
-        self._queue.append(_Pending(request, pages, cached, cached))
+        self._queue.append(_Pending(request, pages, cached, cached, tuple(samples)))
 
     def prefill(self, requests: list[Request], prefixes: dict[str, list[int]] | None = None) -> list[PrefillOutput]:
         for r in requests:
@@ -92,9 +111,9 @@ class PrefillEngine:
 
     def _take_pieces(self) -> list[tuple[_Pending, int, int]]:
         """Pick (pending, start, end) pieces for one chunk, in queue order."""
-        budget, max_segs = self.runner.prefill_buckets[-1], self.runner.config.max_prefill_segments
-        pieces, used = [], 0
-        while self._queue and len(pieces) < max_segs:
+        budget, max_rows = self.runner.prefill_buckets[-1], self.runner.config.max_prefill_segments
+        pieces, used, rows = [], 0, 0
+        while self._queue and rows < max_rows:
             p = self._queue[0]
             n = len(p.request.prompt_ids)
             if p.done > 0 and pieces:  # a continuing prompt must lead its chunk
@@ -102,8 +121,11 @@ class PrefillEngine:
             take = min(n - p.done, budget - used)
             if take <= 0 or (take < n - p.done and pieces):  # don't split a prompt behind others
                 break
+            if p.done + take == n and rows + p.num_rows > max_rows:  # its samples don't fit: next chunk
+                break
             pieces.append((p, p.done, p.done + take))
             used += take
+            rows += p.num_rows if p.done + take == n else 1
             if p.done + take == n:
                 self._queue.popleft()
             else:  # a long prompt: its next chunk runs in a later step
@@ -124,7 +146,7 @@ class PrefillEngine:
             ctx = pieces[0][0].pages[:Pc]
             batch["ctx_pages"][0, : len(ctx)] = ctx
             batch["ctx_lens"][0] = first_start
-        at = 0
+        at, row, rows = 0, 0, []  # rows[i]: the first sample row of piece i
         for seg, (p, start, end) in enumerate(pieces):
             n = end - start
             pos = np.arange(start, end)
@@ -134,25 +156,34 @@ class PrefillEngine:
             batch["segments"][0, sl] = seg
             batch["write_pages"][0, sl] = np.asarray(p.pages)[pos // G]
             batch["write_offsets"][0, sl] = pos % G
-            batch["sample_index"][0, seg] = at + n - 1
-            sp = p.request.params
-            sampling["temperature"][seg] = sp.temperature
-            sampling["top_k"][seg] = sp.top_k
-            sampling["top_p"][seg] = sp.top_p
-            sampling["min_p"][seg] = sp.min_p
-            sampling["seed"][seg] = request_seed(p.request)
-            sampling["position"][seg] = end
+            rows.append(row)
+            for req in (p.request, *p.samples) if end == len(p.request.prompt_ids) else (p.request,):
+                batch["sample_index"][0, row] = at + n - 1
+                sp = req.params
+                sampling["temperature"][row] = sp.temperature
+                sampling["top_k"][row] = sp.top_k
+                sampling["top_p"][row] = sp.top_p
+                sampling["min_p"][row] = sp.min_p
+                sampling["seed"][row] = request_seed(req)
+                sampling["position"][row] = end
+                row += 1
             at += n
+        self.num_computed_tokens += at
         if on_layers is None:
             tokens, logprobs = r.run(batch, sampling)
         else:
             chunk = [(p.request.request_id, list(p.pages), start, end) for p, start, end in pieces]
             tokens, logprobs = r.run_streamed(batch, sampling, lambda lo, hi: on_layers(lo, hi, chunk))
         outs = []
-        for seg, (p, start, end) in enumerate(pieces):
+        for row, (p, start, end) in zip(rows, pieces):
             if end == len(p.request.prompt_ids):
-                outs.append(PrefillOutput(p.request.request_id, end, int(tokens[seg]),
-                                          float(logprobs[seg]), list(p.pages), p.num_cached))
+                requests = (p.request, *p.samples)
+                prompt_lps = r.prompt_logprobs(p.request.prompt_ids) \
+                    if any(q.params.prompt_logprobs for q in requests) else None
+                for i, req in enumerate(requests):
+                    outs.append(PrefillOutput(req.request_id, end, int(tokens[row + i]), float(logprobs[row + i]),
+                                              list(p.pages), p.num_cached,
+                                              prompt_lps if req.params.prompt_logprobs else None))
         return outs
 
     def read_kv(self, out: PrefillOutput) -> KVPayload:

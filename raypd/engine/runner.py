@@ -14,13 +14,14 @@ bucketed so a serving engine compiles a fixed set of programs once, at warm-up:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import Model
+from models import Model, llama
 from models.sharding import kv_sharding, make_mesh, replicated, shard_params
 from raypd.engine import attention, decode_state, paged
 from raypd.engine.pages import PageAllocator
@@ -66,6 +67,13 @@ def _fine_upto(n: int) -> tuple[int, ...]:
     """1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to n: at most ~33% padding instead of pow2's 100%."""
     out = sorted({b for k in range(n.bit_length() + 1) for b in (1 << k, 3 << k >> 1) if 1 <= b < n})
     return tuple(out + [n])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prompt_logprobs(params, tokens: jax.Array, cfg) -> jax.Array:
+    """tokens [1, T] -> [1, T - 1]: log p(tokens[t + 1] | tokens[:t + 1])."""
+    logp = jax.nn.log_softmax(llama.forward(params, tokens, cfg).astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
 
 
 def bucket(value: int, buckets) -> int:
@@ -172,6 +180,24 @@ class ModelRunner:
 
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
         self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
+
+    def prompt_logprobs(self, prompt_ids) -> list[float]:
+        """The logprob of each prompt token after the first given those before it, by one
+        teacher-forced pass over the prompt (padded at the end to a prefill bucket, or a multiple
+        of the largest, so a few shapes serve every length; causal: padding changes nothing
+        before it). What `echo` with `logprobs` returns; costs a second pass over the prompt."""
+        n = len(prompt_ids)
+        top = self.prefill_buckets[-1]
+        T = bucket(n, self.prefill_buckets) if n <= top else -(-n // top) * top
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = prompt_ids
+        out = _prompt_logprobs(self.model.params, jnp.asarray(tokens), self.cfg)
+        return [float(x) for x in np.asarray(out)[0, : n - 1]]
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """K/V of pages `src` into pages `dst` (same count), on the device (the pool is donated)."""
+        k, v = paged.read_pages(self.cache, jnp.asarray(src, jnp.int32))
+        self.cache = paged.write_pages(self.cache, jnp.asarray(dst, jnp.int32), k, v)
 
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         k, v = paged.read_pages(self.cache, jnp.asarray(pages, jnp.int32))

@@ -20,6 +20,7 @@ class Token(NamedTuple):
     logprob: float
     finish_reason: str | None
     text: str
+    prompt_logprobs: list[float] | None = None  # on a request's first token, when asked for (TokenOutput's)
 
 
 @dataclasses.dataclass

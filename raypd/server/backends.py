@@ -4,12 +4,17 @@
   RayBackend          a running Ray deployment (raypd.serve / raypd.connect), through its scheduler.
 
 Both take a `Job` (a request the service has parsed, not yet checked against the model) and
-return a stream with the same four members:
+return a stream with the same five members:
   request_id, submitted_s, prompt_tokens
   get(timeout_s) -> TokenOutput       raises StreamTimeout when none arrives within timeout_s
                                       (0: only what has already arrived)
+  watch(notify)                       notify() is called from the producing thread after each
+                                      output (it must not block): one reader can serve many
+                                      streams without a thread each (openai_streams.py)
   abort()                             frees the request's slot and pages; idempotent
-`submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
+`submit_samples(job, params)` submits n samples of one prompt (a stream each; the local engine
+prefills the prompt once for them); `submit_blocks` says whether submitting waits on another
+process (then a caller on an event loop submits from a worker thread). `submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
 ValueError: the client's request id is already in flight here) or Rejected (at capacity, with a
 retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
 
@@ -87,6 +92,10 @@ class LocalStream:
     def get(self, timeout_s: float) -> TokenOutput:
         return self._stream.get(timeout_s)
 
+    def watch(self, notify) -> None:
+        """`notify()` from the engine loop's thread after each output (RequestStream.watch)."""
+        self._stream.watch(notify)
+
     def abort(self) -> None:
         self._loop.abort(self.request_id, self._stream)  # this stream's request, not a later one with its id
 
@@ -95,6 +104,7 @@ class LocalEngineBackend:
     """The colocated engine of a LocalBackend; its loop thread runs between start() and stop()."""
 
     name = "local"
+    submit_blocks = False  # submit only queues the request for the engine loop
 
     def __init__(self, local: LocalBackend, model_name: str, max_queued: int = 256):
         self.local = local
@@ -132,6 +142,26 @@ class LocalEngineBackend:
         request = Request(job.request_id or f"{SERVER_ID_PREFIX}{next(_ids)}", ids, job.params, kv_compression=job.kv_compression)
         return LocalStream(self.loop, self.loop.submit(request), len(ids))
 
+    def submit_samples(self, job: Job, params: list[SamplingParams]) -> list[LocalStream]:
+        """n samples of one prompt (`params[i]`: sample i's, with its own seed): prefilled once per
+        up to `max_prefill_segments` samples, sharing the prompt's pages in decode. Either all
+        are submitted or none (a later group refused: the earlier ones are aborted)."""
+        checked = [_encode(dataclasses.replace(job, params=p), self.local.model, self.local.max_seq_len)
+                   for p in params]
+        ids = checked[0]
+        per_prefill = self.local.engine.runner.config.max_prefill_segments
+        streams: list[LocalStream] = []
+        try:
+            for lo in range(0, len(params), per_prefill):
+                group = [Request(f"{SERVER_ID_PREFIX}{next(_ids)}", ids, p, kv_compression=job.kv_compression)
+                         for p in params[lo:lo + per_prefill]]
+                streams += [LocalStream(self.loop, s, len(ids)) for s in self.loop.submit_group(group)]
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
     def server_info(self) -> dict:
         runner = self.local.engine.runner
         return dict(num_running=self.loop.num_active, num_pages_used=runner.allocator.num_used,
@@ -151,6 +181,25 @@ class LocalEngineBackend:
 # ---------------------------------------------------------------------------- Ray deployment
 
 
+class _Entries:
+    """The poll entries of one request: the token poller's thread puts, the stream's reader gets;
+    `notify` (when set) is called after each put, on the poller's thread."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.notify = None
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+        notify = self.notify
+        if notify is not None:
+            notify()
+
+    def get(self, timeout_s: float):
+        """-> the next entry; queue.Empty after `timeout_s` (0: at once) without one."""
+        return self._queue.get(timeout_s > 0, timeout_s if timeout_s > 0 else None)
+
+
 class RayStream:
     """Tokens of one request of a deployment, fetched from its scheduler as `get` asks for them.
     `request_id` is the one the client sees; `deployment_id` the one the scheduler knows."""
@@ -158,7 +207,7 @@ class RayStream:
     def __init__(self, deployment, request_id: str, deployment_id: str, submitted_s: float, prompt_tokens: int,
                  on_end, poller: TokenPoller):
         self._deployment, self.request_id, self.submitted_s = deployment, request_id, submitted_s
-        self._poller, self._entries = poller, poller.add(deployment_id)
+        self._poller, self._entries = poller, poller.add(deployment_id, _Entries())
         self.deployment_id, self.prompt_tokens = deployment_id, prompt_tokens
         self._buffer: collections.deque[TokenOutput] = collections.deque()
         self._ended = False  # finished, failed or aborted: nothing more to fetch
@@ -167,15 +216,22 @@ class RayStream:
         self.metrics: dict = {}  # the scheduler's metrics of the request, once it finished
 
     def get(self, timeout_s: float) -> TokenOutput:
-        if not self._buffer and not self._ended and timeout_s > 0:
+        """The next token output; waits at most `timeout_s` (0: takes only what has arrived)."""
+        if not self._buffer and not self._ended:
             self._fetch(timeout_s)
         if not self._buffer:
             raise StreamTimeout(f"request {self.request_id}: no token within {timeout_s:.3f} s")
         return self._buffer.popleft()
 
+    def watch(self, notify) -> None:
+        """`notify()` from the token poller's thread after each poll entry for this request,
+        and once now; the reader then takes the tokens with `get(0)`."""
+        self._entries.notify = notify
+        notify()
+
     def _fetch(self, timeout_s: float) -> None:
         try:
-            _, entry = self._entries.get(timeout=timeout_s)
+            _, entry = self._entries.get(timeout_s)
         except queue.Empty:
             return
         if self._ended:  # aborted while we waited
@@ -216,6 +272,7 @@ class RayBackend:
     are never all held by waiting streams."""
 
     name = "ray"
+    submit_blocks = True  # submit waits for the scheduler actor's answer
 
     def __init__(self, deployment, model_name: str, model=None, max_seq_len: int = 0, *,
                  max_in_flight: int = 256, max_slots: int = 0, num_pages_total: int = 0,
@@ -293,6 +350,19 @@ class RayBackend:
         n = len(prompt) if isinstance(prompt, list) else 0  # 0: tokenized by the deployment, count unknown
         return RayStream(self.deployment, job.request_id or f"{SERVER_ID_PREFIX}{rid}", rid, submitted_s, n,
                          on_end=lambda: self._release(key), poller=self._poller)
+
+    def submit_samples(self, job: Job, params: list[SamplingParams]) -> list[RayStream]:
+        """n samples of one prompt, each submitted as a request of its own: the deployment
+        shares the prompt's full pages between them only through prefix reuse."""
+        streams: list[RayStream] = []
+        try:
+            for p in params:
+                streams.append(self.submit(dataclasses.replace(job, params=p)))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
 
     def _release(self, key) -> None:
         with self._lock:

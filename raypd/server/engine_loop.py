@@ -1,11 +1,14 @@
 """EngineLoop: one thread owns an engine; any thread submits, reads and aborts requests.
 
 Lifecycle of a request:
-  1. `submit(request)` checks the bounded queue (a full queue raises `Rejected` at once),
-     then hands the request to the loop thread through a command queue.
+  1. `submit(request)` (or `submit_group`: n samples of one prompt, prefilled once) checks the
+     bounded queue (a full queue raises `Rejected` at once), then hands the request to the
+     loop thread through a command queue.
   2. The loop thread adds it to the engine between steps and keeps calling `engine.step()`
-     while anything is unfinished; each `TokenOutput` goes to its request's `RequestStream`.
-  3. The caller reads its stream (`RequestStream.get(timeout_s)`: every wait is bounded).
+     while anything is unfinished; each `TokenOutput` goes to its request's `RequestStream`,
+     whose watcher (if any) is notified once per step, outside the loop's lock.
+  3. The caller reads its stream (`RequestStream.get(timeout_s)`: every wait is bounded), or
+     watches it and reads with `get(0)` when notified (the HTTP app's one reader).
   4. `abort(request_id)` (a cancelled RPC, an expired deadline) reaches the loop before its
      next step, and the engine frees the request's slot and pages there.
 The engine is only ever touched by the loop thread, so it needs no locks.
@@ -18,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 from raypd.engine.api import Request, TokenOutput
 from raypd.runtime.errors import DuplicateRequestId
@@ -43,6 +47,26 @@ class RequestStream:
     request_id: str
     submitted_s: float
     _queue: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    _notify: Callable[[], None] | None = None  # called by the loop thread after each put (see `watch`)
+
+    def put(self, item: TokenOutput | BaseException, wake: bool = True) -> None:
+        """The loop thread's side: one output (or the error that ends the stream); `wake`
+        False leaves the notification to a later `wake()` (one per step, outside locks)."""
+        self._queue.put(item)
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            notify()
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Call `notify()` (from the loop thread; it must not block or raise) after every output
+        from now on, and once now for what may have arrived already; the reader then takes the
+        outputs with `get(0)`. One reader can so serve many streams without a thread each."""
+        self._notify = notify
+        notify()
 
     def get(self, timeout_s: float) -> TokenOutput:
         """The next token output; raises StreamTimeout after `timeout_s` without one."""
@@ -57,7 +81,7 @@ class RequestStream:
 
 class EngineLoop:
     def __init__(self, engine, max_queued: int = 256, idle_wait_s: float = 0.02):
-        self.engine = engine  # a ColocatedEngine (add_request / step / abort / num_unfinished)
+        self.engine = engine  # a ColocatedEngine (add_group / step / abort / num_unfinished)
         self.max_queued = max_queued
         self._idle_wait_s = idle_wait_s
         self._commands: queue.Queue = queue.Queue()
@@ -89,15 +113,22 @@ class EngineLoop:
             return len(self._streams)
 
     def submit(self, request: Request) -> RequestStream:
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[Request]) -> list[RequestStream]:
+        """Requests with one prompt, prefilled once (`ColocatedEngine.add_group`): a stream each."""
         with self._lock:
-            if len(self._streams) >= self.max_queued:
+            if len(self._streams) + len(requests) > self.max_queued:
                 raise Rejected(f"server at capacity ({self.max_queued} requests in flight)", retry_after_s=1.0)
-            if request.request_id in self._streams:
-                raise DuplicateRequestId(f"request_id {request.request_id!r} is already in flight")
-            stream = RequestStream(request.request_id, time.perf_counter())
-            self._streams[request.request_id] = stream
-            self._commands.put(("add", request))  # under the lock: commands keep the order of the calls
-        return stream
+            ids = [r.request_id for r in requests]
+            for rid in ids:
+                if rid in self._streams or ids.count(rid) > 1:
+                    raise DuplicateRequestId(f"request_id {rid!r} is already in flight")
+            now = time.perf_counter()
+            streams = [RequestStream(rid, now) for rid in ids]
+            self._streams.update(zip(ids, streams))
+            self._commands.put(("add", requests))  # under the lock: commands keep the order of the calls
+        return streams
 
     def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
         """Stop a request (with `stream`: only if that stream is still the one with this id: a
@@ -137,12 +168,13 @@ class EngineLoop:
         kind, arg = cmd
         if kind == "add":
             try:
-                self.engine.add_request(arg)
+                self.engine.add_group(arg)
             except ValueError as e:  # validated upstream; a late error still reaches the caller
                 with self._lock:
-                    stream = self._streams.pop(arg.request_id, None)
-                if stream is not None:
-                    stream._queue.put(e)
+                    streams = [self._streams.pop(r.request_id, None) for r in arg]
+                for stream in streams:
+                    if stream is not None:
+                        stream.put(e)
         else:
             self.engine.abort(arg)
             with self._lock:  # from now on outputs with this id are a new request's
@@ -152,11 +184,15 @@ class EngineLoop:
                     self._aborting[arg] -= 1
 
     def _dispatch(self, outs: list[TokenOutput]) -> None:
+        touched: dict[int, RequestStream] = {}
         with self._lock:
             for o in outs:
                 stream = self._streams.get(o.request_id)
                 if stream is None or o.request_id in self._aborting:  # aborted while this step ran (a
                     continue  # new request may have taken the id already: these are not its tokens)
-                stream._queue.put(o)
+                stream.put(o, wake=False)
+                touched[id(stream)] = stream
                 if o.is_finished:
                     del self._streams[o.request_id]
+        for stream in touched.values():  # once per stream and step, outside the lock
+            stream.wake()

@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
+import secrets
 import time
-import uuid
 from concurrent import futures
 
 from fastapi import FastAPI, Request
@@ -39,7 +40,7 @@ from raypd.server.metrics import Metrics
 from raypd.server.openai_chat import NO_TEMPLATE, ChatTemplate
 from raypd.server.openai_protocol import ApiError, Generation
 from raypd.server.openai_sse import EventStream, sse
-from raypd.server.openai_streams import Choices, as_api_error
+from raypd.server.openai_streams import Choices, Reader, as_api_error
 
 EXEMPT_PATHS = ("/health", "/health/ready")  # no API key needed
 CODES = {200: "ok", 400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 413: "invalid_argument",
@@ -52,7 +53,7 @@ class OpenAIServer:
 
     def __init__(self, backend, *, api_key: str | None = None, chat_template: ChatTemplate | None = None,
                  metrics: Metrics | None = None, max_body_bytes: int = 1 << 20, request_timeout_s: float = 600.0,
-                 ready_timeout_s: float = 10.0, max_streams: int = 256):
+                 ready_timeout_s: float = 10.0):
         if getattr(backend, "model", None) is None:
             raise ValueError("backend: the OpenAI API needs the model's config and tokenizer (backend.model)")
         self.backend, self.model, self.max_seq_len = backend, backend.model, backend.max_seq_len
@@ -62,8 +63,12 @@ class OpenAIServer:
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s, self.ready_timeout_s = request_timeout_s, ready_timeout_s
         self.created = int(time.time())
-        # submits (a Ray submit blocks) and one pump per stream; more than max_streams wait their turn
-        self.executor = futures.ThreadPoolExecutor(max_workers=max_streams + 8, thread_name_prefix="raypd-http")
+        # submits and aborts (a Ray call blocks) and readiness checks; no thread waits on a stream
+        self.executor = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="raypd-http")
+        self._reader: Reader | None = None  # made on the event loop it runs on (openai_streams.py)
+        # response ids: random per server, then a count (uuid4 per request reads os.urandom, a
+        # system call that gives up the GIL on the event loop's hottest path)
+        self._id_prefix, self._ids = secrets.token_hex(6), itertools.count()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -93,8 +98,9 @@ class OpenAIServer:
         return self.chat_template.render(messages, add_generation_prompt)
 
     def submit_all(self, gen: Generation) -> tuple[list[list[int]], list]:
-        """Runs in a worker thread: encode every prompt, submit n streams for each. -> (prompt ids
-        per prompt, streams in choice order). On any failure the streams submitted are aborted."""
+        """Encode every prompt, submit n streams for each (in a worker thread when the backend's
+        submit blocks). -> (prompt ids per prompt, streams in choice order). On any failure the
+        streams submitted are aborted."""
         prompt_ids, streams = [], []
         try:
             for i, p in enumerate(gen.prompts):
@@ -106,9 +112,11 @@ class OpenAIServer:
                     ids = self.encode(p, field, 1)
                     max_tokens = self.max_seq_len - len(ids)
                 prompt_ids.append(ids)
-                for j in range(gen.n):
-                    streams.append(self.backend.submit(Job(ids, field, gen.params_for(j, max_tokens),
-                                                           gen.kv_compression)))
+                job = Job(ids, field, gen.params_for(0, max_tokens), gen.kv_compression)
+                if gen.n == 1:
+                    streams.append(self.backend.submit(job))
+                else:  # one prefill for the n samples where the backend can share it
+                    streams += self.backend.submit_samples(job, [gen.params_for(j, max_tokens) for j in range(gen.n)])
         except BaseException:
             for s in streams:
                 s.abort()
@@ -118,7 +126,10 @@ class OpenAIServer:
     async def start(self, gen: Generation) -> tuple[list[list[int]], Choices]:
         loop = asyncio.get_running_loop()
         try:
-            prompt_ids, streams = await loop.run_in_executor(self.executor, self.submit_all, gen)
+            if self.backend.submit_blocks:  # a Ray submit waits for the scheduler: off the event loop
+                prompt_ids, streams = await loop.run_in_executor(self.executor, self.submit_all, gen)
+            else:  # a queue put: a hop to a thread and back would cost more than the call
+                prompt_ids, streams = self.submit_all(gen)
         except Rejected as e:
             status = 503 if e.reason == "no_workers" else 429
             headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else {}
@@ -126,7 +137,9 @@ class OpenAIServer:
             raise ApiError(status, f"request rejected ({e.reason}): {e}", None, e.reason, headers) from None
         except Exception as e:  # noqa: BLE001 - mapped to its HTTP status
             raise as_api_error(e, gen.prompt_field) from None
-        return prompt_ids, Choices(streams, self.executor, self.request_timeout_s)
+        if self._reader is None or self._reader.loop is not loop:
+            self._reader = Reader(loop)
+        return prompt_ids, Choices(streams, self._reader, self.executor, self.request_timeout_s)
 
     def usage(self, gen: Generation, prompt_ids: list[list[int]], choices: Choices) -> dict:
         """Prompt tokens once per prompt; cached ones (prefix reuse, never transferred K/V) as the
@@ -156,7 +169,7 @@ class OpenAIServer:
 
     async def generate(self, request: Request, gen: Generation, kind: str):
         prompt_ids, choices = await self.start(gen)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._id_prefix}{next(self._ids):012x}"
         created = int(time.time())
         if gen.stream:
             return EventStream(sse(self, gen, kind, rid, created, prompt_ids, choices), on_close=choices.cancel)
@@ -169,11 +182,25 @@ class OpenAIServer:
         self.observe(choices)
         out = []
         for k, c in enumerate(choices.items):
-            echo = self.echo_text(gen, k // gen.n, prompt_ids[k // gen.n])
-            logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo)) if gen.logprobs else None
+            ids = prompt_ids[k // gen.n]
+            echo = self.echo_text(gen, k // gen.n, ids)
+            logprobs = None
+            if gen.logprobs and gen.echo:  # the prompt's tokens first, then the completion's
+                first = self.echo_logprobs(ids, c.prompt_logprobs)
+                rest = self.logprobs_of(kind, c.token_ids, c.logprobs, sum(map(len, first["tokens"])))
+                logprobs = {key: first[key] + rest[key] for key in first}
+            elif gen.logprobs:
+                logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo))
             out.append({"text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         build = proto.chat_body if kind == "chat" else proto.completion_body
         return build(rid, created, self.name, out, self.usage(gen, prompt_ids, choices))
+
+    def echo_logprobs(self, ids: list[int], prompt_logprobs: list[float] | None) -> dict:
+        """Completions' logprobs of the prompt, for `echo`: the first token has none (null, as
+        OpenAI's), each later one its logprob given those before it (computed by the prefill)."""
+        if prompt_logprobs is None or len(prompt_logprobs) != len(ids) - 1:
+            raise ApiError(500, "the backend returned no prompt logprobs for echo", None, "internal")
+        return self.logprobs_of("completion", ids, [None, *prompt_logprobs], 0)
 
     def echo_text(self, gen: Generation, prompt_index: int, ids: list[int]) -> str:
         """The prompt as text, for `echo`: as the client sent it, or its token ids decoded."""

@@ -75,7 +75,9 @@ def from_value_error(e: ValueError, default_param: str | None = None) -> ApiErro
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One checked request: each prompt is sampled `n` times with `params` (seeds `seed + i`)."""
+    """One checked request: each prompt is sampled `n` times with `params`. Sample i's seed
+    stream: `seed + i` (mod 2**32) when a seed is given, so sample i of a request equals a
+    request with n = 1 and seed `seed + i`; without a seed, each sample's own request id."""
 
     prompts: tuple  # each a str (text) or a tuple of token ids
     params: SamplingParams
@@ -248,10 +250,9 @@ def parse_completion(body) -> Generation:
         raise ApiError(400, f"logprobs: only 0 is supported (the sampled token's logprob; top alternatives are not "
                        f"returned), got {logprobs}", "logprobs", "unsupported_value")
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise ApiError(400, "echo: echo with logprobs is not supported (prompt logprobs are not computed)",
-                       "echo", "unsupported_value")
     common = _common(body, COMPLETION_FIELDS, _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1))
+    if echo and logprobs is not None:  # the prompt's logprobs too, computed by the prefill
+        common["params"] = dataclasses.replace(common["params"], prompt_logprobs=True)
     return Generation(prompts, logprobs=logprobs is not None, echo=echo, **common)
 
 
@@ -311,14 +312,16 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int) -> dict:
-    """Completions' logprobs: the sampled token and its logprob at each position."""
+def completion_logprobs(tokens: list[str], logprobs: list[float | None], offset: int) -> dict:
+    """Completions' logprobs: the sampled token and its logprob at each position (with `echo`,
+    the prompt's tokens first: the very first one has none, null as in OpenAI's)."""
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs)],
+            "text_offset": offsets}
 
 
 def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:

@@ -38,12 +38,19 @@ async def sse(server, gen, kind: str, rid: str, created: int, prompt_ids: list[l
     else:
         def chunk(index, text, logprobs, finish):
             return proto.completion_chunk(rid, created, name, index, text, logprobs, finish, usage_on)
-        if gen.echo:
+        if gen.echo and not gen.logprobs:
             for i in range(len(choices.items)):
                 yield event(chunk(i, server.echo_text(gen, i // gen.n, prompt_ids[i // gen.n]), None, None))
     offsets = [0] * len(choices.items)
+    echoed = [not (gen.echo and gen.logprobs)] * len(choices.items)  # echo with logprobs: on the first batch
     try:
         async for index, batch in choices.events():
+            if not echoed[index]:  # the prompt's logprobs came with the first token
+                echoed[index] = True
+                ids = prompt_ids[index // gen.n]
+                lps = server.echo_logprobs(ids, choices.items[index].prompt_logprobs)
+                offsets[index] = sum(map(len, lps["tokens"]))
+                yield event(chunk(index, server.echo_text(gen, index // gen.n, ids), lps, None))
             tokens = [o for o in batch if o.token_id >= 0]
             text = "".join(o.text for o in tokens)
             logprobs = None
