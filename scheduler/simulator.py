@@ -72,6 +72,7 @@ class SimResult:
 @dataclasses.dataclass(frozen=True)
 class _Params:  # what the core and the fake engines read of sampling parameters
     max_tokens: int
+    min_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class _Request:
     prompt_ids: list[int]
     params: _Params
     kv_compression: str | None = None
+    resumed_len: int = 0
 
 
 def _make_request(rid, prompt_ids, params, kv_compression):

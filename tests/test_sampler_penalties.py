@@ -234,7 +234,7 @@ def test_a_resumed_request_counts_its_earlier_tokens_as_generated(model):  # noq
     if it had not stopped."""
     prompt = prompts_of([10], seed=9)[0]
     params = SamplingParams(max_tokens=9, ignore_eos=True, frequency_penalty=1.2, repetition_penalty=1.5,
-                            min_tokens=6, logit_bias={2: 100} if False else ())
+                            min_tokens=6)
     (full,) = serve(model, [Request("a", prompt, params)])[0].values()
     done = [o.token_id for o in full[:4]]
     resumed = Request("b", prompt + done, SamplingParams(max_tokens=5, ignore_eos=True, frequency_penalty=1.2,
@@ -247,7 +247,7 @@ def test_penalties_and_top_logprobs_compile_nothing_after_warmup(model):  # noqa
     from raypd.engine.colocated import ColocatedEngine
     from test_engine import run_colocated
 
-    runner = runner_for(model, max_decode_steps=2)
+    runner = runner_for(model, max_decode_steps=2, max_seq_len=64, prefill_buckets=(64,))  # few shapes
     runner.warmup()
     compiles = []
 

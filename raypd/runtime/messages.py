@@ -4,7 +4,8 @@ token tuples, never K/V). No JAX and no Ray: the scheduler's process unpickles t
   PrefillJob     scheduler -> prefill worker (or a decode worker's local prefill)
   PrefillResult  prefill worker -> scheduler
   DecodeReport   decode worker -> scheduler, one per `collect`
-Tokens travel as `(token id, logprob, finish reason or None, text delta)` tuples (`Token`).
+Tokens travel as `(token id, logprob, finish reason or None, text delta, top logprobs or None)`
+tuples (`Token`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Token(NamedTuple):
     logprob: float
     finish_reason: str | None
     text: str
+    top_logprobs: tuple | None = None  # ((token id, logprob), ...) when the request asked for them
 
 
 @dataclasses.dataclass
