@@ -67,11 +67,41 @@ def _add_sampling(p, max_tokens: int = 64) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one, in [0, 1] (0: off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this x how often a token was generated so far from its logit, in [-2, 2] (0: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token generated so far, in [-2, 2] (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide (positive) or multiply (negative) the logits of tokens in the prompt or "
+                        "generated so far, in (0, 2] (1: off)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="no end-of-sequence or stop token before this many tokens, in [0, --max-tokens]")
+    g.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS in [-100, 100] to token ID's logit (repeatable)")
+
+
+def _logit_bias(items) -> dict:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias must be ID=BIAS (an integer id, a number), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias must be ID=BIAS, got {item!r}")
+    return out
 
 
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, min_p=args.min_p,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                logit_bias=_logit_bias(args.logit_bias), **({"top_logprobs": args.top_logprobs}
+                                                            if getattr(args, "top_logprobs", 0) else {}))
 
 
 # ----------------------------------------------------------------------------- convert
@@ -125,6 +155,8 @@ def add_generate(subparsers) -> None:
     p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
     _add_sampling(p)
     p.add_argument("--logprobs", action="store_true", help="report each generated token's logprob")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="with --json: also the K (<= 20) most likely tokens and their logprobs at each position")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (with --stream: one per token, then the summary)")
@@ -138,8 +170,8 @@ def generate(args: argparse.Namespace) -> int:
 
     from raypd.engine.api import SamplingParams
 
-    try:
-        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})  # bad flags: say so before compiling
+    try:  # bad flags: say so before compiling
+        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})
         if not args.no_warmup:  # the shapes these prompts use, so TTFT is not compile time
             backend = get_backend(args.model)
             lens = [len(backend.model.tokenizer.encode(p)) if backend.model.tokenizer else 1 for p in args.prompts]
@@ -155,7 +187,8 @@ def generate(args: argparse.Namespace) -> int:
     for prompt, c in zip(args.prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason, "logprobs": c.logprobs, "metrics": c.metrics}))
+                              "finish_reason": c.finish_reason, "logprobs": c.logprobs, "metrics": c.metrics,
+                              **({"top_logprobs": c.top_logprobs} if c.top_logprobs else {})}))
         else:
             print(f"{prompt}{c.text}\n{_metrics_line(c.metrics, c.finish_reason, c.logprobs)}")
     return 0
@@ -177,7 +210,8 @@ def _stream_one(raypd, prompt: str, args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps({"prompt": prompt, "token_id": chunk.token_id, "text": chunk.text,
                               "logprob": chunk.logprob if args.logprobs else None,
-                              "finish_reason": chunk.finish_reason}), flush=True)
+                              "finish_reason": chunk.finish_reason,
+                              **({"top_logprobs": chunk.top_logprobs} if chunk.top_logprobs else {})}), flush=True)
         else:
             print(chunk.text, end="", flush=True)
     m = (last.metrics or {}) if last is not None else {}
