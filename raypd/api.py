@@ -153,15 +153,22 @@ def _route(model, backend: str, params: SamplingParams, kv_compression: str | No
 def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
              logprobs: bool = False, kv_compression: str | None = None,
-             backend: str = "auto") -> list[Completion]:
+             backend: str = "auto", min_p: float = 0.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, repetition_penalty: float = 1.0, logit_bias=None,
+             min_tokens: int = 0, top_logprobs: int = 0) -> list[Completion]:
     """Complete each prompt (a string or a list of token ids). Returns one Completion per prompt.
 
     kv_compression: "int8" | "none" | None (the deployment default): how the prompt's K/V moves
     from the prefill to the decode engine. It takes effect on disaggregated backends; on
-    backend="local" (colocated, one shared page pool) K/V never moves, so it is only validated."""
+    backend="local" (colocated, one shared page pool) K/V never moves, so it is only validated.
+    min_p, frequency_penalty, presence_penalty, repetition_penalty, logit_bias, min_tokens and
+    top_logprobs: as in SamplingParams (raypd/engine/api.py), on device for every backend."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
-                            ignore_eos=ignore_eos, logprobs=logprobs)
+                            ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                            repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
+                            top_logprobs=top_logprobs)
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not prompts:
@@ -187,20 +194,26 @@ def generate(prompts, *, model=None, max_tokens: int = 64, temperature: float = 
             token_ids=[o.token_id for o in outs],
             finish_reason=outs[-1].finish_reason,
             logprobs=[o.logprob for o in outs] if logprobs else None,
-            metrics=request_metrics(start, first[r.request_id], last[r.request_id], len(r.prompt_ids), len(outs))))
+            metrics=request_metrics(start, first[r.request_id], last[r.request_id], len(r.prompt_ids), len(outs)),
+            top_logprobs=[o.top_logprobs for o in outs] if top_logprobs else None))
     return seqs
 
 
 def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
            top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), ignore_eos: bool = False,
            logprobs: bool = False, kv_compression: str | None = None,
-           backend: str = "auto") -> Iterator[StreamChunk]:
+           backend: str = "auto", min_p: float = 0.0, frequency_penalty: float = 0.0,
+           presence_penalty: float = 0.0, repetition_penalty: float = 1.0, logit_bias=None,
+           min_tokens: int = 0, top_logprobs: int = 0) -> Iterator[StreamChunk]:
     """Yield a StreamChunk per generated token of one prompt, as it is produced; the last one
     carries the request's metrics (as Completion.metrics).
     kv_compression: as in `generate` (validated; takes effect on disaggregated backends)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop or (), stop_token_ids=tuple(stop_token_ids),
-                            ignore_eos=ignore_eos, logprobs=logprobs)
+                            ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                            repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
+                            top_logprobs=top_logprobs)
     deployment, b = _route(model, backend, params, kv_compression)
     if deployment is not None:
         return deployment.stream(prompt, kv_compression=kv_compression, **dataclasses.asdict(params))
@@ -212,6 +225,6 @@ def stream(prompt, *, model=None, max_tokens: int = 64, temperature: float = 0.0
             now = time.perf_counter()
             first, n = first or now, n + 1
             metrics = request_metrics(start, first, now, len(reqs[0].prompt_ids), n) if o.is_finished else None
-            yield StreamChunk(o.token_id, o.text, o.logprob, o.finish_reason, metrics)
+            yield StreamChunk(o.token_id, o.text, o.logprob, o.finish_reason, metrics, o.top_logprobs)
 
     return chunks()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_p", "frequency_penalty",
+                   "presence_penalty", "repetition_penalty", "min_tokens", "logit_bias")
 
 
 def is_uri(location: str) -> bool:

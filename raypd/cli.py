@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from raypd.cli_sampling import add_sampling as _add_sampling
+from raypd.cli_sampling import sampling_kwargs as _sampling
 from raypd.server import http_server
 
 log = logging.getLogger(__name__)
@@ -56,22 +58,6 @@ def _add_parser(subparsers, name: str, **kw) -> argparse.ArgumentParser:
 def _add_connect_timeout(p) -> None:
     p.add_argument("--connect-timeout-s", type=float, default=15.0,
                    help="give up connecting to a Ray cluster or gRPC server after this many seconds")
-
-
-def _add_sampling(p, max_tokens: int = 64) -> None:
-    g = p.add_argument_group("sampling (as raypd.generate)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-
-
-def _sampling(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -125,6 +111,8 @@ def add_generate(subparsers) -> None:
     p.add_argument("--model", default=None, help="preset, shipped model or directory (default: the default model)")
     _add_sampling(p)
     p.add_argument("--logprobs", action="store_true", help="report each generated token's logprob")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="with --json: also the K (<= 20) most likely tokens and their logprobs at each position")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (with --stream: one per token, then the summary)")
@@ -138,8 +126,8 @@ def generate(args: argparse.Namespace) -> int:
 
     from raypd.engine.api import SamplingParams
 
-    try:
-        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})  # bad flags: say so before compiling
+    try:  # bad flags: say so before compiling
+        SamplingParams(**{**_sampling(args), "stop": tuple(args.stop or ())})
         if not args.no_warmup:  # the shapes these prompts use, so TTFT is not compile time
             backend = get_backend(args.model)
             lens = [len(backend.model.tokenizer.encode(p)) if backend.model.tokenizer else 1 for p in args.prompts]
@@ -155,7 +143,8 @@ def generate(args: argparse.Namespace) -> int:
     for prompt, c in zip(args.prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason, "logprobs": c.logprobs, "metrics": c.metrics}))
+                              "finish_reason": c.finish_reason, "logprobs": c.logprobs, "metrics": c.metrics,
+                              **({"top_logprobs": c.top_logprobs} if c.top_logprobs else {})}))
         else:
             print(f"{prompt}{c.text}\n{_metrics_line(c.metrics, c.finish_reason, c.logprobs)}")
     return 0
@@ -177,7 +166,8 @@ def _stream_one(raypd, prompt: str, args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps({"prompt": prompt, "token_id": chunk.token_id, "text": chunk.text,
                               "logprob": chunk.logprob if args.logprobs else None,
-                              "finish_reason": chunk.finish_reason}), flush=True)
+                              "finish_reason": chunk.finish_reason,
+                              **({"top_logprobs": chunk.top_logprobs} if chunk.top_logprobs else {})}), flush=True)
         else:
             print(chunk.text, end="", flush=True)
     m = (last.metrics or {}) if last is not None else {}

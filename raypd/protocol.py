@@ -23,6 +23,8 @@ class Completion:
     # deployment adds its scheduler's timings: queue_s, prefill_s, transfer_s, ...). TPOT is the
     # time between tokens after the first: (last token - first token) / (completion_tokens - 1).
     metrics: dict
+    # per token: ((token id, logprob), ...) most likely first, when params.top_logprobs > 0
+    top_logprobs: list[tuple] | None = None
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class StreamChunk:
     logprob: float
     finish_reason: str | None
     metrics: dict | None = None  # on the last chunk: as Completion.metrics
+    top_logprobs: tuple | None = None  # ((token id, logprob), ...) when params.top_logprobs > 0
 
 
 def check_sampling(params: SamplingParams, model) -> None:

@@ -409,8 +409,11 @@ class SchedulerCore(PlacementView, Membership):
         if r.generated:
             left = r.max_tokens - len(r.generated)
             prompt = list(req.prompt_ids[:r.num_prompt_tokens]) + r.generated
-            r.request = dataclasses.replace(req, prompt_ids=prompt,
-                                            params=dataclasses.replace(params, max_tokens=left))
+            # penalties count the tokens so far as generated; min_tokens counts the rest
+            r.request = dataclasses.replace(req, prompt_ids=prompt, resumed_len=len(r.generated),
+                                            params=dataclasses.replace(
+                                                params, max_tokens=left,
+                                                min_tokens=max(0, params.min_tokens - len(r.generated))))
         r.spec = dataclasses.replace(r.spec, prompt_len=len(r.request.prompt_ids),
                                      max_tokens=r.request.params.max_tokens, ttft_slo_s=None)
         r.placement, r.phase = None, QUEUED

@@ -77,6 +77,7 @@ class SimResult:
 @dataclasses.dataclass(frozen=True)
 class _Params:  # what the core and the fake engines read of sampling parameters
     max_tokens: int
+    min_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,7 @@ class _Request:
     prompt_ids: list[int]
     params: _Params
     kv_compression: str | None = None
+    resumed_len: int = 0
 
 
 def _make_request(rid, prompt_ids, params, kv_compression):

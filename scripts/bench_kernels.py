@@ -172,8 +172,8 @@ class Engines:
         from raypd.engine import paged
 
         def run():
-            self.cache, tokens, _ = paged.step(self.params[impl], self.cache, b, s, CFG)
-            return tokens
+            self.cache, out = paged.step(self.params[impl], self.cache, b, s, CFG)
+            return out.tokens
         return run
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import write_tokenizer_json
 
 import models
+import raypd
 from models import checkpoint
 from models.weights import save_hf
 from raypd import cli
@@ -67,6 +68,24 @@ def test_generate_json_and_bad_input(capsys):
     assert row["prompt"] == "hello" and len(row["token_ids"]) <= 3 and "ttft_s" in row["metrics"]
     with pytest.raises(SystemExit, match="temperature"):
         cli.main(["generate", "hello", "--model", "tiny-random", "--temperature", "-1"])
+
+
+def test_generate_penalty_flags(capsys):
+    args = ["generate", "hello hello hello", "--model", "tiny-random", "--max-tokens", "4", "--json", "--no-warmup",
+            "--ignore-eos", "--frequency-penalty", "1.5", "--repetition-penalty", "1.2", "--logit-bias", "7=3",
+            "--min-tokens", "2", "--top-logprobs", "2"]
+    assert cli.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (ref,) = raypd.generate(["hello hello hello"], model="tiny-random", max_tokens=4, ignore_eos=True,
+                            frequency_penalty=1.5, repetition_penalty=1.2, logit_bias={7: 3}, min_tokens=2,
+                            top_logprobs=2, backend="local")
+    assert row["token_ids"] == ref.token_ids and [len(t) for t in row["top_logprobs"]] == [2] * 4
+    for flags, match in ((["--presence-penalty", "3"], r"presence_penalty must be a number in \[-2, 2\]"),
+                         (["--logit-bias", "7"], "--logit-bias must be ID=BIAS"),
+                         (["--min-tokens", "9", "--max-tokens", "4"], "min_tokens"),
+                         (["--top-logprobs", "30"], "top_logprobs")):
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["generate", "hello", "--model", "tiny-random", *flags])
 
 
 def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigint():

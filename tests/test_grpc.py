@@ -81,6 +81,19 @@ def test_generate_and_stream_match_the_python_client(endpoint, stub):
     wait_for_pages(endpoint)
 
 
+def test_penalties_and_top_logprobs_match_the_python_client(endpoint, stub):
+    kw = dict(max_tokens=8, frequency_penalty=1.5, repetition_penalty=1.3, min_tokens=4, top_logprobs=3)
+    resp = stub.Generate(req("hello hello hello", logit_bias={7: 2.5}, **kw), timeout=30)
+    (ref,) = raypd.generate(["hello hello hello"], model=LocalBackend(models.load("tiny-random"), SMALL),
+                            ignore_eos=True, logit_bias={7: 2.5}, **kw)
+    assert list(resp.token_ids) == ref.token_ids
+    assert [tuple(zip(t.token_ids, t.logprobs)) for t in resp.top_logprobs] == [
+        tuple((i, pytest.approx(lp, abs=1e-6)) for i, lp in top) for top in ref.top_logprobs]
+    chunks = list(stub.GenerateStream(req("hello hello hello", logit_bias={7: 2.5}, **kw), timeout=30))
+    assert [len(t.token_ids) for c in chunks for t in c.top_logprobs] == [3] * 8
+    wait_for_pages(endpoint)
+
+
 def test_list_models_and_server_info(stub):
     (m,) = stub.ListModels(raypd_pb2.ListModelsRequest(), timeout=5).models
     assert m.name == "tiny-random" and m.architecture == "llama" and m.has_tokenizer and m.max_seq_len == 256
@@ -99,6 +112,12 @@ BAD = [
     (req("x", max_tokens=100_000), "context length"),
     (req("x", kv_compression="zip"), "kv_compression"),
     (raypd_pb2.GenerateRequest(text="x", model="gpt-9"), "model"),
+    (req("x", frequency_penalty=3.0), "frequency_penalty"),
+    (req("x", repetition_penalty=0.0), "repetition_penalty"),
+    (req("x", logit_bias={10**6: 1.0}), "logit_bias"),
+    (req("x", logit_bias={5: 200.0}), "logit_bias"),
+    (req("x", min_tokens=9), "min_tokens"),
+    (req("x", top_logprobs=21), "top_logprobs"),
 ]
 
 

@@ -20,7 +20,7 @@ def draw(logits, min_p: float, temperature: float = 1.0) -> set[int]:
     arrays = SamplingArrays(temperature=jnp.full(R, temperature, jnp.float32), top_k=jnp.zeros(R, jnp.int32),
                             top_p=jnp.ones(R, jnp.float32), seed=jnp.arange(R, dtype=jnp.uint32),
                             position=jnp.zeros(R, jnp.int32), min_p=jnp.full(R, min_p, jnp.float32))
-    tokens, _ = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (R, 1)), arrays)
+    tokens = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (R, 1)), arrays).tokens
     return set(np.asarray(tokens).tolist())
 
 

@@ -233,6 +233,33 @@ def test_chat_streamed_and_not(client, backend):
     wait_idle(backend)
 
 
+def test_frequency_penalty_and_top_logprobs(client, model):
+    """A repeated-token prompt is repeated less with frequency_penalty; top logprobs come in
+    OpenAI's shapes, sorted, with the sampled token's logprob among them (greedy: first)."""
+    prompt = "import os\n" * 6
+    kw = dict(model=NAME, prompt=prompt, max_tokens=32, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    penal = client.completions.create(**kw, frequency_penalty=2.0).choices[0].text
+    assert plain.count("import os") > penal.count("import os")
+    ref = raypd.generate([prompt], model=model, max_tokens=32, frequency_penalty=2.0, backend="local")[0]
+    assert penal == ref.text
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 4 and top[token] == token_lp == max(top.values())
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "import os"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=5)
+    for t in chat.choices[0].logprobs.content:
+        alts = [a.logprob for a in t.top_logprobs]
+        assert len(alts) == 5 and alts == sorted(alts, reverse=True)
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+    chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "import os"}],
+                                                 max_tokens=6, temperature=0, logprobs=True, top_logprobs=5,
+                                                 stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in chat.choices[0].logprobs.content]
+
+
 def test_chat_template_from_the_checkpoint_and_without_one(tmp_path, backend, model):
     d = tmp_path / "chatty"
     d.mkdir()
@@ -282,10 +309,15 @@ def test_models_health_metrics_tokenize(http, client, model):
     ({"prompt": "x", "max_tokens": 10_000}, "prompt", "context length 256"),
     ({"prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
     ({"prompt": "x", "seed": -1}, "seed", "[0, 4294967295]"),
-    ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty", "only 0"),
+    ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty", "[-2.0, 2.0]"),
+    ({"prompt": "x", "presence_penalty": -3}, "presence_penalty", "[-2.0, 2.0]"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "(0.0, 2.0]"),
+    ({"prompt": "x", "min_tokens": 20, "max_tokens": 4}, "min_tokens", "[0, max_tokens=4]"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias[5]", "[-100, 100]"),
+    ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"prompt": "x", "logit_bias": [5]}, "logit_bias", "map of token ids"),
     ({"prompt": "x", "min_p": 1.5}, "min_p", "[0.0, 1.0]"),
-    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "empty map"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "only 0"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "[0, 20]"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
     ({"prompt": "x", "kv_compression": "fp4"}, "kv_compression", "['int8', 'none']"),
     ({"max_tokens": 3}, "prompt", "required"),
@@ -298,7 +330,9 @@ def test_bad_completion_fields_are_400s_naming_the_field(http, body, param, says
 def test_bad_chat_fields(http):
     url = f"{http.url}/v1/chat/completions"
     user = [{"role": "user", "content": "x"}]
-    assert_error(*post(url, {"messages": user, "top_logprobs": 3, "logprobs": True})[:2], 400, "top_logprobs", "only 0")
+    assert_error(*post(url, {"messages": user, "top_logprobs": 21, "logprobs": True})[:2], 400, "top_logprobs",
+                 "[0, 20]")
+    assert_error(*post(url, {"messages": user, "top_logprobs": 3})[:2], 400, "top_logprobs", "logprobs: true")
     assert_error(*post(url, {"messages": [{"role": "robot", "content": "x"}]})[:2], 400, "messages[0].role", "robot")
     assert_error(*post(url, {"messages": user, "tool_choice": "auto"})[:2], 400, "tool_choice", "tool_choice")
     assert_error(*post(url, {"messages": []})[:2], 400, "messages", "non-empty")

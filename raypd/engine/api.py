@@ -36,6 +36,10 @@ DEFAULT_KV_COMPRESSION = "none"  # the one default, for every layer (a request o
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256  # characters of one stop string
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (a fixed shape on the device)
+MAX_LOGIT_BIAS_VALUE = 100.0  # |bias| added to a token's logit
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token (a fixed shape on the device)
+MAX_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty|; repetition_penalty in (0, MAX_PENALTY]
 MAX_PROMPT_BYTES = 1 << 20  # UTF-8 bytes of a text prompt (token-id prompts: the context length)
 MAX_REQUEST_ID_LEN = 256  # characters of a client-chosen request id: printable ASCII, no spaces
 SERVER_ID_PREFIX = "srv-"  # request ids the servers assign start with it; clients may not use it
@@ -65,6 +69,24 @@ class SamplingParams:
     logprobs: bool = False
     min_p: float = 0.0  # keep tokens with prob >= min_p * the top token's prob (sampling rows only)
     prompt_logprobs: bool = False  # the prefill also returns each prompt token's logprob (OpenAI's echo)
+    # Penalties (OpenAI): logit -= frequency_penalty * count + presence_penalty * (count > 0), count
+    # = times the token was generated so far; [-2, 2], 0 = off.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # vLLM / Hugging Face: a token in the prompt or generated so far has its logit divided by it
+    # when positive, multiplied when negative; (0, 2], 1 = off.
+    repetition_penalty: float = 1.0
+    # token id -> bias added to its logit, in [-100, 100]; at most MAX_LOGIT_BIAS entries. A dict
+    # or (id, bias) pairs; kept as pairs sorted by id.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many tokens
+    top_logprobs: int = 0  # alternatives (most likely first) reported with each token, <= MAX_TOP_LOGPROBS
+
+    @property
+    def is_penalized(self) -> bool:
+        """Whether the sampler must apply penalties, logit_bias or min_tokens to this request."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) \
@@ -82,12 +104,56 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= MAX_PENALTY:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2] (1 = off), got {self.repetition_penalty!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         object.__setattr__(self, "stop", _check_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _check_stop_token_ids(self.stop_token_ids))
 
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    if bias is None:
+        return ()
+    if isinstance(bias, collections.abc.Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, (collections.abc.Sequence, np.ndarray)) and not isinstance(bias, str):
+        items = list(bias)
+    else:
+        raise ValueError(f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries (MAX_LOGIT_BIAS), got {len(items)}")
+    out = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"logit_bias must map token ids to biases, got the entry {item!r:.80}")
+        t, b = item
+        if isinstance(t, str) and t.strip().isdigit():  # JSON object keys are strings
+            t = int(t)
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"logit_bias: key {t!r:.80} is not a token id (an integer >= 0)")
+        if not _is_number(b) or not -MAX_LOGIT_BIAS_VALUE <= b <= MAX_LOGIT_BIAS_VALUE:
+            raise ValueError(f"logit_bias[{t}] must be a number in [-100, 100], got {b!r:.80}")
+        if int(t) in out:
+            raise ValueError(f"logit_bias: token id {t} appears twice")
+        out[int(t)] = float(b)
+    return tuple(sorted(out.items()))
 
 
 def _check_stop(stop) -> tuple[str, ...]:
@@ -122,10 +188,14 @@ def _check_stop_token_ids(ids) -> tuple[int, ...]:
 
 
 def check_vocab(params: SamplingParams, vocab_size: int) -> None:
-    """Stop token ids must be in [0, vocab_size): the checks of `params` that need the model."""
+    """Stop token ids and logit_bias keys must be in [0, vocab_size): the checks of `params` that
+    need the model."""
     for i, t in enumerate(params.stop_token_ids):
         if t >= vocab_size:
             raise ValueError(f"stop_token_ids[{i}]: token id {t} is outside the vocabulary [0, {vocab_size})")
+    for t, _ in params.logit_bias:
+        if t >= vocab_size:
+            raise ValueError(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
 def check_request_id(request_id) -> str:
@@ -152,6 +222,9 @@ class Request:
     # "int8" | "none": how this request's K/V moves prefill -> decode (disaggregated serving
     # only; colocated engines share one pool). None: the deployment's default.
     kv_compression: str | None = None
+    # The last resumed_len prompt ids were generated by an earlier attempt (a request resumed after
+    # a failure): penalties count them as generated, and min_tokens was lowered by as many.
+    resumed_len: int = 0
 
     def __post_init__(self):
         check_kv_compression(self.kv_compression)
@@ -167,6 +240,7 @@ class PrefillOutput:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from a cached prefix
     # with params.prompt_logprobs: the logprob of prompt token i given tokens < i, for i >= 1
     prompt_logprobs: list[float] | None = None
+    first_top_logprobs: tuple | None = None  # ((token id, logprob), ...) when params.top_logprobs
 
 
 @dataclasses.dataclass
@@ -227,6 +301,8 @@ class TokenOutput:
     finish_reason: str | None = None  # None while running; FINISH_STOP / FINISH_LENGTH / FINISH_ABORT
     text: str = ""  # text delta this token adds (empty without a tokenizer)
     prompt_logprobs: list[float] | None = None  # on a request's first token only: PrefillOutput.prompt_logprobs
+    # ((token id, logprob), ...) most likely first, params.top_logprobs of them; None when not asked
+    top_logprobs: tuple | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -31,9 +31,10 @@ import jax
 import numpy as np
 
 from raypd.engine import decode_state
-from raypd.engine.api import FINISH_ABORT, KVPayload, PrefillOutput, Request, TokenOutput
+from raypd.engine.api import FINISH_ABORT, MAX_LOGIT_BIAS, KVPayload, PrefillOutput, Request, TokenOutput
 from raypd.engine.pages import OutOfPages
-from raypd.engine.prefill import request_seed
+from raypd.engine.prefill import penalty_prompt_len, request_seed, set_penalties, top_pairs
+from raypd.engine.sampling import MAX_SUPPRESS_IDS, suppress_ids
 from raypd.engine.runner import ModelRunner, bucket
 from raypd.engine.sequence import Sequence
 
@@ -54,6 +55,8 @@ class _InFlight:
     num_steps: int
     tokens: jax.Array  # [k, B]
     logprobs: jax.Array  # [k, B]
+    top_ids: jax.Array | None  # [k, B, K]; None when no row asked for alternatives
+    top_logprobs: jax.Array | None  # [k, B, K]
 
 
 class DecodeEngine:
@@ -69,6 +72,9 @@ class DecodeEngine:
         self._new: list[Sequence] = []  # inserted since the last update
         self._is_dirty = False  # rows changed since the last update
         self._state = runner.new_decode_state()
+        self._table = runner.new_penalty_table()  # one row per slot, held by a running request
+        self._free_table_rows = list(range(runner.config.max_slots))
+        self._table_row: dict[str, int] = {}
         self._inflight: _InFlight | None = None
         # When set, a request that finishes keeps one reference on its full pages (prompt and
         # generated tokens with K/V in the pool), listed in `finished` as (request_id, token
@@ -149,12 +155,15 @@ class DecodeEngine:
 
     def _start(self, request: Request, out: PrefillOutput, pages: list[int]) -> TokenOutput:
         seq = Sequence(request, pages, out.prompt_len, self.eos_ids, self.tokenizer)
-        token_out = seq.append(out.first_token, out.first_logprob)
+        token_out = seq.append(out.first_token, out.first_logprob, out.first_top_logprobs)
         token_out.prompt_logprobs = out.prompt_logprobs
         if token_out.is_finished:
             self.allocator.free(pages)
         else:
             self._running[request.request_id] = seq
+            self._table_row[request.request_id] = row = self._free_table_rows.pop()
+            if request.params.is_penalized:
+                self._write_table_row(row, seq)
             self._dispatched[request.request_id] = _Dispatched(
                 seq.next_position, request.params.max_tokens - len(seq.output_ids))
             self._new.append(seq)
@@ -195,22 +204,30 @@ class DecodeEngine:
         r = self.runner
         Pc = bucket(max(1, r.allocator.pages_for(last)), r.page_buckets)
         B = bucket(len(rows), r.batch_buckets)
-        self._state, tokens, logprobs = r.decode(self._state, n, B, Pc)
+        with_top = any(s.request.params.top_logprobs for s, _ in todo)
+        self._state, self._table, tokens, logprobs, top_ids, top_lps = r.decode(
+            self._state, self._table, n, B, Pc, with_top)
         for _, d in todo:
             k = min(n, d.remaining)
             d.position += k
             d.remaining -= k
         self.num_dispatches += 1
-        return _InFlight(list(rows), n, tokens, logprobs)
+        return _InFlight(list(rows), n, tokens, logprobs, top_ids if with_top else None,
+                         top_lps if with_top else None)
 
     def _collect(self, f: _InFlight) -> list[TokenOutput]:
         tokens, logprobs = np.asarray(f.tokens), np.asarray(f.logprobs)
+        top_ids = top_lps = None
+        if f.top_ids is not None:
+            top_ids, top_lps = np.asarray(f.top_ids), np.asarray(f.top_logprobs)
         outs = []
         for j in range(f.num_steps):
             for i, s in enumerate(f.rows):
                 if s.finish_reason is not None or self._running.get(s.request_id) is not s:
                     continue  # finished (or aborted) before this step: its token is discarded
-                o = s.append(int(tokens[j, i]), float(logprobs[j, i]))
+                k = s.request.params.top_logprobs
+                top = top_pairs(top_ids[j, i], top_lps[j, i], k) if k else None
+                o = s.append(int(tokens[j, i]), float(logprobs[j, i]), top)
                 if o.is_finished:
                     self._finish(s.request_id)
                 outs.append(o)
@@ -245,14 +262,33 @@ class DecodeEngine:
             rows.top_p[i] = p.top_p
             rows.min_p[i] = p.min_p
             rows.seed[i] = request_seed(s.request)
+            rows.table_row[i] = self._table_row[s.request_id]
+            rows.num_top_logprobs[i] = p.top_logprobs
+            if p.is_penalized:
+                set_penalties(vars(rows), i, s.request)
         upd = decode_state.RowUpdate(perm=perm, is_new=is_new, num_rows=np.int32(len(layout)), rows=rows)
         self._state = self.runner.update_decode_state(self._state, upd)
         self._layout, self._new, self._is_dirty = layout, [], False
         self.num_row_updates += 1
 
+    def _write_table_row(self, row: int, seq: Sequence) -> None:
+        """The penalty state of a newly inserted request: its prompt and first token(s)."""
+        V, p = self.runner.cfg.vocab_size, seq.request.params
+        bias_ids = np.full(MAX_LOGIT_BIAS, V, np.int32)
+        bias_values = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        for j, (t, b) in enumerate(p.logit_bias):
+            bias_ids[j], bias_values[j] = t, b
+        suppress = np.full(MAX_SUPPRESS_IDS, V, np.int32)
+        ids = suppress_ids(p, self.eos_ids)
+        suppress[: len(ids)] = ids
+        self._table = self.runner.write_table_row(
+            self._table, row, list(seq.request.prompt_ids) + seq.output_ids, penalty_prompt_len(seq.request),
+            bias_ids, bias_values, suppress)
+
     def _finish(self, request_id: str, retain: bool = True) -> None:
         seq = self._running.pop(request_id)
         self._dispatched.pop(request_id)
+        self._free_table_rows.append(self._table_row.pop(request_id))
         self._is_dirty = True
         if retain and self.retain_finished:
             n = seq.next_position // self.runner.page_size  # full pages with K/V written

@@ -14,6 +14,12 @@ multi-step dispatch returns equal those of as many single steps.
 
 Rows are kept packed: the host's `RowUpdate` reorders rows on the device (`perm`, which also
 drops finished rows) and writes the rows of newly inserted requests, in one program.
+
+Penalties (frequency, presence, repetition), logit_bias and min_tokens read a `PenaltyTable`
+(raypd/engine/sampling.py) with one row per slot that stays put while rows move (a row holds
+its `table_row`): a step adds each penalized row's sampled token to its counts, and
+`write_table_row` fills a row when a penalized request is inserted (its prompt and the tokens
+generated so far). Requests without penalties never touch the table.
 Shapes: S slots (`max_slots`), M stop ids per slot, P pages per slot (pages of max_seq_len);
 B rows of a dispatch (a bucket of the running rows), Pc context pages, k steps.
 """
@@ -29,7 +35,8 @@ from flax import struct
 
 from models.config import ModelConfig
 from raypd.engine import paged
-from raypd.engine.sampling import SamplingArrays
+from raypd.engine.api import MAX_TOP_LOGPROBS
+from raypd.engine.sampling import PenaltyTable, SamplingArrays
 
 NO_STOP = -1  # padding of `stop_ids`
 MAX_STOP_IDS = 8  # M: stop ids a row checks on the device; beyond them the host alone checks
@@ -50,6 +57,13 @@ class DecodeState:
     top_p: jax.Array  # [S] float32
     min_p: jax.Array  # [S] float32; 0 = off
     seed: jax.Array  # [S] uint32
+    frequency_penalty: jax.Array  # [S] float32; 0 = off
+    presence_penalty: jax.Array  # [S] float32; 0 = off
+    repetition_penalty: jax.Array  # [S] float32; 1 = off
+    min_position: jax.Array  # [S] int32; EOS / stop ids masked while sampling positions below it
+    is_penalized: jax.Array  # [S] bool; the row reads (and counts into) its table row
+    table_row: jax.Array  # [S] int32; its row of the PenaltyTable
+    num_top_logprobs: jax.Array  # [S] int32; 0 = no alternatives
 
 
 @struct.dataclass
@@ -70,7 +84,27 @@ def empty_state(num_slots: int, pages_per_slot: int, num_stop_ids: int = MAX_STO
                        pages=np.zeros((S, pages_per_slot), np.int32), active=np.zeros(S, bool),
                        remaining=np.zeros(S, np.int32), stop_ids=np.full((S, num_stop_ids), NO_STOP, np.int32),
                        temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32),
-                       top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32))
+                       top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32),
+                       frequency_penalty=np.zeros(S, np.float32), presence_penalty=np.zeros(S, np.float32),
+                       repetition_penalty=np.ones(S, np.float32), min_position=np.zeros(S, np.int32),
+                       is_penalized=np.zeros(S, bool), table_row=np.zeros(S, np.int32),
+                       num_top_logprobs=np.zeros(S, np.int32))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def write_table_row(table: PenaltyTable, row: jax.Array, token_ids: jax.Array, num_prompt: jax.Array,
+                    bias_ids: jax.Array, bias_values: jax.Array, suppress_ids: jax.Array) -> PenaltyTable:
+    """Fill table row `row` for a newly inserted request. token_ids [Lmax] int32 (V-padded): its
+    prompt (the first num_prompt) then the tokens generated so far; bias_ids, bias_values [NB];
+    suppress_ids [NS]. The table is donated."""
+    V = table.counts.shape[1]
+    at = jnp.arange(token_ids.shape[0])
+    counts = jnp.zeros(V, jnp.int32).at[token_ids].add((at >= num_prompt).astype(jnp.int32), mode="drop")
+    in_prompt = jnp.zeros(V, bool).at[jnp.where(at < num_prompt, token_ids, V)].set(True, mode="drop")
+    return PenaltyTable(counts=table.counts.at[row].set(counts), prompt_mask=table.prompt_mask.at[row].set(in_prompt),
+                        bias_ids=table.bias_ids.at[row].set(bias_ids),
+                        bias_values=table.bias_values.at[row].set(bias_values),
+                        suppress_ids=table.suppress_ids.at[row].set(suppress_ids))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -104,35 +138,44 @@ def _batch(st: DecodeState, B: int, Pc: int, page_size: int) -> tuple[paged.Batc
         ctx_lens=jnp.where(live, pos, 0),
         sample_index=jnp.zeros((B, 1), jnp.int32))
     sampling = SamplingArrays(temperature=st.temperature[:B], top_k=st.top_k[:B], top_p=st.top_p[:B],
-                              min_p=st.min_p[:B], seed=st.seed[:B], position=pos + 1)
+                              min_p=st.min_p[:B], seed=st.seed[:B], position=pos + 1,
+                              frequency_penalty=st.frequency_penalty[:B], presence_penalty=st.presence_penalty[:B],
+                              repetition_penalty=st.repetition_penalty[:B], min_position=st.min_position[:B],
+                              is_penalized=st.is_penalized[:B] & live, table_row=st.table_row[:B],
+                              num_top_logprobs=jnp.where(live, st.num_top_logprobs[:B], 0))
     return batch, sampling
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7), donate_argnums=(1, 2))
-def decode_steps(params: paged.EngineParams, cache: paged.KVCache, state: DecodeState, num_steps: jax.Array,
-                 cfg: ModelConfig, B: int, Pc: int, max_steps: int):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3))
+def decode_steps(params: paged.EngineParams, cache: paged.KVCache, state: DecodeState, table: PenaltyTable,
+                 num_steps: jax.Array, cfg: ModelConfig, B: int, Pc: int, max_steps: int):
     """Run `num_steps` (<= max_steps) decode steps over the first B rows, with on-device stop
-    and length checks. Cache and state are donated: use the returned ones.
+    and length checks. Cache, state and penalty table are donated: use the returned ones.
 
-    -> (cache, state, tokens [k, B], logprobs [k, B]); row i of step j is valid while the row
-    had not stopped before step j (the host re-checks stops as it reads them).
+    -> (cache, state, table, tokens [k, B], logprobs [k, B], top_ids [k, B, K], top_logprobs
+    [k, B, K]); row i of step j is valid while the row had not stopped before step j (the host
+    re-checks stops as it reads them).
     """
     G = cache.k[0].shape[2]
 
     def body(j, carry):
-        cache, st, toks, lps = carry
+        cache, st, table, toks, lps, top_ids, top_lps = carry
         batch, sampling = _batch(st, B, Pc, G)
-        cache, t, lp = paged.step(params, cache, batch, sampling, cfg)
+        cache, out = paged.step(params, cache, batch, sampling, cfg, table)
+        t, lp = out.tokens, out.logprobs
         live = st.active[:B]
+        counted = (live & st.is_penalized[:B]).astype(jnp.int32)
+        table = table.replace(counts=table.counts.at[st.table_row[:B], t].add(counted))
         hit = jnp.any(t[:, None] == st.stop_ids[:B], axis=1) | (st.remaining[:B] <= 1)
         st = st.replace(
             tokens=st.tokens.at[:B].set(jnp.where(live, t, st.tokens[:B])),
             positions=st.positions.at[:B].add(live.astype(jnp.int32)),
             remaining=st.remaining.at[:B].add(-live.astype(jnp.int32)),
             active=st.active.at[:B].set(live & ~hit))
-        return cache, st, toks.at[j].set(t), lps.at[j].set(lp)
+        return (cache, st, table, toks.at[j].set(t), lps.at[j].set(lp), top_ids.at[j].set(out.top_ids),
+                top_lps.at[j].set(out.top_logprobs))
 
-    toks = jnp.zeros((max_steps, B), jnp.int32)
-    lps = jnp.zeros((max_steps, B), jnp.float32)
-    cache, state, toks, lps = jax.lax.fori_loop(0, num_steps, body, (cache, state, toks, lps))
-    return cache, state, toks, lps
+    K = MAX_TOP_LOGPROBS
+    carry = (cache, state, table, jnp.zeros((max_steps, B), jnp.int32), jnp.zeros((max_steps, B), jnp.float32),
+             jnp.zeros((max_steps, B, K), jnp.int32), jnp.zeros((max_steps, B, K), jnp.float32))
+    return jax.lax.fori_loop(0, num_steps, body, carry)

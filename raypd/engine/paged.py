@@ -23,7 +23,7 @@ from flax import struct
 from models import llama
 from models.config import ModelConfig
 from raypd.engine import attention
-from raypd.engine.sampling import SamplingArrays, sample
+from raypd.engine.sampling import PenaltyTable, Sampled, SamplingArrays, sample
 
 
 @struct.dataclass
@@ -105,24 +105,26 @@ def run_layers(layers, cache_k, cache_v, x: jax.Array, b: Batch, cfg: ModelConfi
     return x, tuple(new_k), tuple(new_v)
 
 
-def _head(params: EngineParams, x: jax.Array, b: Batch, s: SamplingArrays, cfg: ModelConfig):
-    """Hidden states at b.sample_index -> (tokens [B*R], logprobs [B*R])."""
+def _head(params: EngineParams, x: jax.Array, b: Batch, s: SamplingArrays, cfg: ModelConfig,
+          table: PenaltyTable | None = None) -> Sampled:
+    """Hidden states at b.sample_index -> Sampled (tokens [B*R], ...)."""
     picked = jnp.take_along_axis(x, b.sample_index[:, :, None], axis=1)  # [B, R, D]
     B, R, D = picked.shape
     logits = llama.unembed(params, picked.reshape(1, B * R, D), cfg)[0]  # [B*R, V]
-    return sample(logits, s)
+    return sample(logits, s, table)
 
 
 @functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
-def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig):
+def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg: ModelConfig,
+         table: PenaltyTable | None = None):
     """Forward + sampling in one program. The cache is donated: use the returned one.
+    `table`: the penalty state `s.table_row` points into (raypd/engine/sampling.py).
 
-    -> (cache, tokens [B*R], logprobs [B*R])
+    -> (cache, Sampled: tokens [B*R], logprobs [B*R], top alternatives [B*R, K])
     """
     x, k, v = run_layers(params.layers, cache.k, cache.v, llama.embed(params, b.tokens), b, cfg,
                          params.attention)
-    tokens, logprobs = _head(params, x, b, s, cfg)
-    return KVCache(k=k, v=v), tokens, logprobs
+    return KVCache(k=k, v=v), _head(params, x, b, s, cfg, table)
 
 
 # The same step as separate programs per layer group, for streaming K/V out while later layers

@@ -22,6 +22,7 @@ import numpy as np
 from raypd.engine.api import KVPayload, PrefillOutput, Request
 from raypd.engine.pages import OutOfPages
 from raypd.engine.runner import ModelRunner, bucket
+from raypd.engine.sampling import empty_table, fill_table_row
 
 
 @dataclasses.dataclass
@@ -142,6 +143,7 @@ class PrefillEngine:
         first_start = pieces[0][1]
         Pc = 0 if first_start == 0 else bucket(r.allocator.pages_for(first_start), r.page_buckets)
         batch, sampling = r.empty_batch(1, T, R, Pc)
+        table = None  # host penalty table of the chunk's rows, made when some row needs it
         if Pc:
             ctx = pieces[0][0].pages[:Pc]
             batch["ctx_pages"][0, : len(ctx)] = ctx
@@ -166,14 +168,20 @@ class PrefillEngine:
                 sampling["min_p"][row] = sp.min_p
                 sampling["seed"][row] = request_seed(req)
                 sampling["position"][row] = end
+                sampling["num_top_logprobs"][row] = sp.top_logprobs
+                if sp.is_penalized and end == len(p.request.prompt_ids):  # samples the first token now
+                    if table is None:
+                        table = empty_table(R, r.cfg.vocab_size)
+                    set_penalties(sampling, row, req)
+                    fill_table_row(table, row, sp, req.prompt_ids, penalty_prompt_len(req), r.cfg.eos_token_ids)
                 row += 1
             at += n
         self.num_computed_tokens += at
         if on_layers is None:
-            tokens, logprobs = r.run(batch, sampling)
+            out = r.run(batch, sampling, table)
         else:
             chunk = [(p.request.request_id, list(p.pages), start, end) for p, start, end in pieces]
-            tokens, logprobs = r.run_streamed(batch, sampling, lambda lo, hi: on_layers(lo, hi, chunk))
+            out = r.run_streamed(batch, sampling, lambda lo, hi: on_layers(lo, hi, chunk), table)
         outs = []
         for row, (p, start, end) in zip(rows, pieces):
             if end == len(p.request.prompt_ids):
@@ -181,9 +189,12 @@ class PrefillEngine:
                 prompt_lps = r.prompt_logprobs(p.request.prompt_ids) \
                     if any(q.params.prompt_logprobs for q in requests) else None
                 for i, req in enumerate(requests):
-                    outs.append(PrefillOutput(req.request_id, end, int(tokens[row + i]), float(logprobs[row + i]),
-                                              list(p.pages), p.num_cached,
-                                              prompt_lps if req.params.prompt_logprobs else None))
+                    k = req.params.top_logprobs
+                    top = top_pairs(out.top_ids[row + i], out.top_logprobs[row + i], k) if k else None
+                    outs.append(PrefillOutput(req.request_id, end, int(out.tokens[row + i]),
+                                              float(out.logprobs[row + i]), list(p.pages), p.num_cached,
+                                              prompt_logprobs=prompt_lps if req.params.prompt_logprobs else None,
+                                              first_top_logprobs=top))
         return outs
 
     def read_kv(self, out: PrefillOutput) -> KVPayload:
@@ -198,6 +209,26 @@ class PrefillEngine:
             return
         self._queue = deque(p for p in self._queue if p.request.request_id != request_id)
         self.allocator.free(pages)
+
+
+def penalty_prompt_len(request: Request) -> int:
+    """Prompt tokens the repetition penalty sees as prompt (a resumed request's tail was generated)."""
+    return len(request.prompt_ids) - request.resumed_len
+
+
+def set_penalties(sampling: dict, i: int, request: Request) -> None:
+    """Row i of a host sampling dict: the request's penalty fields (table row i)."""
+    sp = request.params
+    sampling["frequency_penalty"][i] = sp.frequency_penalty
+    sampling["presence_penalty"][i] = sp.presence_penalty
+    sampling["repetition_penalty"][i] = sp.repetition_penalty
+    sampling["min_position"][i] = len(request.prompt_ids) + sp.min_tokens
+    sampling["is_penalized"][i] = True
+
+
+def top_pairs(ids, logprobs, k: int) -> tuple[tuple[int, float], ...]:
+    """The first k (token id, logprob) pairs of one row of top alternatives."""
+    return tuple((int(t), float(lp)) for t, lp in zip(ids[:k], logprobs[:k]))
 
 
 def request_seed(request: Request) -> int:

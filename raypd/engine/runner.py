@@ -25,7 +25,8 @@ from models import Model, llama
 from models.sharding import kv_sharding, make_mesh, replicated, shard_params
 from raypd.engine import attention, decode_state, paged
 from raypd.engine.pages import PageAllocator
-from raypd.engine.sampling import SamplingArrays
+from raypd.engine.api import MAX_LOGIT_BIAS
+from raypd.engine.sampling import MAX_SUPPRESS_IDS, PenaltyTable, SamplingArrays, empty_table
 
 log = logging.getLogger(__name__)
 
@@ -112,29 +113,42 @@ class ModelRunner:
         # decode step counts as device scalars, placed once: a decode dispatch sends no arrays
         self._step_counts = [jax.device_put(np.int32(n), self._replicated)
                              for n in range(config.max_decode_steps + 1)]
+        self._neutral_tables: dict[int, PenaltyTable] = {}  # rows -> a neutral table on the device
+
+    def neutral_table(self, num_rows: int) -> PenaltyTable:
+        """A table of `num_rows` neutral rows, placed once: a chunk without penalties sends none."""
+        if num_rows not in self._neutral_tables:
+            self._neutral_tables[num_rows] = jax.device_put(empty_table(num_rows, self.cfg.vocab_size),
+                                                            self._replicated)
+        return self._neutral_tables[num_rows]
+
+    def _inputs(self, batch: dict, sampling: dict, table: PenaltyTable | None):
+        put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
+        b = paged.Batch(**{k: put(v) for k, v in batch.items()})
+        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
+        t = put(table) if table is not None else self.neutral_table(len(sampling["temperature"]))
+        return b, s, t
 
     @property
     def page_size(self) -> int:
         return self.config.page_size
 
-    def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray]):
-        """One forward + sample. -> (tokens [B*R], logprobs [B*R]) as numpy."""
-        put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
-        b = paged.Batch(**{k: put(v) for k, v in batch.items()})
-        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
-        self.cache, tokens, logprobs = paged.step(self.params, self.cache, b, s, self.cfg)
-        return jax.device_get((tokens, logprobs))
+    def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], table: PenaltyTable | None = None):
+        """One forward + sample. `table`: the rows' penalty state (host numpy; None: neutral).
+        -> Sampled (tokens [B*R], logprobs [B*R], top alternatives [B*R, K]) as numpy."""
+        b, s, t = self._inputs(batch, sampling, table)
+        self.cache, out = paged.step(self.params, self.cache, b, s, self.cfg, t)
+        return jax.device_get(out)
 
-    def run_streamed(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], on_group):
+    def run_streamed(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], on_group,
+                     table: PenaltyTable | None = None):
         """The same as `run`, as one program per layer group (`EngineConfig.layer_groups`).
 
         `on_group(lo, hi)` is called once layers [lo, hi) are dispatched *and* the next group
         (or the head) is already queued behind them, so whatever it does with those layers'
         pages (read them out, send them) overlaps the computation of the later layers.
         """
-        put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
-        b = paged.Batch(**{k: put(v) for k, v in batch.items()})
-        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
+        b, s, t = self._inputs(batch, sampling, table)
         x = paged.embed_step(self.params, b)
         k, v = list(self.cache.k), list(self.cache.v)
         done = None
@@ -146,9 +160,9 @@ class ModelRunner:
             if done is not None:
                 on_group(*done)
             done = (lo, hi)
-        tokens, logprobs = paged.head_step(self.params, x, b, s, self.cfg)
+        out = paged.head_step(self.params, x, b, s, self.cfg, t)
         on_group(*done)
-        return jax.device_get((tokens, logprobs))
+        return jax.device_get(out)
 
     # ---------------------------------------------------------------- device-resident decode
 
@@ -161,16 +175,32 @@ class ModelRunner:
         """Apply a host-built row update (numpy) to the state (donated)."""
         return decode_state.apply_update(state, jax.device_put(update, self._replicated))
 
-    def decode(self, state: decode_state.DecodeState, num_steps: int, B: int, Pc: int):
-        """Dispatch `num_steps` decode steps over the first B rows of the state (donated, as is
-        the pool) without waiting for them. -> (state, tokens [k, B], logprobs [k, B]) on the
-        device, their copy to the host already started."""
-        self.cache, state, tokens, logprobs = decode_state.decode_steps(
-            self.params, self.cache, state, self._step_counts[num_steps], self.cfg, B, Pc,
+    def new_penalty_table(self) -> PenaltyTable:
+        """The decode slots' penalty table (one neutral row per slot), on the device."""
+        return jax.device_put(empty_table(self.config.max_slots, self.cfg.vocab_size), self._replicated)
+
+    def write_table_row(self, table: PenaltyTable, row: int, token_ids, num_prompt: int, bias_ids: np.ndarray,
+                        bias_values: np.ndarray, suppress_ids: np.ndarray) -> PenaltyTable:
+        """Fill one row of the table (donated) for an inserted penalized request: `token_ids` are
+        its prompt (the first num_prompt) and the tokens generated so far; the rest as in
+        raypd/engine/sampling.py's PenaltyTable (one row)."""
+        ids = np.full(self.max_pages_per_seq * self.page_size, self.cfg.vocab_size, np.int32)  # one shape
+        ids[: len(token_ids)] = token_ids
+        args = (np.int32(row), ids, np.int32(num_prompt), bias_ids, bias_values, suppress_ids)
+        return decode_state.write_table_row(table, *jax.device_put(args, self._replicated))
+
+    def decode(self, state: decode_state.DecodeState, table: PenaltyTable, num_steps: int, B: int, Pc: int,
+               with_top: bool = False):
+        """Dispatch `num_steps` decode steps over the first B rows of the state (donated, as are
+        the penalty table and the pool) without waiting for them. -> (state, table, tokens [k, B],
+        logprobs [k, B], top_ids [k, B, K], top_logprobs [k, B, K]) on the device, the copy of
+        the tokens and logprobs to the host already started (of the top ones too when with_top)."""
+        self.cache, state, table, tokens, logprobs, top_ids, top_lps = decode_state.decode_steps(
+            self.params, self.cache, state, table, self._step_counts[num_steps], self.cfg, B, Pc,
             self.config.max_decode_steps)
-        tokens.copy_to_host_async()
-        logprobs.copy_to_host_async()
-        return state, tokens, logprobs
+        for a in (tokens, logprobs) + ((top_ids, top_lps) if with_top else ()):
+            a.copy_to_host_async()
+        return state, table, tokens, logprobs, top_ids, top_lps
 
     def read_layer_pages(self, pages: list[int], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """K/V of layers [lo, hi) for `pages` -> k, v [hi - lo, n, G, K, H] (blocks until written)."""
@@ -219,7 +249,11 @@ class ModelRunner:
         N = B * R
         sampling = dict(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
                         top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
-                        position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32))
+                        position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32),
+                        frequency_penalty=np.zeros(N, np.float32), presence_penalty=np.zeros(N, np.float32),
+                        repetition_penalty=np.ones(N, np.float32), min_position=np.zeros(N, np.int32),
+                        is_penalized=np.zeros(N, bool), table_row=np.arange(N, dtype=np.int32),
+                        num_top_logprobs=np.zeros(N, np.int32))
         return batch, sampling
 
     def warmup(self) -> int:
@@ -234,7 +268,10 @@ class ModelRunner:
                     self.run_streamed(*self.empty_batch(1, T, R, Pc), lambda lo, hi: None)
         # decode: the row update and every (B, Pc) program, each from a state made by the other
         # program too (as in serving), all rows free so the pool is left as it was
-        state = self.new_decode_state()
+        state, table = self.new_decode_state(), self.new_penalty_table()
+        V = self.cfg.vocab_size
+        table = self.write_table_row(table, 0, [], 0, np.full(MAX_LOGIT_BIAS, V, np.int32),
+                                     np.zeros(MAX_LOGIT_BIAS, np.float32), np.full(MAX_SUPPRESS_IDS, V, np.int32))
         S, P = self.config.max_slots, self.max_pages_per_seq
         update = decode_state.RowUpdate(perm=np.arange(S, dtype=np.int32), is_new=np.zeros(S, bool),
                                         num_rows=np.int32(0), rows=decode_state.empty_state(S, P))
@@ -242,7 +279,7 @@ class ModelRunner:
             for Pc in self.page_buckets:
                 state = self.update_decode_state(state, update)
                 for _ in range(2):
-                    state, tokens, _ = self.decode(state, 1, B, Pc)
+                    state, table, tokens, *_ = self.decode(state, table, 1, B, Pc)
                 count += 1
         jax.block_until_ready(tokens)
         return count

@@ -24,35 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0braypd.proto\x12\x08raypd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9e\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x16\n\x0ekv_compression\x18\n \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.raypd.v1.TokenIdsH\x00\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.raypd.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"8\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x03 \x01(\x01\"\xab\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.raypd.v1.Timings\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\"\x97\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.raypd.v1.Timings\"\x13\n\x11ListModelsRequest\"o\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_params\x18\x03 \x01(\x03\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.raypd.v1.ModelInfo\"\x13\n\x11ServerInfoRequest\"\x8f\x01\n\x12ServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x16\n\x0enum_pages_used\x18\x04 \x01(\x05\x12\x17\n\x0fnum_pages_total\x18\x05 \x01(\x05\x12\x11\n\tmax_slots\x18\x06 \x01(\x05\x32\xa9\x02\n\nGeneration\x12\x41\n\x08Generate\x12\x19.raypd.v1.GenerateRequest\x1a\x1a.raypd.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.raypd.v1.GenerateRequest\x1a\x17.raypd.v1.GenerateChunk0\x01\x12G\n\nListModels\x12\x1b.raypd.v1.ListModelsRequest\x1a\x1c.raypd.v1.ListModelsResponse\x12G\n\nServerInfo\x12\x1b.raypd.v1.ServerInfoRequest\x1a\x1c.raypd.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0braypd.proto\x12\x08raypd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf7\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x16\n\x0ekv_compression\x18\n \x01(\t\x12\x12\n\x05min_p\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12;\n\nlogit_bias\x18\x0f \x03(\x0b\x32\'.raypd.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x10 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x15\n\x13_repetition_penalty\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xa1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.raypd.v1.TokenIdsH\x00\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.raypd.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"8\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x03 \x01(\x01\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.raypd.v1.Timings\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12+\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x15.raypd.v1.TopLogprobs\"\xc4\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.raypd.v1.Timings\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.raypd.v1.TopLogprobs\"\x13\n\x11ListModelsRequest\"o\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_params\x18\x03 \x01(\x03\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.raypd.v1.ModelInfo\"\x13\n\x11ServerInfoRequest\"\x8f\x01\n\x12ServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x16\n\x0enum_pages_used\x18\x04 \x01(\x05\x12\x17\n\x0fnum_pages_total\x18\x05 \x01(\x05\x12\x11\n\tmax_slots\x18\x06 \x01(\x05\x32\xa9\x02\n\nGeneration\x12\x41\n\x08Generate\x12\x19.raypd.v1.GenerateRequest\x1a\x1a.raypd.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.raypd.v1.GenerateRequest\x1a\x17.raypd.v1.GenerateChunk0\x01\x12G\n\nListModels\x12\x1b.raypd.v1.ListModelsRequest\x1a\x1c.raypd.v1.ListModelsResponse\x12G\n\nServerInfo\x12\x1b.raypd.v1.ServerInfoRequest\x1a\x1c.raypd.v1.ServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raypd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=25
   _globals['_TOKENIDS']._serialized_end=48
   _globals['_SAMPLINGPARAMS']._serialized_start=51
-  _globals['_SAMPLINGPARAMS']._serialized_end=337
-  _globals['_GENERATEREQUEST']._serialized_start=340
-  _globals['_GENERATEREQUEST']._serialized_end=501
-  _globals['_TIMINGS']._serialized_start=503
-  _globals['_TIMINGS']._serialized_end=559
-  _globals['_GENERATERESPONSE']._serialized_start=562
-  _globals['_GENERATERESPONSE']._serialized_end=733
-  _globals['_GENERATECHUNK']._serialized_start=736
-  _globals['_GENERATECHUNK']._serialized_end=887
-  _globals['_LISTMODELSREQUEST']._serialized_start=889
-  _globals['_LISTMODELSREQUEST']._serialized_end=908
-  _globals['_MODELINFO']._serialized_start=910
-  _globals['_MODELINFO']._serialized_end=1021
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1023
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1080
-  _globals['_SERVERINFOREQUEST']._serialized_start=1082
-  _globals['_SERVERINFOREQUEST']._serialized_end=1101
-  _globals['_SERVERINFORESPONSE']._serialized_start=1104
-  _globals['_SERVERINFORESPONSE']._serialized_end=1247
-  _globals['_GENERATION']._serialized_start=1250
-  _globals['_GENERATION']._serialized_end=1547
+  _globals['_SAMPLINGPARAMS']._serialized_end=682
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=498
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=546
+  _globals['_TOPLOGPROBS']._serialized_start=684
+  _globals['_TOPLOGPROBS']._serialized_end=734
+  _globals['_GENERATEREQUEST']._serialized_start=737
+  _globals['_GENERATEREQUEST']._serialized_end=898
+  _globals['_TIMINGS']._serialized_start=900
+  _globals['_TIMINGS']._serialized_end=956
+  _globals['_GENERATERESPONSE']._serialized_start=959
+  _globals['_GENERATERESPONSE']._serialized_end=1175
+  _globals['_GENERATECHUNK']._serialized_start=1178
+  _globals['_GENERATECHUNK']._serialized_end=1374
+  _globals['_LISTMODELSREQUEST']._serialized_start=1376
+  _globals['_LISTMODELSREQUEST']._serialized_end=1395
+  _globals['_MODELINFO']._serialized_start=1397
+  _globals['_MODELINFO']._serialized_end=1508
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1510
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1567
+  _globals['_SERVERINFOREQUEST']._serialized_start=1569
+  _globals['_SERVERINFOREQUEST']._serialized_end=1588
+  _globals['_SERVERINFORESPONSE']._serialized_start=1591
+  _globals['_SERVERINFORESPONSE']._serialized_end=1734
+  _globals['_GENERATION']._serialized_start=1737
+  _globals['_GENERATION']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

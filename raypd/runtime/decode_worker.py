@@ -327,7 +327,8 @@ class DecodeWorker:
             r = self._report
             for o in outputs:
                 r.tokens.setdefault(o.request_id, []).append(Token(o.token_id, o.logprob, o.finish_reason, o.text,
-                                                                           o.prompt_logprobs))
+                                                                           o.prompt_logprobs,
+                                                                           o.top_logprobs))
                 if o.is_finished:
                     self._context.pop(o.request_id, None)
             if error is not None:

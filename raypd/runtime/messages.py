@@ -4,7 +4,8 @@ token tuples, never K/V). No JAX and no Ray: the scheduler's process unpickles t
   PrefillJob     scheduler -> prefill worker (or a decode worker's local prefill)
   PrefillResult  prefill worker -> scheduler
   DecodeReport   decode worker -> scheduler, one per `collect`
-Tokens travel as `(token id, logprob, finish reason or None, text delta)` tuples (`Token`).
+Tokens travel as `(token id, logprob, finish reason or None, text delta, top logprobs or None)`
+tuples (`Token`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Token(NamedTuple):
     finish_reason: str | None
     text: str
     prompt_logprobs: list[float] | None = None  # on a request's first token, when asked for (TokenOutput's)
+    top_logprobs: tuple | None = None  # ((token id, logprob), ...) when the request asked for them
 
 
 @dataclasses.dataclass

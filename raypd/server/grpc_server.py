@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 import raypd
 from raypd import logs
 from raypd.api import LocalBackend
-from raypd.engine.api import SamplingParams, check_request_id
+from raypd.engine.api import MAX_LOGIT_BIAS, SamplingParams, check_request_id
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
 from raypd.runtime.errors import DeploymentNotRunning, DuplicateRequestId, RequestFailed
 from raypd.server.backends import Job, LocalEngineBackend
@@ -67,7 +67,12 @@ def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
         top_k=p.top_k if p.HasField("top_k") else 0,
         seed=p.seed if p.HasField("seed") else None,
         stop=p.stop, stop_token_ids=p.stop_token_ids,  # sizes checked before they are copied
-        ignore_eos=p.ignore_eos, logprobs=p.logprobs)
+        ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+        min_p=p.min_p if p.HasField("min_p") else 0.0,
+        frequency_penalty=p.frequency_penalty if p.HasField("frequency_penalty") else 0.0,
+        presence_penalty=p.presence_penalty if p.HasField("presence_penalty") else 0.0,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        logit_bias=_logit_bias(p.logit_bias), min_tokens=p.min_tokens, top_logprobs=p.top_logprobs)
     which = req.WhichOneof("prompt")
     if which is None:
         raise ValueError("prompt: set either text or token_ids")
@@ -75,6 +80,21 @@ def parse_job(req: raypd_pb2.GenerateRequest, model_name: str) -> Job:
     # before anything walks (or copies) its ids
     prompt = req.text if which == "text" else req.token_ids.ids
     return Job(prompt, which, params, kv or None, req.request_id)
+
+
+def _logit_bias(bias) -> dict:
+    """A protobuf map, its size checked before it is copied (SamplingParams checks the rest)."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries (MAX_LOGIT_BIAS), got {len(bias)}")
+    return dict(bias)
+
+
+def _top_logprobs(outs, k: int) -> list:
+    """One TopLogprobs per token when the request asked for k > 0 alternatives."""
+    if not k:
+        return []
+    tops = [o.top_logprobs or () for o in outs]
+    return [raypd_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top]) for top in tops]
 
 
 class GenerationService(raypd_pb2_grpc.GenerationServicer):
@@ -193,7 +213,7 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
             logprobs=[o.logprob for o in outs] if req.params.logprobs else [],
             finish_reason=outs[-1].finish_reason,
             timings=self._timings(stream, first_s, time.perf_counter(), len(outs), outs[-1].finish_reason),
-            prompt_tokens=stream.prompt_tokens)
+            prompt_tokens=stream.prompt_tokens, top_logprobs=_top_logprobs(outs, req.params.top_logprobs))
 
     def GenerateStream(self, req, context):
         stream = self._submit(req, context)
@@ -206,7 +226,7 @@ class GenerationService(raypd_pb2_grpc.GenerationServicer):
                 request_id=stream.request_id, text_delta="".join(o.text for o in batch),
                 token_ids=[o.token_id for o in batch],
                 logprobs=[o.logprob for o in batch] if req.params.logprobs else [],
-                finish_reason=last.finish_reason or "",
+                finish_reason=last.finish_reason or "", top_logprobs=_top_logprobs(batch, req.params.top_logprobs),
                 timings=self._timings(stream, first_s, time.perf_counter(), n, last.finish_reason)
                 if last.is_finished else None)
         self._count("ok")

@@ -159,11 +159,13 @@ class OpenAIServer:
                                          (c.end_s - c.first_s) / (n - 1) if n > 1 else None,
                                          getattr(c.stream, "metrics", None))
 
-    def logprobs_of(self, kind: str, token_ids: list[int], logprobs: list[float], offset: int = 0):
+    def logprobs_of(self, kind: str, token_ids: list[int], logprobs: list[float], offset: int = 0, tops=None):
+        """`tops`: per token, its top alternatives ((id, logprob), ...) or None."""
         tokens = [self.token_text(t) for t in token_ids]
+        tops = [None if top is None else [(self.token_text(t), lp) for t, lp in top] for top in tops or ()]
         if kind == "chat":
-            return proto.chat_logprobs(tokens, logprobs)
-        return proto.completion_logprobs(tokens, logprobs, offset)
+            return proto.chat_logprobs(tokens, logprobs, tops)
+        return proto.completion_logprobs(tokens, logprobs, offset, tops)
 
     # ------------------------------------------------------------------ generation
 
@@ -187,10 +189,11 @@ class OpenAIServer:
             logprobs = None
             if gen.logprobs and gen.echo:  # the prompt's tokens first, then the completion's
                 first = self.echo_logprobs(ids, c.prompt_logprobs)
-                rest = self.logprobs_of(kind, c.token_ids, c.logprobs, sum(map(len, first["tokens"])))
+                rest = self.logprobs_of(kind, c.token_ids, c.logprobs, sum(map(len, first["tokens"])),
+                                        c.top_logprobs)
                 logprobs = {key: first[key] + rest[key] for key in first}
             elif gen.logprobs:
-                logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo))
+                logprobs = self.logprobs_of(kind, c.token_ids, c.logprobs, len(echo), c.top_logprobs)
             out.append({"text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         build = proto.chat_body if kind == "chat" else proto.completion_body
         return build(rid, created, self.name, out, self.usage(gen, prompt_ids, choices))

@@ -6,9 +6,8 @@ allowed values; `completion_body`, `chat_body`, `*_chunk` and `usage` build what
 app (openai_app.py) moves data between these functions, the backend and the wire.
 
 Fields raypd does not implement are refused with a 400 that names them, never silently ignored.
-The neutral values of the sampling penalties (`frequency_penalty: 0`, `presence_penalty: 0`,
-`repetition_penalty: 1`, `logit_bias: {}`, `min_tokens: 0`) are accepted, since many
-clients send them by default; any other value is refused.
+The penalties, `logit_bias`, `min_tokens` and top logprobs are applied by the on-device sampler
+(raypd/engine/sampling.py) on every backend.
 """
 
 from __future__ import annotations
@@ -16,22 +15,19 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from raypd.engine.api import KV_COMPRESSIONS, SamplingParams
+from raypd.engine.api import KV_COMPRESSIONS, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16  # samples per prompt (n)
 MAX_PROMPTS = 64  # prompts per completions request
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 # Accepted only at their neutral value: (field, neutral values, what to tell the client).
 NEUTRAL_ONLY = (
-    ("frequency_penalty", (0, 0.0), "0"),
-    ("presence_penalty", (0, 0.0), "0"),
-    ("repetition_penalty", (1, 1.0), "1"),
-    ("min_tokens", (0,), "0"),
     ("best_of", (1,), "1 (use n for several samples)"),
 )
 COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options", "user",
     "top_k", "min_p", "ignore_eos", "stop_token_ids", "skip_special_tokens", "kv_compression", "logit_bias",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_tokens",
     *(name for name, _, _ in NEUTRAL_ONLY),
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
@@ -149,10 +145,6 @@ def _check_fields(body: dict, allowed: set[str]) -> None:
         v = body.get(name)
         if v is not None and (not _is_number(v) or v not in neutral):
             raise ApiError(400, f"{name}: only {say} is supported, got {v!r}", name, "unsupported_value")
-    bias = body.get("logit_bias")
-    if bias is not None and (not isinstance(bias, dict) or bias):
-        raise ApiError(400, f"logit_bias: only an empty map is supported, got {bias!r}", "logit_bias",
-                       "unsupported_value")
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -175,7 +167,16 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _common(body: dict, allowed: set[str], max_tokens) -> dict:
+def _logit_bias(body: dict) -> dict:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("logit_bias", f"logit_bias must be a map of token ids to biases in [-100, 100], got {_short(v)}")
+    return v  # keys (strings in JSON) and values are checked by SamplingParams
+
+
+def _common(body: dict, allowed: set[str], max_tokens, top_logprobs: int = 0) -> dict:
     _check_fields(body, allowed)
     if not isinstance(body.get("model", ""), str):
         raise bad("model", f"model must be a string, got {body['model']!r}")
@@ -201,7 +202,11 @@ def _common(body: dict, allowed: set[str], max_tokens) -> dict:
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             seed=_int(body, "seed", None, 0, 2**32 - 1), stop=_stop(body), stop_token_ids=_stop_token_ids(body),
-            ignore_eos=_bool(body, "ignore_eos", False), logprobs=True)
+            ignore_eos=_bool(body, "ignore_eos", False), logprobs=True,
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
+            min_tokens=_int(body, "min_tokens", 0, 0), logit_bias=_logit_bias(body), top_logprobs=top_logprobs)
     except ValueError as e:  # a limit SamplingParams enforces (the message names the field)
         raise from_value_error(e) from None
     return dict(params=params, n=_int(body, "n", 1, 1, MAX_N), stream=stream, include_usage=include_usage,
@@ -244,13 +249,11 @@ def parse_completion(body) -> Generation:
         raise bad("prompt", "prompt is required")
     prompts = _prompts(body["prompt"])
     logprobs = body.get("logprobs")
-    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 5):
-        raise bad("logprobs", f"logprobs must be an integer in [0, 5] or null, got {logprobs!r}")
-    if logprobs:
-        raise ApiError(400, f"logprobs: only 0 is supported (the sampled token's logprob; top alternatives are not "
-                       f"returned), got {logprobs}", "logprobs", "unsupported_value")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise bad("logprobs", f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or null, got {logprobs!r}")
     echo = _bool(body, "echo", False)
-    common = _common(body, COMPLETION_FIELDS, _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1))
+    common = _common(body, COMPLETION_FIELDS, _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1),
+                     logprobs or 0)
     if echo and logprobs is not None:  # the prompt's logprobs too, computed by the prefill
         common["params"] = dataclasses.replace(common["params"], prompt_logprobs=True)
     return Generation(prompts, logprobs=logprobs is not None, echo=echo, **common)
@@ -262,15 +265,12 @@ def parse_chat(body) -> tuple[Generation, list[dict]]:
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     messages = check_messages(body.get("messages"))
     logprobs = _bool(body, "logprobs", False)
-    top = _int(body, "top_logprobs", None, 0, 20)
+    top = _int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise bad("top_logprobs", "top_logprobs needs logprobs: true")
-    if top:
-        raise ApiError(400, f"top_logprobs: only 0 is supported (the sampled token's logprob; top alternatives "
-                       f"are not returned), got {top}", "top_logprobs", "unsupported_value")
     given = [k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
     max_tokens = _int(body, given[0], 1, 1) if given else 1  # 1: a placeholder until the prompt's length is known
-    common = _common(body, CHAT_FIELDS, max_tokens)
+    common = _common(body, CHAT_FIELDS, max_tokens, top or 0)
     return Generation((), logprobs=logprobs, max_tokens_given=bool(given), prompt_field="messages",
                       **common), messages
 
@@ -312,21 +312,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float | None], offset: int) -> dict:
+def completion_logprobs(tokens: list[str], logprobs: list[float | None], offset: int, tops=None) -> dict:
     """Completions' logprobs: the sampled token and its logprob at each position (with `echo`,
-    the prompt's tokens first: the very first one has none, null as in OpenAI's)."""
+    the prompt's tokens first: the very first one has none, null as in OpenAI's); `top_logprobs`
+    maps the top alternatives' texts (`tops`: per token [(text, logprob)] or None) to their
+    logprobs, the sampled token included (as OpenAI and vLLM do)."""
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
+    tops = tops or [None] * len(tokens)
     return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs)],
+            "top_logprobs": [None if lp is None else {**dict(top or ()), t: lp}
+                             for t, lp, top in zip(tokens, logprobs, tops)],
             "text_offset": offsets}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[str], logprobs: list[float], tops=None) -> dict:
+    """Chat's logprobs; `tops`: per token its top alternatives [(text, logprob)] or None."""
+    tops = tops or [None] * len(tokens)
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+                                          for a, alp in top or ()]}
+                        for t, lp, top in zip(tokens, logprobs, tops)]}
 
 
 def completion_body(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:

@@ -56,7 +56,7 @@ async def sse(server, gen, kind: str, rid: str, created: int, prompt_ids: list[l
             logprobs = None
             if gen.logprobs:
                 logprobs = server.logprobs_of(kind, [o.token_id for o in tokens], [o.logprob for o in tokens],
-                                              offsets[index])
+                                              offsets[index], [o.top_logprobs for o in tokens])
             offsets[index] += len(text)
             yield event(chunk(index, text, logprobs, batch[-1].finish_reason))
     except ApiError as e:

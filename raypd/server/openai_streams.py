@@ -53,6 +53,7 @@ class Choice:
     stream: object
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)  # per token: ((id, logprob), ...) or None
     texts: list[str] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     first_s: float | None = None
@@ -67,6 +68,7 @@ class Choice:
                 self.prompt_logprobs = list(o.prompt_logprobs)
             self.token_ids.append(o.token_id)
             self.logprobs.append(o.logprob)
+            self.top_logprobs.append(o.top_logprobs)
             self.texts.append(o.text)
         self.finish_reason = batch[-1].finish_reason or self.finish_reason
         now = time.perf_counter()
