@@ -60,7 +60,7 @@ class Sequence:
         if self.finish_reason is None and len(self.output_ids) >= p.max_tokens:
             self.finish_reason = FINISH_LENGTH
         return TokenOutput(self.request_id, int(token), float(logprob), self.finish_reason, self._release_text(),
-                           top_logprobs)
+                           top_logprobs=top_logprobs)
 
     def _release_text(self) -> str:
         end = len(self._text)
