@@ -339,7 +339,7 @@ class Deployment:
             for _, entry in self._chunks([rid]):
                 now = time.perf_counter()
                 first = first or now
-                for token_id, logprob, finish, text in entry["tokens"]:
+                for token_id, logprob, finish, text, *_ in entry["tokens"]:  # Token (raypd/runtime/messages.py)
                     n += 1
                     metrics = None
                     if finish is not None:
