@@ -257,7 +257,8 @@ class ModelRunner:
         return batch, sampling
 
     def warmup(self) -> int:
-        """Compile every bucketed shape once. Returns the number of shapes run."""
+        """Compile every bucketed shape once, and the page copy of n > 1 samples (the prompt
+        logprobs of `echo` compile on first use, one program per bucket). -> shapes run."""
         count = 0
         R = self.config.max_prefill_segments
         for T in self.prefill_buckets:
@@ -281,5 +282,6 @@ class ModelRunner:
                 for _ in range(2):
                     state, table, tokens, *_ = self.decode(state, table, 1, B, Pc)
                 count += 1
+        self.copy_pages([0], [0])  # a sample of n > 1 copying its partial page (the null page: a sink)
         jax.block_until_ready(tokens)
-        return count
+        return count + 1

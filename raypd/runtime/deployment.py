@@ -317,7 +317,7 @@ class Deployment:
                 logprobs=[t[1] for t in toks] if logprobs else None,
                 metrics=dict(m, **request_metrics(start, first[rid], last[rid], self._prompt_tokens(prompt),
                                                   len(toks))),
-                top_logprobs=[t[4] if len(t) > 4 else None for t in toks] if params.top_logprobs else None))
+                top_logprobs=[t[5] if len(t) > 5 else None for t in toks] if params.top_logprobs else None))
         return out
 
     def _prompt_tokens(self, prompt) -> int | None:
@@ -340,14 +340,14 @@ class Deployment:
             for _, entry in self._chunks([rid]):
                 now = time.perf_counter()
                 first = first or now
-                for token_id, logprob, finish, text, *top in entry["tokens"]:
+                for token_id, logprob, finish, text, *rest in entry["tokens"]:  # Token (raypd/runtime/messages.py)
                     n += 1
                     metrics = None
                     if finish is not None:
                         metrics = dict(entry["metrics"])
                         metrics["scheduler_ttft_s"] = metrics.pop("ttft_s", None)
                         metrics.update(request_metrics(start, first, now, self._prompt_tokens(prompt), n))
-                    yield StreamChunk(token_id, text, logprob, finish, metrics, top[0] if top else None)
+                    yield StreamChunk(token_id, text, logprob, finish, metrics, rest[1] if len(rest) > 1 else None)
 
         return chunks()
 
