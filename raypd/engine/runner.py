@@ -31,6 +31,11 @@ from raypd.engine.sampling import MAX_SUPPRESS_IDS, PenaltyTable, SamplingArrays
 log = logging.getLogger(__name__)
 
 
+# SamplingArrays fields whose empty_batch values are neutral (a row that uses none of them)
+NEUTRAL_SAMPLING_FIELDS = ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_position",
+                           "is_penalized", "table_row", "num_top_logprobs")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16  # G
@@ -113,7 +118,7 @@ class ModelRunner:
         # decode step counts as device scalars, placed once: a decode dispatch sends no arrays
         self._step_counts = [jax.device_put(np.int32(n), self._replicated)
                              for n in range(config.max_decode_steps + 1)]
-        self._neutral_tables: dict[int, PenaltyTable] = {}  # rows -> a neutral table on the device
+        self._neutral_tables: dict = {}  # rows -> a neutral table on the device (and neutral sampling fields)
 
     def neutral_table(self, num_rows: int) -> PenaltyTable:
         """A table of `num_rows` neutral rows, placed once: a chunk without penalties sends none."""
@@ -125,9 +130,21 @@ class ModelRunner:
     def _inputs(self, batch: dict, sampling: dict, table: PenaltyTable | None):
         put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
         b = paged.Batch(**{k: put(v) for k, v in batch.items()})
-        s = SamplingArrays(**{k: put(v) for k, v in sampling.items()})
-        t = put(table) if table is not None else self.neutral_table(len(sampling["temperature"]))
+        N = len(sampling["temperature"])
+        neutral = {}
+        if table is None and not sampling["is_penalized"].any() and not sampling["num_top_logprobs"].any():
+            neutral = self._neutral_sampling(N)  # no row uses them: nothing of theirs to send
+        s = SamplingArrays(**{k: neutral[k] if k in neutral else put(v) for k, v in sampling.items()})
+        t = put(table) if table is not None else self.neutral_table(N)
         return b, s, t
+
+    def _neutral_sampling(self, num_rows: int) -> dict:
+        """The penalty and top-logprob fields of `num_rows` rows that use neither, placed once."""
+        if ("sampling", num_rows) not in self._neutral_tables:
+            _, sampling = self.empty_batch(1, 1, num_rows, 0)
+            self._neutral_tables[("sampling", num_rows)] = {
+                k: jax.device_put(sampling[k], self._replicated) for k in NEUTRAL_SAMPLING_FIELDS}
+        return self._neutral_tables[("sampling", num_rows)]
 
     @property
     def page_size(self) -> int:
