@@ -136,7 +136,7 @@ def vllm_env(cache: Path, threads: int) -> dict:
     preload = [str(p) for p in (cache / "vllm-venv" / "lib" / "libiomp5.so",
                                 Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")) if p.exists()]
     if preload:  # vLLM's CPU guide asks for both preloaded; intel-openmp comes with the wheel
-        env["LD_PRELOAD"] = ":".join(preload + [os.environ["LD_PRELOAD"]] * bool(os.environ.get("LD_PRELOAD")))
+        env["LD_PRELOAD"] = ":".join(preload + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p])
     return env
 
 

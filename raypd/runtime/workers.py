@@ -109,7 +109,7 @@ class PrefillWorker:
         fails alone: when a packed call raises, its jobs run again one at a time."""
         results: list = [None] * len(jobs)
         packed = [i for i, job in enumerate(jobs) if job.stream_to is None or not hasattr(self.engines.prefill, "step")]
-        if len(packed) > 1:
+        if len(packed) > 1 and len({jobs[i].request.request_id for i in packed}) == len(packed):
             try:
                 for i, res in zip(packed, self._prefill_packed([jobs[i] for i in packed])):
                     results[i] = res
