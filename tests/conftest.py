@@ -95,7 +95,7 @@ def write_tokenizer_json(path) -> dict[str, int]:
 # CI runs both. A test is integration when its module starts Ray or servers, or it uses a Ray fixture.
 INTEGRATION_MODULES = {"test_runtime", "test_runtime_aborts", "test_runtime_cluster", "test_runtime_failover",
                        "test_grpc", "test_grpc_ray", "test_ray_job", "test_cli", "test_openai", "test_openai_ray",
-                       "test_secure_cluster", "test_openai_api"}
+                       "test_secure_cluster", "test_openai_api", "test_serve_ray", "test_readme"}
 RAY_FIXTURES = {"ray_session", "cluster"}
 
 

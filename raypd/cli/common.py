@@ -1,7 +1,48 @@
-"""The sampling flags `raypd generate` and `raypd batch` share, and the keyword arguments of
-`raypd.generate` they turn into (SamplingParams checks the values and names the field)."""
+"""What every `raypd` subcommand shares: the help format, the logging options, the flags that
+mean the same thing in every command (connect timeout, sampling) and how a subcommand's parser
+is made."""
 
 from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' after every option that has a default worth showing (not None,
+    not an off switch) and whose help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (logging). SUPPRESS: `raypd -v serve` and `raypd serve -v` both work."""
+    from raypd import compile_cache, logs
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log at DEBUG level (same as --log-level debug)")
+    g.add_argument("--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS, help="log level (default: info)")
+    g.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS,
+                   help="text, or json: one JSON object per line for log shippers (default: text)")
+    g.add_argument("--compile-cache", default=argparse.SUPPRESS, metavar="DIR",
+                   help="JAX persistent compilation cache directory, 'off' to disable (default: "
+                        f"${compile_cache.ENV}, else ~/.cache/raypd/jax)")
+    return p
+
+
+def add_parser(subparsers, name: str, **kw) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, parents=[common_options()], formatter_class=HelpFormatter, **kw)
+
+
+def add_connect_timeout(p) -> None:
+    p.add_argument("--connect-timeout-s", type=float, default=15.0,
+                   help="give up connecting to a Ray cluster or gRPC server after this many seconds")
 
 
 def add_sampling(p, max_tokens: int = 64) -> None:
@@ -41,7 +82,8 @@ def parse_logit_bias(items) -> dict:
     return out
 
 
-def sampling_kwargs(args) -> dict:
+def sampling(args) -> dict:
+    """The keyword arguments of `raypd.generate` the sampling flags make (SamplingParams checks them)."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, min_p=args.min_p,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,

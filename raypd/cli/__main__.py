@@ -1,0 +1,7 @@
+"""`python -m raypd.cli`: the `raypd` command."""
+
+import sys
+
+from raypd.cli import main
+
+sys.exit(main())
