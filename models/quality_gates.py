@@ -7,7 +7,8 @@ The three gates:
   1. held-out bits per byte on code never trained on: at most MAX_HELDOUT_BPB and at least
      MIN_GAIN_OVER_ZLIB below zlib level 9 on the same text;
   2. greedy continuations of the ten PROMPTS (GREEDY_NEW_TOKENS tokens each): no non-blank line
-     appears more than MAX_LINE_REPEATS times;
+     appears more than MAX_LINE_REPEATS times, and no LOOP_NGRAM consecutive tokens appear more
+     than MAX_LINE_REPEATS times (a loop inside one line, e.g. `....` or "of the string of the");
   3. long context is learned: on windows of the full context, the mean loss of every
      POSITION_BUCKET-token bucket past the first is no worse than the first bucket's.
 """
@@ -24,6 +25,7 @@ MAX_HELDOUT_BPB = 2.3
 MIN_GAIN_OVER_ZLIB = 0.20
 MAX_LINE_REPEATS = 2
 GREEDY_NEW_TOKENS = 64
+LOOP_NGRAM = 8
 POSITION_BUCKET = 256
 PROMPTS = (
     "import os\n",
@@ -75,6 +77,11 @@ def max_line_repeats(text: str) -> int:
     return max(Counter(lines).values(), default=0)
 
 
+def max_ngram_repeats(ids: list[int], n: int = LOOP_NGRAM) -> int:
+    """How often the most frequent run of n consecutive ids occurs in `ids` (overlaps count)."""
+    return max(Counter(tuple(ids[i: i + n]) for i in range(len(ids) - n + 1)).values(), default=0)
+
+
 def zlib_bits_per_byte(data: bytes) -> float:
     return 8 * len(zlib.compress(data, 9)) / len(data)
 
@@ -90,14 +97,15 @@ def evaluate(nll_fn: NllFn, greedy_fn: GreedyFn, encode: Callable[[str], list[in
     new_ids = greedy_fn([encode(p) for p in PROMPTS], GREEDY_NEW_TOKENS)
     conts = {p: decode(ids) for p, ids in zip(PROMPTS, new_ids)}
     repeats = {p: max_line_repeats(p + c) for p, c in conts.items()}
+    ngram_repeats = {p: max_ngram_repeats(ids) for p, ids in zip(PROMPTS, new_ids)}
     bpb_limit = min(MAX_HELDOUT_BPB, (1 - MIN_GAIN_OVER_ZLIB) * zlib_bpb)
     return {
         "heldout_bpb": bpb, "zlib_bpb": zlib_bpb, "bpb_limit": bpb_limit,
         "position_bucket": POSITION_BUCKET, "bucket_losses": buckets,
-        "continuations": conts, "max_line_repeats": repeats,
+        "continuations": conts, "max_line_repeats": repeats, "max_ngram_repeats": ngram_repeats,
         "passed": {
             "heldout_bpb": bpb <= bpb_limit,
-            "no_loops": max(repeats.values()) <= MAX_LINE_REPEATS,
+            "no_loops": max(max(repeats.values()), max(ngram_repeats.values())) <= MAX_LINE_REPEATS,
             "long_context": all(b <= buckets[0] for b in buckets[1:]),
         },
     }

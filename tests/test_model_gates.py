@@ -70,6 +70,8 @@ def test_heldout_bits_per_byte_gate(gates, record):
 def test_greedy_continuations_do_not_loop(gates):
     worst = max(gates["max_line_repeats"].items(), key=lambda kv: kv[1])
     assert worst[1] <= qg.MAX_LINE_REPEATS, (worst, gates["continuations"][worst[0]])
+    worst = max(gates["max_ngram_repeats"].items(), key=lambda kv: kv[1])
+    assert worst[1] <= qg.MAX_LINE_REPEATS, (worst, gates["continuations"][worst[0]])
     assert all(text.strip() for text in gates["continuations"].values())
 
 

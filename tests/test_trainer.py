@@ -105,16 +105,19 @@ def test_window_nll_matches_the_forward_pass():
 def test_gate_helpers_by_hand():
     assert qg.max_line_repeats("import os\nimport os\n\n\nimport sys\nimport os  \n") == 3
     assert qg.max_line_repeats("") == 0
+    assert qg.max_ngram_repeats([1, 2, 3] * 4, n=3) == 4
+    assert qg.max_ngram_repeats([7] * 10, n=8) == 3
+    assert qg.max_ngram_repeats(list(range(64))) == 1
     assert qg.bucket_losses(np.array([[1.0, 3.0, 2.0, 2.0]]), bucket=2) == [2.0, 2.0]
     byte_lens = np.array([0, 1, 2, 4])
     windows = np.array([[0, 1, 2, 3]])  # predicts ids 1, 2, 3: 7 bytes
     assert qg.bits_per_byte(np.full((1, 3), np.log(2)), windows, byte_lens) == pytest.approx(3 / 7)
 
 
-def _evaluate(nll: np.ndarray, text: str, zlib_bpb: float = 3.0) -> dict:
+def _evaluate(nll: np.ndarray, text: str, zlib_bpb: float = 3.0, new_ids=tuple(range(64))) -> dict:
     T = nll.shape[1]
     windows = np.ones((nll.shape[0], T + 1), np.int64)
-    return qg.evaluate(lambda w: nll, lambda prompts, n: [[1]] * len(prompts), encode=lambda s: [1],
+    return qg.evaluate(lambda w: nll, lambda prompts, n: [list(new_ids)] * len(prompts), encode=lambda s: [1],
                        decode=lambda ids: text, heldout_windows=windows,
                        byte_lens=np.array([0, 4]), zlib_bpb=zlib_bpb)
 
@@ -125,6 +128,7 @@ def test_each_gate_fails_on_what_it_guards_against():
     ok = _evaluate(good, "x = 1\ny = 2\n")
     assert ok["passed"] == {"heldout_bpb": True, "no_loops": True, "long_context": True}
     assert not _evaluate(good, "\nimport os" * 3)["passed"]["no_loops"]
+    assert not _evaluate(good, "." * 64, new_ids=[5] * 64)["passed"]["no_loops"]  # a loop within one line
     assert not _evaluate(good[:, ::-1], "x = 1\n")["passed"]["long_context"]
     assert not _evaluate(good, "x = 1\n", zlib_bpb=0.7)["passed"]["heldout_bpb"]  # limit 0.56
     assert not _evaluate(good * 4, "x = 1\n")["passed"]["heldout_bpb"]  # 2.9 > 2.3

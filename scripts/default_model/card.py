@@ -16,7 +16,8 @@ def model_card(r: dict) -> str:
     passed = g["passed"]
     phases = ", ".join(f"{n} tokens for {f:.0%}" for n, f in zip(s["seq_lens"], s["phase_fractions"]))
     buckets = ", ".join(f"{b:.3f}" for b in g["bucket_losses"])
-    conts = "\n".join(f"Prompt `{json.dumps(p)}` (most repeated line: {g['max_line_repeats'][p]}x):\n\n"
+    conts = "\n".join(f"Prompt `{json.dumps(p)}` (most repeated line {g['max_line_repeats'][p]}x, "
+                      f"{qg.LOOP_NGRAM}-token run {g['max_ngram_repeats'][p]}x):\n\n"
                       f"```python\n{p}{text}\n```\n" for p, text in g["continuations"].items())
     loss = t["last_train_loss"]
     return f"""# Model card: {r['model']}
@@ -67,7 +68,7 @@ wall time, {t['cpu_s'] / 3600:.2f} h of CPU time; last logged training loss
 | gate | result | |
 |---|---|---|
 | held-out bits/byte on {len(r['gate_window_ids'])} windows of {c['max_position_embeddings']} tokens, at most {g['bpb_limit']:.3f} (min of {qg.MAX_HELDOUT_BPB} and {1 - qg.MIN_GAIN_OVER_ZLIB:.0%} of zlib's {g['zlib_bpb']:.3f} on the held-out text) | {g['heldout_bpb']:.3f} | {_mark(passed['heldout_bpb'])} |
-| greedy continuations of {len(g['continuations'])} prompts, {qg.GREEDY_NEW_TOKENS} tokens: no line more than {qg.MAX_LINE_REPEATS}x | worst {max(g['max_line_repeats'].values())}x | {_mark(passed['no_loops'])} |
+| greedy continuations of {len(g['continuations'])} prompts, {qg.GREEDY_NEW_TOKENS} tokens: no line, and no run of {qg.LOOP_NGRAM} tokens, more than {qg.MAX_LINE_REPEATS}x | worst line {max(g['max_line_repeats'].values())}x, run {max(g['max_ngram_repeats'].values())}x | {_mark(passed['no_loops'])} |
 | mean loss of each {g['position_bucket']}-position bucket past the first no worse than the first | {buckets} | {_mark(passed['long_context'])} |
 
 Whole held-out set, context restarting every {r['heldout_context']} tokens:
@@ -80,7 +81,9 @@ Whole held-out set, context restarting every {r['heldout_context']} tokens:
 
 ```
 nice -n 19 .venv/bin/python scripts/train_default_model.py --threads 2 --size {s['size']} \\
-  --steps {s['num_steps']} --tokens-per-step {s['tokens_per_step']}    # resumes when stopped
+  --steps {s['num_steps']} --tokens-per-step {s['tokens_per_step']} --warmup-steps {s['warmup_steps']} \\
+  --peak-lr {s['peak_lr']} --seq-lens {','.join(map(str, s['seq_lens']))} \\
+  --phase-fractions {','.join(map(str, s['phase_fractions']))}    # resumes from its checkpoints
 .venv/bin/python scripts/train_default_model.py --export models/data/{r['model']}
 ```
 """
