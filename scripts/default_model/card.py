@@ -61,7 +61,7 @@ Windows at offsets drawn by `numpy.random.default_rng([{s['seed']}, step])`.
 Exported at step {t['step']} of {s['num_steps']}: {t['tokens_seen']:,} tokens seen
 ({t['tokens_seen'] / corp['train_tokens']:.2f} epochs), {t['train_s'] / 3600:.2f} h of training
 wall time, {t['cpu_s'] / 3600:.2f} h of CPU time; last logged training loss
-{'n/a' if loss is None else f'{loss:.3f}'} nats/token. Script at git commit `{r['git_commit']}`.
+{'n/a' if loss is None else f'{loss:.3f}'} nats/token. Exported by the script at git commit `{r['git_commit']}`.
 
 ## Quality gates (checked on these files by tests/test_model_gates.py)
 
