@@ -12,8 +12,6 @@ import torch
 import models
 import raypd
 from raypd.api import LocalBackend
-from raypd.engine.api import Request, SamplingParams
-from raypd.engine.mock import MockDecodeEngine, MockPrefillEngine
 from raypd.engine.runner import EngineConfig
 
 SMALL = EngineConfig(page_size=16, num_pages=64, max_slots=4, max_seq_len=256, prefill_buckets=(16, 64))
@@ -106,18 +104,3 @@ def test_unknown_backend_and_model():
         raypd.generate(["x"], model="tiny-random", backend="carrier-pigeon")
     with pytest.raises(ValueError, match="no-such-model"):
         raypd.generate(["x"], model="no-such-model")
-
-
-def test_mock_engines_can_be_worked_out_by_hand():
-    pre, dec = MockPrefillEngine(prefill_weight=3, vocab_size=100), MockDecodeEngine(decode_weight=7, vocab_size=100)
-    req = Request("r", [10, 20, 5], SamplingParams(max_tokens=4))
-    (out,) = pre.prefill([req])
-    assert out.first_token == (35 * 3) % 100 == 5
-    payload = pre.read_kv(out)
-    pre.release("r")
-    toks = [dec.insert(req, out, payload).token_id]
-    while dec.num_running:
-        toks += [o.token_id for o in dec.decode_step()]
-    assert toks == [5, 12, 19, 26]
-    assert dec.received_kv["r"].tolist() == [10.0, 21.0, 7.0]  # prompt[i] + i
-    assert pre.allocator.num_used == 0 and dec.allocator.num_used == 0

@@ -5,8 +5,8 @@ names in INVALID_ARGUMENT, the retry hint of RESOURCE_EXHAUSTED); a cancelled or
 that leaves its request running on a decode worker (slot and pages must be back within a
 second); auth that lets a method through; metrics that are not read from the deployment.
 
-The mock engines' tokens can be worked out by hand (raypd/engine/mock.py): prefill worker
-x2, decode +3. `SlowMockFactory` pauses in each decode step so requests run long enough to
+The mock engines' tokens can be worked out by hand (raypd/engine/arithmetic.py; s the sum of
+the tokens so far): prefill worker 2s, decode steps 3s, mod 1000. `SlowMockFactory` pauses in each decode step so requests run long enough to
 be cancelled mid-way.
 """
 
@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import raypd
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
+from raypd.engine.arithmetic import expected_tokens
 from raypd.runtime.engines import MockEngineFactory
 from raypd.server.backends import RayBackend
 from raypd.server.grpc_server import Endpoint
@@ -48,8 +49,8 @@ def fresh() -> list[int]:
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
-    first = sum(prompt) * 2 % 1000  # prefill worker (x2), then decode (+3)
-    return [(first + 3 * i) % 1000 for i in range(n)]
+    """Prefill worker (2s), then decode steps (3s), s the sum of the tokens so far (mod 1000)."""
+    return expected_tokens(prompt, n, 2, 3, 1000)
 
 
 @dataclasses.dataclass(frozen=True)

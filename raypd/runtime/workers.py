@@ -109,7 +109,7 @@ class PrefillWorker:
             start = time.perf_counter()
             fetched = _load_host_prefix(self.engines, self.fetch, job)
             try:
-                if job.stream_to is not None and hasattr(self.engines.prefill, "step"):
+                if job.stream_to is not None:
                     out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
                 else:
                     (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
