@@ -18,6 +18,7 @@ import time
 import pytest
 
 import raypd
+from raypd.chaos.common import kill  # ray.kill, then wait until the actor is dead
 from raypd.engine.arithmetic import expected_tokens
 from raypd.runtime import errors
 from raypd.runtime.engines import MockEngineFactory
@@ -53,6 +54,19 @@ class Gate:
 
     def open(self) -> None:
         (self.dir / "open").touch()
+
+
+def _is_lost(ref) -> bool:
+    """Whether the object store payload `ref` is gone (its owner died and it was freed)."""
+    import ray
+
+    try:
+        ray.get(ref, timeout=1)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
 
 
 def _wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
@@ -92,15 +106,16 @@ EXPECTED = [300, 350, 400, 600]  # s = sum so far: prefilled on a prefill worker
 def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray_session, tmp_path):  # noqa: F811
     """prefill-0 sends the K/V, then dies before the decode worker (held at a gate) receives it:
     the payload's owner is gone, the transfer fails, and the scheduler prefills again on prefill-1."""
+    ray = ray_session
     gate = Gate(tmp_path, "recv")
     d = _serve("failover-transfer", recv_gate=str(gate))
     try:
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
         gate.wait_arrivals(1)  # the decode worker holds prefill-0's handle: the K/V was sent
-        assert d.status()["prefill"][0]["num_pending_transfers"] == 1
-        import ray
-
-        ray.kill(_worker(d, "prefill-0"))
+        victim = _worker(d, "prefill-0")
+        (handle,) = ray.get(victim.__ray_call__.remote(lambda self: list(self._sent.values())), timeout=30)
+        kill(victim)
+        _wait_for(lambda: _is_lost(handle.location), 60, "prefill-0's payload to be lost with it")
         gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
@@ -124,9 +139,7 @@ def test_prefill_worker_dying_mid_prefill_is_retried(ray_session, tmp_path):  # 
         victim = _worker(d, "prefill-0")
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
         gate.wait_arrivals(1)  # prefill-0 (ties go to the lower id) is inside its prefill
-        import ray
-
-        ray.kill(victim)
+        kill(victim)
         gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
@@ -137,21 +150,22 @@ def test_prefill_worker_dying_mid_prefill_is_retried(ray_session, tmp_path):  # 
         d.shutdown()
 
 
-def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session):  # noqa: F811
+def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session, tmp_path):  # noqa: F811
     """A stream is on decode-0 when decode-0 dies. The scheduler resumes it on decode-1 with
     prompt + the tokens produced so far (so a greedy model continues exactly): in the mock's
     arithmetic (s: the sum of the prompt and the tokens before) a decode step gives 3s % V and
     the first resumed token, a prefill of prompt + tokens so far, 2s % V."""
-    d = _serve("failover-decode", step_delay_s=0.05, num_decode=2)
+    gate = Gate(tmp_path, "step")  # a decode worker holds its next step after 5 tokens
+    d = _serve("failover-decode", num_decode=2, step_gate=str(gate), step_gate_after=5)
     try:
         handles = {w: _worker(d, w) for w in ("decode-0", "decode-1")}
         it = d.stream(PROMPT, max_tokens=30)
         got = [next(it).token_id for _ in range(5)]
+        gate.wait_arrivals(1)  # the stream's decode worker is held mid-stream
         s = d.status()
         (busy,) = [w["worker_id"] for w in s["decode"] if w["num_running"]]
-        import ray
-
-        ray.kill(handles[busy])
+        kill(handles[busy])
+        gate.open()
         got += [c.token_id for c in it]
         assert len(got) == 30 and got[:5] == EXPECTED + [(3 * (1200 + 600)) % V]
         s_ = [sum(PROMPT + got[:i]) for i in range(len(got))]
@@ -176,13 +190,11 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session, tmp_path):  
     try:
         workers = [_worker(d, "prefill-0"), _worker(d, "prefill-1")]
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4))
-        import ray
-
         gate.wait_arrivals(1)  # prefill-0 is inside its prefill
-        ray.kill(workers[0])
+        kill(workers[0])
         gate.wait_arrivals(2)  # the retry: prefill-1 is inside its prefill
         assert d.status()["num_retries"] == 1
-        ray.kill(workers[1])
+        kill(workers[1])
         thread.join(60)
         assert isinstance(result.get("error"), errors.RequestFailed), result
         assert "gave up after 1 retries" in str(result["error"])
@@ -194,17 +206,18 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session, tmp_path):  
         d.shutdown()
 
 
-def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  # noqa: F811
+def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session, tmp_path):  # noqa: F811
     """The only decode worker dies mid-stream: the scheduler starts decode-1 in its place, the
     stream waits for it (not rejected for lack of workers) and resumes there with the same
     arithmetic; the deployment reports ready again with full capacity."""
-    d = _serve("replace-decode", num_prefill=1, max_replacements=1, step_delay_s=0.05)
+    gate = Gate(tmp_path, "step")  # decode-0 holds its next step after 3 tokens
+    d = _serve("replace-decode", num_prefill=1, max_replacements=1, step_gate=str(gate), step_gate_after=3)
     try:
         it = d.stream(PROMPT, max_tokens=20)
         got = [next(it).token_id for _ in range(3)]
-        import ray
-
-        ray.kill(_worker(d, "decode-0"))
+        gate.wait_arrivals(1)
+        kill(_worker(d, "decode-0"))
+        gate.open()
         got += [c.token_id for c in it]
         assert len(got) == 20 and got[:3] == EXPECTED[:3]
         s = d.status()
@@ -218,15 +231,17 @@ def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  #
         d.shutdown()
 
 
-def test_roles_move_under_load_without_losing_a_request(ray_session):  # noqa: F811
+def test_roles_move_under_load_without_losing_a_request(ray_session, tmp_path):  # noqa: F811
     """1 prefill + 2 decode -> 2 + 1 while 8 streams run: the moving decode worker drains, is
     retired and prefill-1 starts in its place; every request completes with exact arithmetic."""
-    d = _serve("roles", num_prefill=1, num_decode=2, step_delay_s=0.02)
+    gate = Gate(tmp_path, "step")  # decode workers hold their next step after 1 token
+    d = _serve("roles", num_prefill=1, num_decode=2, step_gate=str(gate), step_gate_after=1)
     try:
         prompts = [[10 + i, 20, 30, 40, 50] for i in range(8)]
         thread, result = _in_background(lambda: d.generate(prompts, max_tokens=12))
-        _wait_for(lambda: sum(w["num_running"] for w in d.status()["decode"]) > 0, what="decoding")
+        gate.wait_arrivals(1)  # streams are mid-decode
         d.set_roles(2, 1, wait_s=None)
+        gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
         assert [c.token_ids for c in result["value"]] == [expected_tokens(p, 12, 2, 3, V) for p in prompts]

@@ -151,6 +151,44 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition", every_
         time.sleep(every_s)
 
 
+def kill(actor, timeout_s: float = 60.0) -> None:
+    """ray.kill, then wait until the actor is dead (ray.kill returns before it is): a call on it
+    fails with RayActorError."""
+    import ray
+
+    ray.kill(actor)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_call__.remote(lambda self: None), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+    raise TimeoutError(f"the killed actor was still answering after {timeout_s} s")
+
+
+class StepGate:
+    """A gate for `MockEngineFactory.step_gate` in a fresh temporary directory: decode workers
+    hold their next step once they produced `after` tokens, until `open()`."""
+
+    def __init__(self, after: int):
+        import tempfile
+
+        self.dir, self.after = tempfile.mkdtemp(prefix="raypd-step-gate-"), after
+
+    def num_arrived(self) -> int:
+        return sum(name.startswith("arrived-") for name in os.listdir(self.dir))
+
+    def open(self) -> None:
+        open(os.path.join(self.dir, "open"), "a").close()
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def capacity_rps(d, max_tokens: int, seed: int = 1) -> float:
     """Requests a second the deployment completes from a closed batch of 4 x its decode slots
     (prompts of 12 tokens, `max_tokens` each)."""

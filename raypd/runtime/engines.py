@@ -167,9 +167,12 @@ class MockEngineFactory:
     prefill_delay_s: float = 0.0
     recv_delay_s: float = 0.0
     step_delay_s: float = 0.0
-    # Gates (directories, `wait_at_gate`): the same two points held until a test opens them.
+    # Gates (directories, `wait_at_gate`): the same two points held until a test opens them,
+    # and a decode worker's loop held once it has produced `step_gate_after` tokens.
     send_gate: str | None = None
     recv_gate: str | None = None
+    step_gate: str | None = None
+    step_gate_after: int = 0
 
     @property
     def kv_bytes_per_page(self) -> int:
@@ -193,8 +196,26 @@ class MockEngineFactory:
         weight = self.prefill_weight if role == "prefill" else self.local_prefill_weight
         runner = ArithmeticRunner(cfg, engine, prefill_weight=weight, decode_weight=self.decode_weight,
                                   step_delay_s=self.step_delay_s)
-        return engines_over(runner, role, None, self.compression, self.prefill_delay_s, self.recv_delay_s,
-                            self.send_gate, self.recv_gate)
+        engines = engines_over(runner, role, None, self.compression, self.prefill_delay_s, self.recv_delay_s,
+                               self.send_gate, self.recv_gate)
+        if engines.decode is not None and self.step_gate is not None:
+            _gate_decode_steps(engines.decode, self.step_gate, self.step_gate_after)
+        return engines
+
+
+def _gate_decode_steps(decode, gate_dir: str, after_tokens: int) -> None:
+    """Hold every decode step at `gate_dir` once the engine has produced `after_tokens` tokens
+    (a failure test then kills the worker with its requests mid-stream, whatever the pace)."""
+    step, num_produced = decode.decode_step, [0]
+
+    def gated_step(max_steps: int | None = None):
+        if num_produced[0] >= after_tokens:
+            wait_at_gate(gate_dir)
+        outs = step(max_steps)
+        num_produced[0] += len(outs)
+        return outs
+
+    decode.decode_step = gated_step
 
 
 # ---------------------------------------------------------------- fault injection
