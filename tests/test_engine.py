@@ -150,6 +150,7 @@ def test_paged_attention_equals_dense(model):
     assert_no_leak(runner)
 
 
+@pytest.mark.integration  # compiles sharded (TP) programs: seconds of CPU each
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_gives_identical_tokens(model, tp):
     assert len(jax.devices()) >= 4, "conftest sets 4 CPU devices"

@@ -44,6 +44,7 @@ def test_generate_text_metrics_and_stream():
     assert backend.engine.runner.allocator.num_used == 0
 
 
+@pytest.mark.integration  # compiles every engine shape (the warm-up): the slowest unit test otherwise
 def test_no_recompilation_after_warmup():
     # few shapes (2 prefill buckets x 5 context buckets, 2 batch x 4 context buckets): every one
     # is compiled by the warm-up, and the traffic below reaches each kind of shape
