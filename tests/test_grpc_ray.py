@@ -6,15 +6,13 @@ that leaves its request running on a decode worker (slot and pages must be back 
 second); auth that lets a method through; metrics that are not read from the deployment.
 
 The mock engines' tokens can be worked out by hand (raypd/engine/arithmetic.py; s the sum of
-the tokens so far): prefill worker 2s, decode steps 3s, mod 1000. `SlowMockFactory` pauses in each decode step so requests run long enough to
-be cancelled mid-way.
+the tokens so far): prefill worker 2s, decode steps 3s, mod 1000. Each decode step takes
+STEP_S (`step_delay_s`), so requests run long enough to be cancelled mid-way.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import sys
 import threading
 import time
 import types
@@ -51,23 +49,6 @@ def fresh() -> list[int]:
 def expected(prompt: list[int], n: int) -> list[int]:
     """Prefill worker (2s), then decode steps (3s), s the sum of the tokens so far (mod 1000)."""
     return expected_tokens(prompt, n, 2, 3, 1000)
-
-
-@dataclasses.dataclass(frozen=True)
-class SlowMockFactory(MockEngineFactory):
-    step_s: float = STEP_S
-
-    def build(self, role: str, tp: int = 1):
-        engines = super().build(role, tp)
-        if engines.decode is not None:
-            step, pause = engines.decode.decode_step, self.step_s
-
-            def slow_step(*args, **kwargs):  # decode_step(max_steps=...) as the engines take it
-                time.sleep(pause)
-                return step(*args, **kwargs)
-
-            engines.decode.decode_step = slow_step
-        return engines
 
 
 # ---------------------------------------------------------------- metrics, no Ray
@@ -135,15 +116,13 @@ def test_a_hanging_status_never_hangs_a_scrape():
 @pytest.fixture(scope="module")
 def deployment():
     import ray
-    import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowMockFactory reaches the workers
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="raypd-grpc-tests", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
     from raypd.runtime.deployment import Resources
 
-    factory = SlowMockFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=100,
-                              max_slots=MAX_SLOTS)
+    factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=100,
+                                max_slots=MAX_SLOTS, step_delay_s=STEP_S)
     d = raypd.serve(name="grpc-mock", factory=factory, calibrate=False, cache_bytes=10**6,
                     policy=PolicyConfig(local_prefill_max_len=4, max_queued=1),
                     prefill_resources=Resources(num_cpus=0.25), decode_resources=Resources(num_cpus=0.25))
@@ -181,7 +160,9 @@ def req(text=None, ids=None, **params) -> raypd_pb2.GenerateRequest:
 
 
 def decode_load(d) -> list[tuple[int, int]]:
-    """(pages used, requests running) of each decode worker."""
+    """(pages used, requests running) of each decode worker, with cached pages dropped first
+    (finished requests publish their pages to the KV index: only what requests hold counts)."""
+    d.clear_cache(pools_only=True)
     return [(sum(w["used_pages"]), w["num_running"]) for w in d.status()["decode"]]
 
 
