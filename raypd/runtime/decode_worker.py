@@ -360,9 +360,9 @@ class DecodeWorker:
                         e.decode.insert(r, out, None)
                         e.prefill.release(r.request_id)
                     times = []  # the first step may compile; the fastest of the rest is the step time
-                    for _ in range(4):
+                    for _ in range(4):  # one step per call (a multi-step call would time several, or none)
                         start = time.perf_counter()
-                        e.decode.decode_step()
+                        e.decode.decode_step(max_steps=1)
                         times.append(time.perf_counter() - start)
                     decode_samples.append((B, B * (context_len + 2), min(times[1:])))
                     prefill_samples.append((context_len, 0, prefill_s))
