@@ -12,8 +12,8 @@ Lifecycle of a prefix through the store (G = tokens per page):
      evicted. `release(...)` the same hashes once the prefill is done (the engine then holds its
      own page references).
   3. Publish. When a request finishes, `publish(token_ids, locations, now_s)` records where its
-     full pages now live: pages of a worker's pool (`Location.in_worker`), or a host copy in
-     Ray's object store (`Location.on_host`; an opaque key, never a Ray object). A location
+     full pages now live (`Location`s: a page of a worker's pool, a page of a host copy in
+     Ray's object store, ... -- the tier types of scheduler/kv_store.py). A location
      handed to the store belongs to it: the caller keeps the worker page allocated (one
      reference) or the object ref alive until the store gives the location back. Locations the
      store already has a copy of (same worker / same node) come back at once as `redundant`.
@@ -41,14 +41,9 @@ import dataclasses
 import functools
 import hashlib
 from collections import Counter, OrderedDict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
-
-KIND_WORKER = "worker"
-KIND_HOST = "host"
-COMPRESSIONS = ("none", "int8")
-
 
 def page_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """Hash of one full page: its parent page's hash (None for page 0) chained with its tokens."""
@@ -75,43 +70,21 @@ def _page_hashes(token_ids: tuple[int, ...], page_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """Where one page's K/V lives. Build with `in_worker` or `on_host`."""
+class Location(Protocol):
+    """One copy of one page, as the index sees it. The tiers are types of their own, owned by
+    scheduler/kv_store.py (`PoolPage`, `HostPage`); a new tier is a new type, not a new field."""
 
-    kind: str  # KIND_WORKER | KIND_HOST
-    kv_bytes: int  # bytes this copy occupies
-    compression: str = "none"  # "none" | "int8"
-    worker_id: str | None = None  # KIND_WORKER: whose pool
-    node_id: str | None = None  # KIND_HOST: the node whose object store holds the copy
-    object_ref_key: str | None = None  # KIND_HOST: opaque key of the object (one request's pages)
-    page: int = -1  # KIND_WORKER: page id in the pool; KIND_HOST: the page's index in the object
-
-    @classmethod
-    def in_worker(cls, worker_id: str, page: int, kv_bytes: int, compression: str = "none") -> Location:
-        return cls(KIND_WORKER, kv_bytes, compression, worker_id=worker_id, page=page)
-
-    @classmethod
-    def on_host(cls, node_id: str, object_ref_key: str, page: int, kv_bytes: int,
-                compression: str = "int8") -> Location:
-        return cls(KIND_HOST, kv_bytes, compression, node_id=node_id, object_ref_key=object_ref_key, page=page)
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes this copy occupies."""
 
     @property
     def holder(self) -> tuple[str, str]:
-        """One copy of a page per holder: ("worker", worker_id) or ("host", node_id)."""
-        return (self.kind, self.worker_id if self.kind == KIND_WORKER else self.node_id)
+        """Who holds it (the index keeps one copy of a page per holder)."""
 
-    def __post_init__(self):
-        if self.kind not in (KIND_WORKER, KIND_HOST):
-            raise ValueError(f"kind must be {KIND_WORKER!r} or {KIND_HOST!r}, got {self.kind!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
-        if self.kv_bytes < 0 or self.page < 0:
-            raise ValueError(f"kv_bytes and page must be >= 0: {self}")
-        if self.kind == KIND_WORKER and self.worker_id is None:
-            raise ValueError("a worker location needs worker_id")
-        if self.kind == KIND_HOST and (self.node_id is None or self.object_ref_key is None):
-            raise ValueError("a host location needs node_id and object_ref_key")
+    @property
+    def pool_key(self) -> tuple[str, int] | None:
+        """(worker_id, page) for a page of a worker's pool, else None."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +177,9 @@ class KVIndex:
                 break
             matched.append(h)
             locations.append(tuple(e.locations))
-            for loc in e.locations:
-                if loc.kind == KIND_WORKER and len(worker_pages.get(loc.worker_id, ())) == i:
-                    worker_pages.setdefault(loc.worker_id, []).append(loc.page)
+            for key in filter(None, (loc.pool_key for loc in e.locations)):
+                if len(worker_pages.get(key[0], ())) == i:
+                    worker_pages.setdefault(key[0], []).append(key[1])
         self._num_hits += len(matched)
         self._num_misses += num_full - len(matched)
         return PrefixMatch(matched, locations, worker_pages, num_full)
@@ -219,12 +192,14 @@ class KVIndex:
         """Whether the index holds page `page` of `worker_id`'s pool."""
         return (worker_id, page) in self._worker_pages
 
-    def host_run(self, token_ids: Sequence[int], max_pages: int | None = None) -> int:
-        """How many leading full pages of `token_ids` have a host copy (no stats, no recency)."""
+    def leading_run(self, token_ids: Sequence[int], max_pages: int | None,
+                    is_wanted: Callable[[Location], bool]) -> int:
+        """How many leading full pages of `token_ids` have a copy for which `is_wanted` holds
+        (no stats, no recency)."""
         n = 0
         for h in page_hashes(token_ids, self.page_size)[:max_pages]:
             e = self._entries.get(h)
-            if e is None or not any(loc.kind == KIND_HOST for loc in e.locations):
+            if e is None or not any(is_wanted(loc) for loc in e.locations):
                 break
             n += 1
         return n
@@ -267,15 +242,14 @@ class KVIndex:
         if len(locations) > len(hashes):
             raise ValueError(f"{len(locations)} locations for {len(hashes)} full pages")
         self._advance(now_s)
-        keys = [(l.worker_id, l.page) for l in locations if l is not None and l.kind == KIND_WORKER]
+        keys = [l.pool_key for l in locations if l is not None and l.pool_key is not None]
         if len(keys) != len(set(keys)):
             raise ValueError("one worker page given for two pages")
         for h, loc in zip(hashes, locations):  # check everything before changing anything
             if loc is None and h not in self._entries:
                 raise ValueError(f"page hash {h:x} is not in the index and has no location")
-            if loc is not None and loc.kind == KIND_WORKER \
-                    and self._worker_pages.get((loc.worker_id, loc.page), h) != h:
-                raise ValueError(f"worker {loc.worker_id} page {loc.page} already caches another page")
+            if loc is not None and loc.pool_key is not None and self._worker_pages.get(loc.pool_key, h) != h:
+                raise ValueError(f"worker {loc.pool_key[0]} page {loc.pool_key[1]} already caches another page")
         redundant: list[Location] = []
         parent = None
         for h, loc in zip(hashes, locations):
@@ -291,9 +265,9 @@ class KVIndex:
                 else:
                     e.locations.append(loc)
                     self.used_bytes += loc.kv_bytes
-                    if loc.kind == KIND_WORKER:
-                        self._worker_pages[(loc.worker_id, loc.page)] = h
-                        self._num_worker_pages[loc.worker_id] += 1
+                    if loc.pool_key is not None:
+                        self._worker_pages[loc.pool_key] = h
+                        self._num_worker_pages[loc.pool_key[0]] += 1
             parent = h
         published = hashes[:len(locations)]
         if published:
@@ -332,7 +306,7 @@ class KVIndex:
         for h, e in self._entries.items():
             if len(out) >= num_pages:
                 break
-            loc = next((l for l in e.locations if l.kind == KIND_WORKER and l.worker_id == worker_id), None)
+            loc = next((l for l in e.locations if l.pool_key is not None and l.pool_key[0] == worker_id), None)
             if loc is not None and not e.refs:
                 out.append(Evicted(h, (loc,)))
         for ev in out:
@@ -347,7 +321,7 @@ class KVIndex:
         out = []
         for key in keys:
             h = self._worker_pages[key]
-            loc = next(l for l in self._entries[h].locations if l.kind == KIND_WORKER and l.worker_id == worker_id)
+            loc = next(l for l in self._entries[h].locations if l.pool_key == key)
             self._drop(h, loc)
             out.append(Evicted(h, (loc,)))
         self._collect([ev.hash for ev in out])
@@ -357,19 +331,18 @@ class KVIndex:
         """Forget one copy of a page (the entry stays; `_collect` removes it if left empty)."""
         self._entries[h].locations.remove(loc)
         self.used_bytes -= loc.kv_bytes
-        if loc.kind == KIND_WORKER:
-            del self._worker_pages[(loc.worker_id, loc.page)]
-            self._num_worker_pages[loc.worker_id] -= 1
+        if loc.pool_key is not None:
+            del self._worker_pages[loc.pool_key]
+            self._num_worker_pages[loc.pool_key[0]] -= 1
 
     def _remove(self, h: int) -> Evicted:
         e = self._entries.pop(h)
         assert e.refs == 0 and e.num_children == 0, "only unpinned leaves are removed"
         if e.parent is not None:
             self._entries[e.parent].num_children -= 1
-        for loc in e.locations:
-            if loc.kind == KIND_WORKER:
-                del self._worker_pages[(loc.worker_id, loc.page)]
-                self._num_worker_pages[loc.worker_id] -= 1
+        for key in filter(None, (loc.pool_key for loc in e.locations)):
+            del self._worker_pages[key]
+            self._num_worker_pages[key[0]] -= 1
         self.used_bytes -= e.kv_bytes
         self._num_evicted += bool(e.locations)
         return Evicted(h, tuple(e.locations))
@@ -419,10 +392,9 @@ class KVIndex:
                 children[e.parent] = children.get(e.parent, 0) + 1
             holders = [loc.holder for loc in e.locations]
             assert len(holders) == len(set(holders)), f"{h:x}: two copies at one holder"
-            for loc in e.locations:
-                if loc.kind == KIND_WORKER:
-                    assert (loc.worker_id, loc.page) not in worker_pages, "worker page cached twice"
-                    worker_pages[(loc.worker_id, loc.page)] = h
+            for key in filter(None, (loc.pool_key for loc in e.locations)):
+                assert key not in worker_pages, "worker page cached twice"
+                worker_pages[key] = h
             assert e.locations or e.refs or e.num_children, f"{h:x}: empty entry kept"
         for h, e in self._entries.items():
             assert e.num_children == children.get(h, 0), f"{h:x}: child count"

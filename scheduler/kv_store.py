@@ -1,11 +1,11 @@
 """The global KV store: the prefix index and the host tier's objects, one owner for both.
 
-Pure host bookkeeping (no Ray, threads or asyncio; time passed in). Two tiers:
-  pool  pages in a worker's page pool (`Location.in_worker`); freeing one is a `FreePages`
-        action on that worker.
-  host  exports of consecutive pages in Ray's object store (`Location.on_host`), held here as
-        opaque payload references under a key; the last page of an object the index lets go
-        drops the reference (Ray frees the object).
+Pure host bookkeeping (no Ray, threads or asyncio; time passed in). Two tiers, each a type of
+its own (the index, scheduler/kv_index.py, sees any `Location`; a third tier is a third type):
+  PoolPage  a page of a worker's page pool; freeing one is a `FreePages` action on that worker.
+  HostPage  a page of an export of consecutive pages in Ray's object store, held here as an
+            opaque payload reference under a key; the last page of an object the index lets
+            go drops the reference (Ray frees the object).
 Every method that changes what the store holds returns the actions the caller must carry out
 (free pages on a worker, export pages to the host tier); the store never calls anything.
 """
@@ -17,7 +17,59 @@ import itertools
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from scheduler.kv_index import KIND_HOST, KIND_WORKER, Evicted, KVIndex, Location, PrefixMatch, PublishResult
+from scheduler.kv_index import Evicted, KVIndex, Location, PrefixMatch, PublishResult
+
+COMPRESSIONS = ("none", "int8")  # how a copy's K/V is stored
+
+
+def _check(kv_bytes: int, page: int, compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if kv_bytes < 0 or page < 0:
+        raise ValueError(f"kv_bytes and page must be >= 0, got {kv_bytes} and {page}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPage:
+    """Page `page` of `worker_id`'s page pool (the store holds one reference on it)."""
+
+    worker_id: str
+    page: int
+    kv_bytes: int
+    compression: str = "none"
+
+    def __post_init__(self):
+        _check(self.kv_bytes, self.page, self.compression)
+
+    @property
+    def holder(self) -> tuple[str, str]:
+        return ("pool", self.worker_id)
+
+    @property
+    def pool_key(self) -> tuple[str, int]:
+        return (self.worker_id, self.page)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPage:
+    """Page `page` (its index in the object) of the host copy `object_key` on node `node_id`."""
+
+    node_id: str
+    object_key: str
+    page: int
+    kv_bytes: int
+    compression: str = "int8"
+
+    def __post_init__(self):
+        _check(self.kv_bytes, self.page, self.compression)
+
+    @property
+    def holder(self) -> tuple[str, str]:
+        return ("host", self.node_id)
+
+    @property
+    def pool_key(self) -> None:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +122,11 @@ class HostObjects:
         pages of one object grouped, in order (what a prefill job's `host_prefix` takes)."""
         out: list[tuple[str, list[int]]] = []
         for locs in locations:
-            loc = next(loc for loc in locs if loc.kind == KIND_HOST)
-            if out and out[-1][0] == loc.object_ref_key:
+            loc = next(loc for loc in locs if isinstance(loc, HostPage))
+            if out and out[-1][0] == loc.object_key:
                 out[-1][1].append(loc.page)
             else:
-                out.append((loc.object_ref_key, [loc.page]))
+                out.append((loc.object_key, [loc.page]))
         return [(self._objects[key][0], positions) for key, positions in out]
 
 
@@ -93,7 +145,7 @@ class KVStore:
         """Leading matched pages that have a host copy (0 without a host tier)."""
         if not self.host_copies:
             return 0
-        return sum(1 for _ in itertools.takewhile(lambda locs: any(l.kind == KIND_HOST for l in locs),
+        return sum(1 for _ in itertools.takewhile(lambda locs: any(isinstance(l, HostPage) for l in locs),
                                                   match.locations))
 
     def host_prefix(self, locations) -> list[tuple[object, list[int]]]:
@@ -119,11 +171,10 @@ class KVStore:
         actions: list = []
         pages = list(own_pages) + list(new_pages)
         if self.host_copies and new_pages and can_export:
-            run = self.index.host_run(token_ids, len(pages))
+            run = self.index.leading_run(token_ids, len(pages), lambda loc: isinstance(loc, HostPage))
             if run < len(pages):
                 actions.append(ExportPages(worker, tuple(token_ids), run, tuple(pages[run:]), self.host_copies))
-        locations = [None] * num_prefix_pages + [Location.in_worker(worker, p, self.kv_bytes_per_page)
-                                                 for p in new_pages]
+        locations = [None] * num_prefix_pages + [PoolPage(worker, p, self.kv_bytes_per_page) for p in new_pages]
         try:
             published = self.index.publish(token_ids, locations, now_s)
         except ValueError:  # the prefix was not what the index held: keep nothing
@@ -135,13 +186,12 @@ class KVStore:
         turn reuses them. The worker holds one reference on each; pages the index already holds
         there keep theirs, so the extra reference is dropped."""
         held = [self.index.holds(worker, p) for p in pages]
-        locations = [None if h else Location.in_worker(worker, p, self.kv_bytes_per_page)
-                     for p, h in zip(pages, held)]
-        extra = [Location.in_worker(worker, p, 0) for p, h in zip(pages, held) if h]
+        locations = [None if h else PoolPage(worker, p, self.kv_bytes_per_page) for p, h in zip(pages, held)]
+        extra = [PoolPage(worker, p, 0) for p, h in zip(pages, held) if h]
         try:
             published = self.index.publish(token_ids, locations, now_s)
         except ValueError:  # an earlier page left the index meanwhile: cache nothing
-            return self.free([Location.in_worker(worker, p, 0) for p in pages])
+            return self.free([PoolPage(worker, p, 0) for p in pages])
         return self.free(extra) + self._gone(published)
 
     def add_host_copy(self, token_ids: Sequence[int], first: int, num_pages: int, node_id: str,
@@ -149,7 +199,7 @@ class KVStore:
         """A host copy of pages [first, first + num_pages) of `token_ids` now exists."""
         key = self.host.add(payload, num_pages)
         per_page = num_bytes // max(1, num_pages)
-        locations = [None] * first + [Location.on_host(node_id, key, i, per_page, self.host_copies or "none")
+        locations = [None] * first + [HostPage(node_id, key, i, per_page, self.host_copies or "none")
                                       for i in range(num_pages)]
         try:
             published = self.index.publish(token_ids, locations, now_s)
@@ -181,10 +231,13 @@ class KVStore:
         """Let go of copies: host pages drop their object's count, pool pages become FreePages."""
         by_worker: dict[str, list[int]] = defaultdict(list)
         for loc in locations:
-            if loc.kind == KIND_HOST:
-                self.host.drop_page(loc.object_ref_key)
-            elif loc.kind == KIND_WORKER:
-                by_worker[loc.worker_id].append(loc.page)
+            match loc:
+                case HostPage(object_key=key):
+                    self.host.drop_page(key)
+                case PoolPage(worker_id=worker, page=page):
+                    by_worker[worker].append(page)
+                case _:
+                    raise TypeError(f"not a KV store tier: {loc!r}")
         return [FreePages(w, tuple(pages)) for w, pages in by_worker.items()]
 
     def _gone(self, published: PublishResult) -> list[FreePages]:
@@ -201,4 +254,4 @@ class KVStore:
         self.index.check()
 
 
-__all__ = ["KVStore", "HostObjects", "FreePages", "ExportPages", "Evicted"]
+__all__ = ["KVStore", "HostObjects", "PoolPage", "HostPage", "Location", "FreePages", "ExportPages", "Evicted"]

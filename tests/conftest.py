@@ -91,18 +91,24 @@ def write_tokenizer_json(path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- test tiers
-# `pytest -m unit`: no Ray cluster, no subprocess servers (minutes); `-m integration`: the rest.
-# CI runs both. A test is integration when its module starts Ray or servers, or it uses a Ray fixture.
+# `pytest -m unit`: no Ray cluster, no subprocess, no server, nothing that compiles big shapes
+# (under 2 minutes on 2 cores); `-m integration`: the rest. CI (`scripts/dev.py test`) runs both.
+# A test is integration when its module starts Ray or servers, it uses a Ray or server fixture,
+# or it is marked `@pytest.mark.integration` itself (a subprocess, a server, a slow compile).
 INTEGRATION_MODULES = {"test_runtime", "test_runtime_aborts", "test_runtime_cluster", "test_runtime_failover",
                        "test_grpc", "test_grpc_ray", "test_ray_job", "test_cli", "test_openai", "test_openai_ray",
                        "test_secure_cluster", "test_openai_api", "test_serve_ray", "test_readme"}
 RAY_FIXTURES = {"ray_session", "cluster"}
+SERVER_FIXTURES = {"endpoint", "channel", "target"}  # a gRPC endpoint, a serving loop with compiled shapes
+
+
+def is_integration(item) -> bool:
+    module = item.module.__name__.rpartition(".")[2]
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return (module in INTEGRATION_MODULES or bool((RAY_FIXTURES | SERVER_FIXTURES) & fixtures)
+            or item.get_closest_marker("integration") is not None)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        if module in INTEGRATION_MODULES or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.integration)
-        else:
-            item.add_marker(pytest.mark.unit)
+        item.add_marker(pytest.mark.integration if is_integration(item) else pytest.mark.unit)

@@ -177,6 +177,7 @@ def test_ray_backend_carries_the_client_id_and_maps_it_to_the_deployment_id():
     assert backend.submit(job).request_id == "client-a"  # free again once it ended
 
 
+@pytest.mark.integration  # a gRPC server, timed deadlines
 def test_a_grpc_deadline_reaches_the_deployment_as_the_ttft_bound_and_a_refusal_is_resource_exhausted():
     """The client's deadline travels to the scheduler as the request's TTFT bound; when the
     scheduler says it cannot be met (RequestRejected "deadline"), the RPC ends at once with
@@ -217,6 +218,7 @@ def test_a_grpc_deadline_reaches_the_deployment_as_the_ttft_bound_and_a_refusal_
 # ---------------------------------------------------------------- the chaos scenario
 
 
+@pytest.mark.integration  # a gRPC server over a served model
 def test_chaos_bad_input_every_class_refused_on_both_paths():
     report = bad_input.run(measure_interference=False)
     assert report.num_classes >= 40

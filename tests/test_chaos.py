@@ -19,11 +19,12 @@ from tests.test_runtime import ray_session  # noqa: F401 - fixture
 
 
 def test_mock_chain_accepts_decode_steps_and_resumes_only():
-    p = [10, 20, 30, 40, 50]
-    assert common.mock_chain(p, [300, 303, 306]) == 0
-    resumed = (2 * (150 + 300 + 303)) % 1000
-    assert common.mock_chain(p, [300, 303, resumed, resumed + 3]) == 1
-    assert common.mock_chain(p, [300, 303, 307]) is None
+    p = [10, 20, 30, 40, 50]  # s = 150: prefill 300; decode 3 * 450 = 1350; 3 * 800 = 2400 (mod 1000)
+    assert common.expected(p, 3) == [300, 350, 400]
+    assert common.mock_chain(p, [300, 350, 400]) == 0
+    resumed = (2 * (150 + 300 + 350)) % 1000  # prompt + tokens so far prefilled again
+    assert common.mock_chain(p, [300, 350, resumed, (3 * (800 + resumed)) % 1000]) == 1
+    assert common.mock_chain(p, [300, 350, 401]) is None
     assert common.mock_chain(p, [301]) is None
 
 

@@ -54,11 +54,17 @@ def prompts_of(lens, seed=0):
     return [[int(t) for t in rng.randint(3, CFG.vocab_size, n)] for n in lens]
 
 
+ROLLOUT_WIDTH = 128  # rollouts pad the ids to a multiple of this: one compiled program per width
+
+
 def rollout(model, prompt, n):
-    """Greedy continuation by teacher-forced full forward passes (no cache at all)."""
+    """Greedy continuation by teacher-forced full forward passes (no cache at all). The ids are
+    padded after the last token (a causal model's logits before it are unchanged), so a
+    rollout compiles one program per ROLLOUT_WIDTH tokens, not one per length."""
     ids, out = list(prompt), []
     for _ in range(n):
-        t = int(np.argmax(model.logits(ids)[-1]))
+        width = -(-len(ids) // ROLLOUT_WIDTH) * ROLLOUT_WIDTH
+        t = int(np.argmax(model.logits(ids + [0] * (width - len(ids)))[len(ids) - 1]))
         out.append(t)
         ids.append(t)
     return out
@@ -144,6 +150,7 @@ def test_paged_attention_equals_dense(model):
     assert_no_leak(runner)
 
 
+@pytest.mark.integration  # compiles sharded (TP) programs: seconds of CPU each
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_gives_identical_tokens(model, tp):
     assert len(jax.devices()) >= 4, "conftest sets 4 CPU devices"

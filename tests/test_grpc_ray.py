@@ -5,16 +5,14 @@ names in INVALID_ARGUMENT, the retry hint of RESOURCE_EXHAUSTED); a cancelled or
 that leaves its request running on a decode worker (slot and pages must be back within a
 second); auth that lets a method through; metrics that are not read from the deployment.
 
-The mock engines' tokens can be worked out by hand (raypd/engine/mock.py): prefill worker
-x2, decode +3. `SlowMockFactory` pauses in each decode step so requests run long enough to
-be cancelled mid-way.
+The mock engines' tokens can be worked out by hand (raypd/engine/arithmetic.py; s the sum of
+the tokens so far): prefill worker 2s, decode steps 3s, mod 1000. Each decode step takes
+STEP_S (`step_delay_s`), so requests run long enough to be cancelled mid-way.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import sys
 import threading
 import time
 import types
@@ -28,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import raypd
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
+from raypd.engine.arithmetic import expected_tokens
 from raypd.runtime.engines import MockEngineFactory
 from raypd.server.backends import RayBackend
 from raypd.server.grpc_server import Endpoint
@@ -48,25 +47,8 @@ def fresh() -> list[int]:
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
-    first = sum(prompt) * 2 % 1000  # prefill worker (x2), then decode (+3)
-    return [(first + 3 * i) % 1000 for i in range(n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class SlowMockFactory(MockEngineFactory):
-    step_s: float = STEP_S
-
-    def build(self, role: str, tp: int = 1):
-        engines = super().build(role, tp)
-        if engines.decode is not None:
-            step, pause = engines.decode.decode_step, self.step_s
-
-            def slow_step(*args, **kwargs):  # decode_step(max_steps=...) as the engines take it
-                time.sleep(pause)
-                return step(*args, **kwargs)
-
-            engines.decode.decode_step = slow_step
-        return engines
+    """Prefill worker (2s), then decode steps (3s), s the sum of the tokens so far (mod 1000)."""
+    return expected_tokens(prompt, n, 2, 3, 1000)
 
 
 # ---------------------------------------------------------------- metrics, no Ray
@@ -134,15 +116,13 @@ def test_a_hanging_status_never_hangs_a_scrape():
 @pytest.fixture(scope="module")
 def deployment():
     import ray
-    import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowMockFactory reaches the workers
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="raypd-grpc-tests", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}})
     from raypd.runtime.deployment import Resources
 
-    factory = SlowMockFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=100,
-                              max_slots=MAX_SLOTS)
+    factory = MockEngineFactory(prefill_weight=2, decode_weight=3, local_prefill_weight=5, num_pages=100,
+                                max_slots=MAX_SLOTS, step_delay_s=STEP_S)
     d = raypd.serve(name="grpc-mock", factory=factory, calibrate=False, cache_bytes=10**6,
                     policy=PolicyConfig(local_prefill_max_len=4, max_queued=1),
                     prefill_resources=Resources(num_cpus=0.25), decode_resources=Resources(num_cpus=0.25))
@@ -180,7 +160,9 @@ def req(text=None, ids=None, **params) -> raypd_pb2.GenerateRequest:
 
 
 def decode_load(d) -> list[tuple[int, int]]:
-    """(pages used, requests running) of each decode worker."""
+    """(pages used, requests running) of each decode worker, with cached pages dropped first
+    (finished requests publish their pages to the KV index: only what requests hold counts)."""
+    d.clear_cache(pools_only=True)
     return [(sum(w["used_pages"]), w["num_running"]) for w in d.status()["decode"]]
 
 

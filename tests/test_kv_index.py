@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.kv_index import KVIndex, Location, page_hash, page_hashes
+from scheduler.kv_index import KVIndex, page_hash, page_hashes
+from scheduler.kv_store import HostPage, PoolPage
 
 G = 4  # tokens per page
 PAGE_BYTES = 100
 
 
 def w(worker_id, page):
-    return Location.in_worker(worker_id, page, PAGE_BYTES)
+    return PoolPage(worker_id, page, PAGE_BYTES)
 
 
 def host(key, page, node="n0"):
-    return Location.on_host(node, key, page, PAGE_BYTES // 2)
+    return HostPage(node, key, page, PAGE_BYTES // 2)
 
 
 def toks(*pages):
@@ -204,12 +205,25 @@ def test_stats_and_hit_rate():
     assert KVIndex(G, 0).stats().hit_rate == 0.0
 
 
-def test_location_validation():
+def test_location_validation_and_holders():
     with pytest.raises(ValueError, match="compression"):
-        Location.in_worker("A", 1, 10, compression="fp4")
-    with pytest.raises(ValueError, match="worker_id"):
-        Location("worker", 10)
-    assert Location.on_host("n", "k", 0, 10).compression == "int8"
+        PoolPage("A", 1, 10, compression="fp4")
+    with pytest.raises(ValueError, match="kv_bytes and page"):
+        HostPage("n", "k", -1, 10)
+    assert HostPage("n", "k", 0, 10).compression == "int8"
+    assert (PoolPage("A", 3, 10).holder, PoolPage("A", 3, 10).pool_key) == (("pool", "A"), ("A", 3))
+    assert (HostPage("n", "k", 0, 10).holder, HostPage("n", "k", 0, 10).pool_key) == (("host", "n"), None)
+
+
+def test_the_store_frees_each_tier_its_own_way_and_refuses_others():
+    from scheduler.kv_store import FreePages, KVStore
+
+    store = KVStore(G, PAGE_BYTES, 10_000, host_copies="int8")
+    key = store.host.add("ref", 2)
+    out = store.free([w("A", 3), HostPage("n", key, 0, 8), w("A", 4), w("B", 1), HostPage("n", key, 1, 8)])
+    assert out == [FreePages("A", (3, 4)), FreePages("B", (1,))] and len(store.host) == 0
+    with pytest.raises(TypeError, match="not a KV store tier"):
+        store.free([("A", 3)])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -223,7 +237,7 @@ def test_invariants_hold_under_random_operations(seed):
     def give_back(evicted):
         for e in evicted:
             for loc in e.locations:
-                if loc.kind == "worker":
+                if isinstance(loc, PoolPage):
                     free[loc.worker_id].append(loc.page)
 
     for _ in range(300):
@@ -271,8 +285,8 @@ def test_host_copies_group_pages_and_drop_an_object_with_its_last_page():
 
     host = HostObjects()
     a, b = host.add("ref-a", 2), host.add("ref-b", 1)
-    locs = [(Location.on_host("n", a, 0, 8),), (w("A", 3), Location.on_host("n", a, 1, 8)),
-            (Location.on_host("n", b, 0, 8),)]
+    locs = [(HostPage("n", a, 0, 8),), (w("A", 3), HostPage("n", a, 1, 8)),
+            (HostPage("n", b, 0, 8),)]
     assert host.prefix(locs) == [("ref-a", [0, 1]), ("ref-b", [0])]
     host.drop_page(a)
     assert len(host) == 2  # one page of a is still in the index

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 INNER_RING = ("models", "raypd/engine", "scheduler")
 FORBIDDEN = {"ray", "grpc", "threading", "asyncio"}
@@ -97,6 +99,7 @@ def test_direction_checker_can_fail(tmp_path):
     assert violations("raypd.server.x", f) == []
 
 
+@pytest.mark.integration  # a subprocess
 def test_light_modules_import_no_jax():
     """The scheduler's process (its actor module, the messages it unpickles, the request
     checks) and the client-side types load without JAX."""

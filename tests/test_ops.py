@@ -39,6 +39,7 @@ def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------ nothing hangs
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_status_against_a_closed_port_fails_within_15_s_naming_the_address():
     address = f"127.0.0.1:{closed_port()}"
     start = time.monotonic()
@@ -47,6 +48,7 @@ def test_status_against_a_closed_port_fails_within_15_s_naming_the_address():
     assert run.returncode != 0 and address in run.stderr and "raypd status" in run.stderr, run.stderr[-2000:]
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_ray_init_gives_up_on_a_port_that_is_not_ray():
     """An open port that never answers as Ray (here: a listening socket nobody serves) must not
     block: ray.init runs in a helper thread the caller stops waiting for."""
@@ -77,6 +79,7 @@ def test_grpc_check_names_the_target():
         reach.check_grpc(target, timeout_s=3)
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_bench_against_a_closed_grpc_port_fails_fast():
     target = f"127.0.0.1:{closed_port()}"
     start = time.monotonic()
@@ -85,6 +88,7 @@ def test_bench_against_a_closed_grpc_port_fails_fast():
     assert time.monotonic() - start < 60  # mostly the interpreter and imports on a busy machine
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_sigterm_while_serve_is_starting_stops_it_promptly():
     """SIGTERM during start-up (loading and compiling) unwinds at once rather than after it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -114,6 +118,7 @@ def test_sigterm_while_serve_is_starting_stops_it_promptly():
             proc.kill()
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_a_start_up_stuck_in_native_code_still_stops_on_sigterm():
     """The main thread never returns to Python (a stuck compile or join, here a read nobody
     answers, with a handler that does not raise): the watchdog exits with the stacks printed."""
@@ -298,6 +303,7 @@ def test_uri_detection():
 # ------------------------------------------------------------------ warm before ready
 
 
+@pytest.mark.integration  # a subprocess or a served endpoint
 def test_first_request_after_ready_is_as_fast_as_a_warm_one():
     """A served endpoint compiles before it opens: the first request's TTFT is within 2x of a
     warm request's (without the warm-up it would include seconds of compilation)."""

@@ -223,9 +223,10 @@ def test_finished_requests_publish_their_pages_for_the_next_turn(model_deploymen
 def test_mock_weights_show_which_worker_ran_each_phase(mock_deployment):
     long, short = [10, 20, 30, 40, 50], [7, 8]
     a, b = mock_deployment.generate([long, short], max_tokens=4)
-    assert a.token_ids == [300, 303, 306, 309]  # prefill worker (x2), then decode (+3)
+    # s = the sum of the tokens so far: prefill worker 2s, decode steps 3s (mod 1000)
+    assert a.token_ids == [300, 350, 400, 600]
     assert not a.metrics["is_local_prefill"] and a.metrics["prefill_worker"] == "prefill-0"
-    assert b.token_ids == [75, 78, 81, 84]  # prefilled on the decode worker itself (x5)
+    assert b.token_ids == [75, 270, 80, 320]  # prefilled on the decode worker itself (5s)
     assert b.metrics["is_local_prefill"] and b.metrics["decode_worker"] == "decode-0"
     assert_baseline(mock_deployment)
 
@@ -236,7 +237,7 @@ def test_cached_pages_evicted_when_a_pool_needs_room(mock_deployment):
     ps = [[10 + i] * 20 for i in range(6)]
     for p in ps:  # one at a time, so each finds the pool as the previous one left it
         (c,) = mock_deployment.generate([p], max_tokens=2)
-        assert c.token_ids == [(sum(p) * 2) % 1000, (sum(p) * 2 + 3) % 1000]
+        assert c.token_ids == [(2 * sum(p)) % 1000, (3 * 3 * sum(p)) % 1000]
     s = mock_deployment.status()
     assert s["prefill"][0]["used_pages"] == [15]  # the pool holds the newest 15 pages ...
     assert s["index"]["num_entries"] == 30 and s["index"]["num_host_objects"] == 6  # ... host copies all 30
@@ -283,18 +284,18 @@ def test_connect_and_shutdown_errors(ray_session):
     d = raypd.serve(name="raypd", factory=MockEngineFactory(), num_prefill=0, calibrate=False,
                     decode_resources=_small(), policy=PolicyConfig(max_queued=2))
     other = raypd.connect()  # by the default name, as another driver would
-    assert other.generate([[1, 2]], max_tokens=2)[0].token_ids == [3, 4]
+    assert other.generate([[1, 2]], max_tokens=2)[0].token_ids == [3, 6]  # weights 1: s, then s
     for backend in ("ray", "auto"):  # auto: a deployment runs, so it is used
         (c,) = raypd.generate([[1, 2]], max_tokens=2, backend=backend)
-        assert c.token_ids == [3, 4] and c.metrics["decode_worker"] == "decode-0"
-    assert [c.token_id for c in raypd.stream([1, 2], max_tokens=2, backend="ray")] == [3, 4]
+        assert c.token_ids == [3, 6] and c.metrics["decode_worker"] == "decode-0"
+    assert [c.token_id for c in raypd.stream([1, 2], max_tokens=2, backend="ray")] == [3, 6]
     driver = (  # another driver process on the same cluster attaches by name
         "import ray, raypd\n"
         f"ray.init(address={ray_session.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
         "print(raypd.connect('raypd').generate([[1, 2]], max_tokens=2)[0].token_ids)\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip().endswith("[3, 4]"), run.stderr[-2000:]
+    assert run.returncode == 0 and run.stdout.strip().endswith("[3, 6]"), run.stderr[-2000:]
     with pytest.raises(errors.RequestRejected, match="queue is full") as e:  # bounded queue: 3 > 2
         other.generate([[1], [2], [3]], max_tokens=2)
     assert e.value.reason == "queue_full" and e.value.retry_after_s > 0

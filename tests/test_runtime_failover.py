@@ -1,6 +1,8 @@
 """Failover (raypd/runtime/scheduler_actor.py, "failover"): a worker killed while a request is
-in its hands. Mock engines with delays give a window to kill a worker in a known phase; their
-arithmetic tokens show which worker ran each phase and what prompt a resumed request had.
+in its hands. Mock engines held at a gate (`Gate`: the worker announces it has arrived and
+waits for the test to open it) let a test kill a worker in a known phase, with no timing
+guess; their arithmetic tokens show which worker ran each phase and what prompt a resumed
+request had.
 
 Guards against: a request lost or failed when the prefill worker dies mid-prefill, or after it
 sent the K/V but before the decode worker received it (the payload's owner is gone, so the K/V
@@ -16,6 +18,8 @@ import time
 import pytest
 
 import raypd
+from raypd.chaos.common import kill  # ray.kill, then wait until the actor is dead
+from raypd.engine.arithmetic import expected_tokens
 from raypd.runtime import errors
 from raypd.runtime.engines import MockEngineFactory
 from scheduler import PolicyConfig
@@ -34,15 +38,35 @@ def _worker(d, worker_id: str):
     raise LookupError(worker_id)
 
 
-def _busy(actor) -> bool:
-    """Whether a worker (one call at a time) is inside a call: a no-op call gets no answer soon."""
+class Gate:
+    """A directory for `MockEngineFactory.send_gate` / `recv_gate`: workers reaching the gate
+    write `arrived-<pid>` and wait until `open()` (raypd.runtime.engines.wait_at_gate)."""
+
+    def __init__(self, tmp_path, name: str):
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+
+    def __str__(self) -> str:
+        return str(self.dir)
+
+    def wait_arrivals(self, n: int, timeout_s: float = 60.0) -> None:
+        _wait_for(lambda: len(list(self.dir.glob("arrived-*"))) >= n, timeout_s, f"{n} workers at gate {self.dir.name}")
+
+    def open(self) -> None:
+        (self.dir / "open").touch()
+
+
+def _is_lost(ref) -> bool:
+    """Whether the object store payload `ref` is gone (its owner died and it was freed)."""
     import ray
 
     try:
-        ray.get(actor.__ray_call__.remote(lambda self: None), timeout=0.2)
-        return False
-    except ray.exceptions.GetTimeoutError:
+        ray.get(ref, timeout=1)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
         return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
 
 
 def _wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
@@ -76,19 +100,23 @@ def _serve(name: str, num_decode: int = 1, num_prefill: int = 2, max_replacement
 
 
 PROMPT = [10, 20, 30, 40, 50]
-EXPECTED = [300, 303, 306, 309]  # prefilled on a prefill worker (x2), decoded (+3)
+EXPECTED = [300, 350, 400, 600]  # s = sum so far: prefilled on a prefill worker (2s), decoded (3s), mod 1000
 
 
-def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray_session):  # noqa: F811
-    """prefill-0 sends the K/V, then dies before the decode worker (delayed 1.5 s) receives it:
+def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray_session, tmp_path):  # noqa: F811
+    """prefill-0 sends the K/V, then dies before the decode worker (held at a gate) receives it:
     the payload's owner is gone, the transfer fails, and the scheduler prefills again on prefill-1."""
-    d = _serve("failover-transfer", recv_delay_s=1.5)
+    ray = ray_session
+    gate = Gate(tmp_path, "recv")
+    d = _serve("failover-transfer", recv_gate=str(gate))
     try:
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
-        _wait_for(lambda: d.status()["prefill"][0]["num_pending_transfers"] == 1, what="prefill-0 to send")
-        import ray
-
-        ray.kill(_worker(d, "prefill-0"))
+        gate.wait_arrivals(1)  # the decode worker holds prefill-0's handle: the K/V was sent
+        victim = _worker(d, "prefill-0")
+        (handle,) = ray.get(victim.__ray_call__.remote(lambda self: list(self._sent.values())), timeout=30)
+        kill(victim)
+        _wait_for(lambda: _is_lost(handle.location), 60, "prefill-0's payload to be lost with it")
+        gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
         c = result["value"]
@@ -104,15 +132,15 @@ def test_handoff_that_dies_mid_transfer_is_retried_on_another_prefill_worker(ray
         d.shutdown()
 
 
-def test_prefill_worker_dying_mid_prefill_is_retried(ray_session):  # noqa: F811
-    d = _serve("failover-prefill", prefill_delay_s=3.0)
+def test_prefill_worker_dying_mid_prefill_is_retried(ray_session, tmp_path):  # noqa: F811
+    gate = Gate(tmp_path, "send")
+    d = _serve("failover-prefill", send_gate=str(gate))
     try:
-        victim = _worker(d, "prefill-0")  # asked now: a busy worker answers only after its prefill
+        victim = _worker(d, "prefill-0")
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4)[0])
-        _wait_for(lambda: _busy(victim), what="prefill-0 (ties go to the lower id) to start its prefill")
-        import ray
-
-        ray.kill(victim)
+        gate.wait_arrivals(1)  # prefill-0 (ties go to the lower id) is inside its prefill
+        kill(victim)
+        gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
         assert result["value"].token_ids == EXPECTED and result["value"].metrics["prefill_worker"] == "prefill-1"
@@ -122,25 +150,28 @@ def test_prefill_worker_dying_mid_prefill_is_retried(ray_session):  # noqa: F811
         d.shutdown()
 
 
-def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session):  # noqa: F811
+def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session, tmp_path):  # noqa: F811
     """A stream is on decode-0 when decode-0 dies. The scheduler resumes it on decode-1 with
     prompt + the tokens produced so far (so a greedy model continues exactly): in the mock's
-    arithmetic the first resumed token is (sum(prompt + tokens so far) * 2) % V, then +3 each."""
-    d = _serve("failover-decode", step_delay_s=0.05, num_decode=2)
+    arithmetic (s: the sum of the prompt and the tokens before) a decode step gives 3s % V and
+    the first resumed token, a prefill of prompt + tokens so far, 2s % V."""
+    gate = Gate(tmp_path, "step")  # a decode worker holds its next step after 5 tokens
+    d = _serve("failover-decode", num_decode=2, step_gate=str(gate), step_gate_after=5)
     try:
         handles = {w: _worker(d, w) for w in ("decode-0", "decode-1")}
         it = d.stream(PROMPT, max_tokens=30)
         got = [next(it).token_id for _ in range(5)]
+        gate.wait_arrivals(1)  # the stream's decode worker is held mid-stream
         s = d.status()
         (busy,) = [w["worker_id"] for w in s["decode"] if w["num_running"]]
-        import ray
-
-        ray.kill(handles[busy])
+        kill(handles[busy])
+        gate.open()
         got += [c.token_id for c in it]
-        assert len(got) == 30 and got[:5] == [300, 303, 306, 309, 312]
-        j = next(i for i in range(1, len(got)) if got[i] != (got[i - 1] + 3) % V)  # the resumed token
-        assert got[j] == (sum(PROMPT + got[:j]) * 2) % V
-        assert all(got[i] == (got[i - 1] + 3) % V for i in range(j + 1, len(got)))
+        assert len(got) == 30 and got[:5] == EXPECTED + [(3 * (1200 + 600)) % V]
+        s_ = [sum(PROMPT + got[:i]) for i in range(len(got))]
+        j = next(i for i in range(1, len(got)) if got[i] != (3 * s_[i]) % V)  # the resumed token
+        assert got[j] == (2 * s_[j]) % V
+        assert all(got[i] == (3 * s_[i]) % V for i in range(j + 1, len(got)))
         s = d.status()
         assert s["num_retries"] == 1 and list(s["dead_workers"]) == [busy]
         assert_baseline(d)
@@ -148,9 +179,10 @@ def test_decode_worker_dying_mid_generation_resumes_elsewhere(ray_session):  # n
         d.shutdown()
 
 
-def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F811
+def test_gives_up_after_max_retries_with_a_clear_error(ray_session, tmp_path):  # noqa: F811
     """Both prefill workers die in turn: with max_retries=1 the request fails, naming why."""
-    factory = MockEngineFactory(prefill_delay_s=3.0, num_pages=64)
+    gate = Gate(tmp_path, "send")
+    factory = MockEngineFactory(send_gate=str(gate), num_pages=64)
     d = raypd.serve(name="failover-give-up", factory=factory, calibrate=False, num_prefill=2, max_retries=1,
                     max_replacements=0,
                     policy=PolicyConfig(local_prefill_max_len=0), prefill_resources=_small(),
@@ -158,13 +190,11 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F8
     try:
         workers = [_worker(d, "prefill-0"), _worker(d, "prefill-1")]
         thread, result = _in_background(lambda: d.generate([PROMPT], max_tokens=4))
-        import ray
-
-        _wait_for(lambda: _busy(workers[0]), what="prefill-0 to start")
-        ray.kill(workers[0])
-        _wait_for(lambda: d.status()["num_retries"] == 1, what="the first retry")
-        _wait_for(lambda: _busy(workers[1]), what="prefill-1 to start")
-        ray.kill(workers[1])
+        gate.wait_arrivals(1)  # prefill-0 is inside its prefill
+        kill(workers[0])
+        gate.wait_arrivals(2)  # the retry: prefill-1 is inside its prefill
+        assert d.status()["num_retries"] == 1
+        kill(workers[1])
         thread.join(60)
         assert isinstance(result.get("error"), errors.RequestFailed), result
         assert "gave up after 1 retries" in str(result["error"])
@@ -176,19 +206,20 @@ def test_gives_up_after_max_retries_with_a_clear_error(ray_session):  # noqa: F8
         d.shutdown()
 
 
-def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  # noqa: F811
+def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session, tmp_path):  # noqa: F811
     """The only decode worker dies mid-stream: the scheduler starts decode-1 in its place, the
     stream waits for it (not rejected for lack of workers) and resumes there with the same
     arithmetic; the deployment reports ready again with full capacity."""
-    d = _serve("replace-decode", num_prefill=1, max_replacements=1, step_delay_s=0.05)
+    gate = Gate(tmp_path, "step")  # decode-0 holds its next step after 3 tokens
+    d = _serve("replace-decode", num_prefill=1, max_replacements=1, step_gate=str(gate), step_gate_after=3)
     try:
         it = d.stream(PROMPT, max_tokens=20)
         got = [next(it).token_id for _ in range(3)]
-        import ray
-
-        ray.kill(_worker(d, "decode-0"))
+        gate.wait_arrivals(1)
+        kill(_worker(d, "decode-0"))
+        gate.open()
         got += [c.token_id for c in it]
-        assert len(got) == 20 and got[:3] == [300, 303, 306]
+        assert len(got) == 20 and got[:3] == EXPECTED[:3]
         s = d.status()
         assert s["is_ready"] and [w["worker_id"] for w in s["decode"]] == ["decode-1"]
         assert list(s["dead_workers"]) == ["decode-0"] and s["num_replacements"] == 1
@@ -200,19 +231,20 @@ def test_a_dead_worker_is_replaced_and_its_stream_resumes_there(ray_session):  #
         d.shutdown()
 
 
-def test_roles_move_under_load_without_losing_a_request(ray_session):  # noqa: F811
+def test_roles_move_under_load_without_losing_a_request(ray_session, tmp_path):  # noqa: F811
     """1 prefill + 2 decode -> 2 + 1 while 8 streams run: the moving decode worker drains, is
     retired and prefill-1 starts in its place; every request completes with exact arithmetic."""
-    d = _serve("roles", num_prefill=1, num_decode=2, step_delay_s=0.02)
+    gate = Gate(tmp_path, "step")  # decode workers hold their next step after 1 token
+    d = _serve("roles", num_prefill=1, num_decode=2, step_gate=str(gate), step_gate_after=1)
     try:
         prompts = [[10 + i, 20, 30, 40, 50] for i in range(8)]
         thread, result = _in_background(lambda: d.generate(prompts, max_tokens=12))
-        _wait_for(lambda: sum(w["num_running"] for w in d.status()["decode"]) > 0, what="decoding")
+        gate.wait_arrivals(1)  # streams are mid-decode
         d.set_roles(2, 1, wait_s=None)
+        gate.open()
         thread.join(60)
         assert "error" not in result, result.get("error")
-        assert [c.token_ids for c in result["value"]] == [
-            [(sum(p) * 2 + 3 * i) % V for i in range(12)] for p in prompts]
+        assert [c.token_ids for c in result["value"]] == [expected_tokens(p, 12, 2, 3, V) for p in prompts]
         s = d.set_roles(2, 1, wait_s=120)
         assert sorted(w["worker_id"] for w in s["prefill"]) == ["prefill-0", "prefill-1"]
         assert len(s["decode"]) == 1 and len(s["retired_workers"]) == 1 and not s["dead_workers"]

@@ -226,6 +226,7 @@ def test_disaggregated_greedy_equals_colocated(model, transport, compression):
     assert got == want
 
 
+@pytest.mark.integration  # compiles sharded (TP) programs: seconds of CPU each
 @pytest.mark.parametrize("pre_tp,dec_tp", [(2, 1), (4, 1), (1, 4)])
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_mismatched_tp_gives_identical_greedy_output(model, pre_tp, dec_tp, compression):
@@ -424,6 +425,7 @@ def test_streamed_greedy_equals_colocated(model, transport, compression):
         assert log[last_cb] == ("layers", 1, 2) and first < last_cb
 
 
+@pytest.mark.integration  # compiles sharded (TP) programs: seconds of CPU each
 def test_streamed_mixed_per_request_compression_and_tp(model):
     prompts = prompts_of((5, 30, 70), seed=3)
     reqs = [Request("a", prompts[0], greedy(6), kv_compression="none"),

@@ -1,10 +1,11 @@
 """What the Ray fault scenarios share: a deployment on mock or real engines, the workers'
 actor handles (replacements included), the mock's arithmetic, a leak check, open-loop load.
 
-Mock engines (raypd/runtime/engines.py `MockEngineFactory`, weights 2 / 3 / 5): a prompt
-prefilled on a prefill worker starts at (2 * sum(prompt)) % V and each decode step adds 3, so
-a reader can check every output by hand; a request resumed after a failure restarts the
-arithmetic from its prompt plus the tokens it already had (`mock_chain`). With `model` set the
+Mock engines (raypd/runtime/engines.py `MockEngineFactory`: the real engines over the
+arithmetic runner, weights 2 / 5 / 3): with s the sum of the tokens so far, a prompt prefilled
+on a prefill worker gives 2s % V (5s when prefilled locally on a decode worker) and each
+decode step 3s % V, so a reader can check every output by hand; a request resumed after a
+failure is prefilled from its prompt plus the tokens it already had (`mock_chain`). With `model` set the
 scenarios serve that model (JaxEngineFactory) and compare against a run without the fault.
 """
 
@@ -18,7 +19,7 @@ import threading
 import time
 
 V = 1000  # the mock's vocabulary
-PREFILL_WEIGHT, LOCAL_WEIGHT, DECODE_STEP = 2, 5, 3
+PREFILL_WEIGHT, LOCAL_WEIGHT, DECODE_WEIGHT = 2, 5, 3
 
 
 def small_resources():
@@ -32,7 +33,7 @@ def mock_factory(**kw):
 
     kw.setdefault("num_pages", 1024)
     kw.setdefault("max_slots", 16)
-    return MockEngineFactory(prefill_weight=PREFILL_WEIGHT, decode_weight=DECODE_STEP,
+    return MockEngineFactory(prefill_weight=PREFILL_WEIGHT, decode_weight=DECODE_WEIGHT,
                              local_prefill_weight=LOCAL_WEIGHT, vocab_size=V, **kw)
 
 
@@ -65,21 +66,22 @@ def prompts(n: int, length: int = 5, seed: int = 0) -> list[list[int]]:
 
 def expected(prompt: list[int], max_tokens: int) -> list[int]:
     """The mock's tokens for a prompt prefilled remotely and never interrupted."""
-    return [(PREFILL_WEIGHT * sum(prompt) + DECODE_STEP * i) % V for i in range(max_tokens)]
+    from raypd.engine.arithmetic import expected_tokens
+
+    return expected_tokens(prompt, max_tokens, PREFILL_WEIGHT, DECODE_WEIGHT, V)
 
 
 def mock_chain(prompt: list[int], tokens: list[int]) -> int | None:
-    """Check a mock output token by token: the first token is a prefill of the prompt, each next
-    one either the previous + 3 (a decode step) or a prefill of prompt + tokens so far (the
-    request resumed after a failure, prefilled remotely or locally). -> the number of resumes,
-    or None when some token fits neither."""
+    """Check a mock output token by token: with s the sum of the prompt and the tokens before
+    it, the first token is a prefill (2s or 5s), each next one either a decode step (3s) or a
+    prefill of prompt + tokens so far (the request resumed after a failure, prefilled remotely
+    or locally). -> the number of resumes, or None when some token fits neither."""
     resumes = 0
     for i, t in enumerate(tokens):
         s = sum(prompt) + sum(tokens[:i])
-        prefills = {(PREFILL_WEIGHT * s) % V, (LOCAL_WEIGHT * s) % V}
-        if i > 0 and t == (tokens[i - 1] + DECODE_STEP) % V:
+        if i > 0 and t == (DECODE_WEIGHT * s) % V:
             continue
-        if t not in prefills:
+        if t not in {(PREFILL_WEIGHT * s) % V, (LOCAL_WEIGHT * s) % V}:
             return None
         resumes += i > 0
     return resumes
@@ -147,6 +149,44 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition", every_
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(every_s)
+
+
+def kill(actor, timeout_s: float = 60.0) -> None:
+    """ray.kill, then wait until the actor is dead (ray.kill returns before it is): a call on it
+    fails with RayActorError."""
+    import ray
+
+    ray.kill(actor)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_call__.remote(lambda self: None), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+    raise TimeoutError(f"the killed actor was still answering after {timeout_s} s")
+
+
+class StepGate:
+    """A gate for `MockEngineFactory.step_gate` in a fresh temporary directory: decode workers
+    hold their next step once they produced `after` tokens, until `open()`."""
+
+    def __init__(self, after: int):
+        import tempfile
+
+        self.dir, self.after = tempfile.mkdtemp(prefix="raypd-step-gate-"), after
+
+    def num_arrived(self) -> int:
+        return sum(name.startswith("arrived-") for name in os.listdir(self.dir))
+
+    def open(self) -> None:
+        open(os.path.join(self.dir, "open"), "a").close()
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def capacity_rps(d, max_tokens: int, seed: int = 1) -> float:

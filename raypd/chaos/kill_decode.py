@@ -45,7 +45,11 @@ def run(num_requests: int = 100, max_tokens: int = 32, model: str | None = None,
         step_delay_s: float = 0.02) -> Report:
     from raypd.engine.api import SamplingParams
 
-    factory = common.model_factory(model) if model else common.mock_factory(step_delay_s=step_delay_s)
+    # mock engines: decode workers hold at a gate after 2 tokens, so the kill lands mid-stream
+    # whatever the machine's pace (a real model is slow enough by itself)
+    gate = None if model else common.StepGate(after=2)
+    factory = common.model_factory(model) if model else common.mock_factory(
+        step_delay_s=step_delay_s, step_gate=gate.dir, step_gate_after=gate.after)
     d = common.serve(name, factory, num_prefill=1, num_decode=2, max_replacements=2)
     report = Report(num_requests)
     ps = common.prompts(num_requests, length=12)
@@ -67,13 +71,15 @@ def run(num_requests: int = 100, max_tokens: int = 32, model: str | None = None,
             seen.update((w["worker_id"], w["num_running"]) for w in d.status()["decode"])
             return any(seen.values()) and any(len(o.tokens) > 1 for o in outs)
 
+        if gate is not None:
+            common.wait_for(lambda: gate.num_arrived() > 0, 120, "a decode worker at the gate")
         common.wait_for(decoding, 120, "a decode worker to be decoding")
         running = dict(seen)
         report.killed = max(sorted(running), key=lambda w: running[w])
         report.running_at_kill = running.get(report.killed, 0)
-        import ray
-
-        ray.kill(handles[report.killed])
+        common.kill(handles[report.killed])
+        if gate is not None:
+            gate.open()
         tracker.wait(300)
         report.wall_s = time.monotonic() - start
         for i, o in enumerate(outs):
@@ -96,4 +102,6 @@ def run(num_requests: int = 100, max_tokens: int = 32, model: str | None = None,
     finally:
         tracker.close()
         d.shutdown()
+        if gate is not None:
+            gate.remove()
     return report

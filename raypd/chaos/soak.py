@@ -28,8 +28,8 @@ import time
 from raypd.chaos import common
 
 
-CACHE_PAGES = 256  # mock engines: pages the KV index may keep (4 bytes a token: the mock's kv_bytes_per_page)
-HOST_CACHE_BYTES = 32 << 10  # mock engines: host copies, about 500 pages
+CACHE_PAGES = 256  # mock engines: pages the KV index may keep (16 bytes a token: MockEngineFactory.kv_bytes_per_page)
+HOST_CACHE_BYTES = 128 << 10  # mock engines: host copies, about 500 pages
 
 
 @dataclasses.dataclass
@@ -127,7 +127,7 @@ def run(minutes: float = 10.0, load: float = 0.7, abort_fraction: float = 0.1, s
     else:
         factory = common.mock_factory(max_slots=16, prefill_delay_s=0.01, step_delay_s=0.01)
         if small_caches:  # else the deployment's defaults: pools fill with cached pages, evicted on demand
-            caches = dict(cache_bytes=CACHE_PAGES * factory.page_size * 4, host_cache_bytes=HOST_CACHE_BYTES)
+            caches = dict(cache_bytes=CACHE_PAGES * factory.kv_bytes_per_page, host_cache_bytes=HOST_CACHE_BYTES)
     d = common.serve(name, factory, num_prefill=2, num_decode=2, max_replacements=int(minutes) + 4, max_retries=4,
                      **caches)
     report = Report(minutes, load, checks_growth=small_caches)

@@ -1,4 +1,4 @@
-"""The engine interface shared by the JAX engines and the arithmetic mock.
+"""The engine interface: the prefill / decode engines over a ModelRunner (or the arithmetic stand-in).
 
 Lifecycle of a request through the engines:
   1. `PrefillEngine.prefill([Request])` computes the prompt's K/V into the prefill engine's

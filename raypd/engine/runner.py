@@ -89,6 +89,29 @@ def bucket(value: int, buckets) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
+def empty_batch(B: int, T: int, R: int, Pc: int) -> tuple[dict, dict]:
+    """A padding-only step input (numpy): the paged.Batch and SamplingArrays fields."""
+    batch = dict(
+        tokens=np.zeros((B, T), np.int32),
+        positions=np.full((B, T), -1, np.int32),
+        segments=np.full((B, T), -1, np.int32),
+        write_pages=np.zeros((B, T), np.int32),
+        write_offsets=np.zeros((B, T), np.int32),
+        ctx_pages=np.zeros((B, Pc), np.int32),
+        ctx_lens=np.zeros((B,), np.int32),
+        sample_index=np.zeros((B, R), np.int32),
+    )
+    N = B * R
+    sampling = dict(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
+                    top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
+                    position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32),
+                    frequency_penalty=np.zeros(N, np.float32), presence_penalty=np.zeros(N, np.float32),
+                    repetition_penalty=np.ones(N, np.float32), min_position=np.zeros(N, np.int32),
+                    is_penalized=np.zeros(N, bool), table_row=np.arange(N, dtype=np.int32),
+                    num_top_logprobs=np.zeros(N, np.int32))
+    return batch, sampling
+
+
 class ModelRunner:
     def __init__(self, model: Model, config: EngineConfig = EngineConfig(), devices=None):
         self.model = model
@@ -253,25 +276,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- batch building
 
     def empty_batch(self, B: int, T: int, R: int, Pc: int) -> tuple[dict, dict]:
-        batch = dict(
-            tokens=np.zeros((B, T), np.int32),
-            positions=np.full((B, T), -1, np.int32),
-            segments=np.full((B, T), -1, np.int32),
-            write_pages=np.zeros((B, T), np.int32),
-            write_offsets=np.zeros((B, T), np.int32),
-            ctx_pages=np.zeros((B, Pc), np.int32),
-            ctx_lens=np.zeros((B,), np.int32),
-            sample_index=np.zeros((B, R), np.int32),
-        )
-        N = B * R
-        sampling = dict(temperature=np.zeros(N, np.float32), top_k=np.zeros(N, np.int32),
-                        top_p=np.ones(N, np.float32), seed=np.zeros(N, np.uint32),
-                        position=np.zeros(N, np.int32), min_p=np.zeros(N, np.float32),
-                        frequency_penalty=np.zeros(N, np.float32), presence_penalty=np.zeros(N, np.float32),
-                        repetition_penalty=np.ones(N, np.float32), min_position=np.zeros(N, np.int32),
-                        is_penalized=np.zeros(N, bool), table_row=np.arange(N, dtype=np.int32),
-                        num_top_logprobs=np.zeros(N, np.int32))
-        return batch, sampling
+        return empty_batch(B, T, R, Pc)
 
     def warmup(self) -> int:
         """Compile every bucketed shape once, and the page copy of n > 1 samples (the prompt

@@ -1,6 +1,6 @@
 """Outer ring: the Ray runtime (workers, the scheduler actor, deployments).
 
-  engines.py          factories that build a worker's engines in its own process (JAX or mock)
+  engines.py          factories that build a worker's engines in its own process (a model, or the arithmetic stand-in)
   workers.py          PrefillWorker: a plain class (prefill, K/V send, host-copy export)
   decode_worker.py    DecodeWorker: a plain class, the decode loop thread
   scheduler_actor.py  the thin actor around the scheduler core (scheduler/core.py): actions -> calls,

@@ -49,9 +49,7 @@ class DecodeWorker:
         self.engines: WorkerEngines = factory.build("decode", tp)
         self.transport = transport_factory()
         self.fetch = fetch
-        decode = self.engines.decode
-        if getattr(decode, "allocator", None) is self.engines.prefill.allocator:  # one pool: cacheable
-            decode.retain_finished = True  # finished requests' pages go to the KV index
+        self.engines.decode.retain_finished = True  # finished requests' pages go to the KV index
         self.idle_s = idle_s
         self._cv = threading.Condition()  # guards _inbox and _report
         self._engine_lock = threading.Lock()  # held while the engines run (loop or calibrate)
@@ -167,7 +165,7 @@ class DecodeWorker:
             outs = decode.decode_step(max_steps=1 if is_waiting else None) if decode.num_running else []
             for o in outs:
                 self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
-            finished = getattr(self.engines.decode, "finished", None)
+            finished = self.engines.decode.finished
             if finished:
                 self._record(finished=finished)
                 finished.clear()
@@ -237,12 +235,10 @@ class DecodeWorker:
         self._started(request, out, first)
 
     def _add_local(self, job: PrefillJob) -> None:
-        """Queue a local prefill. The JAX engine runs it in chunks between decode steps (as the
-        colocated engine does); an engine without `add`/`step` (the mock) runs it at once."""
+        """Queue a local prefill: it runs in chunks between decode steps (as the colocated
+        engine does)."""
         request, prefill = job.request, self.engines.prefill
         rid = request.request_id
-        if not hasattr(prefill, "step"):
-            return self._prefill_local(job)
         start = time.perf_counter()
         fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
@@ -269,17 +265,6 @@ class DecodeWorker:
         for out in outs:
             job, start, num_fetched = self._local.pop(out.request_id)
             self._finish_local(job, out, start, num_fetched)
-
-    def _prefill_local(self, job: PrefillJob) -> None:
-        request, prefill = job.request, self.engines.prefill
-        start = time.perf_counter()
-        try:
-            (out,) = prefill.prefill([request], {request.request_id: list(job.prefix_pages)})
-        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
-            prefill.release(request.request_id)
-            self._record(error=(request.request_id, f"{type(e).__name__}: {e}"))
-            return
-        self._finish_local(job, out, start)
 
     def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0) -> None:
         request, prefill = job.request, self.engines.prefill

@@ -3,40 +3,40 @@
 A worker is handed a factory (small and picklable: a model name and configs, never weights)
 and calls `factory.build(role, tp)` once, in the process and on the devices that will run it.
 The result, `WorkerEngines`, is everything the worker touches:
-  prefill    a PrefillEngine-like object (`prefill(requests, prefixes)`, `release`,
-             `max_cached_pages`, `.allocator`). On a decode worker it prefills short prompts
-             locally (conditional disaggregation); for the JAX engines it runs over the decode
-             engine's own runner, so its pages are the decode pool's and nothing is copied.
-  decode     a DecodeEngine-like object (decode workers only).
+  prefill    a PrefillEngine. On a decode worker it prefills short prompts locally
+             (conditional disaggregation) over the decode engine's own runner, so its pages
+             are the decode pool's and nothing is copied.
+  decode     a DecodeEngine (decode workers only).
   send / recv_into
              how K/V leaves a prefill engine into a `KVTransport` and lands in a decode engine.
-Two factories: `JaxEngineFactory` (the real engines) and `MockEngineFactory` (the arithmetic
-mock of raypd/engine/mock.py, so orchestration tests need no model and show which worker ran
-each phase).
+Both factories build the same engines (`engines_over`): `JaxEngineFactory` over a model's
+`ModelRunner`, `MockEngineFactory` over the arithmetic runner of raypd/engine/arithmetic.py, so
+orchestration tests need no model, run the production K/V path, and show which worker ran each
+phase.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import types
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
-from raypd.engine.api import DEFAULT_KV_COMPRESSION, KVPayload, PrefillOutput, Request, TokenOutput
-from raypd.engine.kv_codec import EncodedKV
-from raypd.engine.mock import MockDecodeEngine, MockPrefillEngine
-from raypd.engine.pages import OutOfPages
+from raypd.engine.api import DEFAULT_KV_COMPRESSION, Request
 from raypd.engine.runner import EngineConfig
+
+if TYPE_CHECKING:
+    from raypd.engine.decode import DecodeEngine
+    from raypd.engine.prefill import PrefillEngine
 
 ROLES = ("prefill", "decode")
 
 
 @dataclasses.dataclass
 class WorkerEngines:
-    prefill: object  # PrefillEngine-like; its allocator holds every page the KV index may cache
-    decode: object | None  # DecodeEngine-like (decode workers only)
+    prefill: PrefillEngine  # its allocator holds every page the KV index may cache
+    decode: DecodeEngine | None  # decode workers only; shares the prefill engine's runner
     send: Callable  # (Request, PrefillOutput, KVTransport) -> TransferHandle; before prefill.release
     recv_into: Callable  # (Request, PrefillOutput, TransferHandle, KVTransport) -> TokenOutput
     model: object  # .config (ModelConfig-like: vocab_size) and .tokenizer, for validation
@@ -52,11 +52,8 @@ class WorkerEngines:
         return self.prefill.allocator.page_size
 
     def allocators(self) -> list:
-        """Distinct page pools of this worker (one for the JAX engines, two for the mock)."""
-        out = [self.prefill.allocator]
-        if self.decode is not None and self.decode.allocator is not self.prefill.allocator:
-            out.append(self.decode.allocator)
-        return out
+        """Page pools of this worker (one: a decode worker's prefill engine shares its pool)."""
+        return [self.prefill.allocator]
 
 
 # ---------------------------------------------------------------- JAX engines
@@ -72,15 +69,9 @@ class JaxEngineFactory:
 
     def build(self, role: str, tp: int = 1) -> WorkerEngines:
         import models
-        from raypd.engine import paged
-        from raypd.engine.decode import DecodeEngine
-        from raypd.engine.prefill import PrefillEngine
         from raypd.engine.runner import ModelRunner
-        from raypd.transfer import recv_into, send_prefill
-        from raypd.transfer.engines import export_pages, import_pages
 
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        _check_role(role)
         model = models.load(self.model, self.dtype)
         runner = ModelRunner(model, dataclasses.replace(self.engine, tp=tp))
         if self.warmup:
@@ -89,78 +80,77 @@ class JaxEngineFactory:
             # a worker's stdout reaches the driver's log (Ray's log_to_driver); its logging is not set up
             print(f"raypd {role} worker: compiled {num_shapes} engine shapes in {time.perf_counter() - start:.1f} s",
                   flush=True)
-        prefill = PrefillEngine(runner)
-        decode = DecodeEngine(runner, model.tokenizer) if role == "decode" else None
-        compression = self.compression
-        return WorkerEngines(
-            prefill=prefill, decode=decode,
-            send=lambda req, out, t: send_prefill(prefill, out, t, _compression(req, compression)),
-            recv_into=lambda req, out, h, t: recv_into(decode, req, out, h, t),
-            model=types.SimpleNamespace(config=model.config, tokenizer=model.tokenizer),
-            max_seq_len=runner.max_seq_len,
-            kv_bytes_per_page=paged.kv_bytes_per_page(model.config, runner.page_size),
-            max_slots=runner.config.max_slots,
-            export_pages=lambda pages, c: export_pages(runner, pages, c),
-            import_pages=lambda encs: import_pages(runner, encs), compression=compression)
+        return engines_over(runner, role, model.tokenizer, self.compression)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def wait_at_gate(gate_dir: str | None, timeout_s: float = 120.0) -> None:
+    """A pause point for failure tests, across processes: announce the arrival (an empty file
+    `arrived-<pid>` in `gate_dir`), then wait until the file `open` exists there. None: no gate."""
+    if gate_dir is None:
+        return
+    open(os.path.join(gate_dir, f"arrived-{os.getpid()}"), "a").close()
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(os.path.join(gate_dir, "open")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate_dir} was not opened within {timeout_s} s")
+        time.sleep(0.005)
+
+
+def engines_over(runner, role: str, tokenizer, compression: str, send_delay_s: float = 0.0,
+                 recv_delay_s: float = 0.0, send_gate: str | None = None,
+                 recv_gate: str | None = None) -> WorkerEngines:
+    """The real engines over one runner (a ModelRunner or the arithmetic stand-in): a prefill
+    engine, and on a decode worker a decode engine sharing its pool. The delays and gates
+    (failure tests only) pause before a prefill's K/V is sent and before a decode worker
+    receives K/V (`wait_at_gate`)."""
+    from raypd.engine import paged
+    from raypd.engine.decode import DecodeEngine
+    from raypd.engine.prefill import PrefillEngine
+    from raypd.transfer import recv_into, send_prefill
+    from raypd.transfer.engines import export_pages, import_pages
+
+    prefill = PrefillEngine(runner)
+    decode = DecodeEngine(runner, tokenizer) if role == "decode" else None
+
+    def send(req, out, transport):
+        time.sleep(send_delay_s)
+        wait_at_gate(send_gate)
+        return send_prefill(prefill, out, transport, _compression(req, compression))
+
+    def receive(req, out, handle, transport):
+        time.sleep(recv_delay_s)
+        wait_at_gate(recv_gate)
+        return recv_into(decode, req, out, handle, transport)
+
+    return WorkerEngines(
+        prefill=prefill, decode=decode, send=send, recv_into=receive,
+        model=types.SimpleNamespace(config=runner.cfg, tokenizer=tokenizer),
+        max_seq_len=runner.max_seq_len,
+        kv_bytes_per_page=paged.kv_bytes_per_page(runner.cfg, runner.page_size),
+        max_slots=runner.config.max_slots,
+        export_pages=lambda pages, c: export_pages(runner, pages, c),
+        import_pages=lambda encs: import_pages(runner, encs), compression=compression)
 
 
 def _compression(request: Request, default: str) -> str:
     """The request's own K/V compression when it names one, else the deployment's."""
-    return getattr(request, "kv_compression", None) or default
+    return request.kv_compression or default
 
 
-# ---------------------------------------------------------------- arithmetic mock
-
-
-class _MockPrefill(MockPrefillEngine):
-    """The mock prefill engine with the JAX engine's signature and page use: a cached prefix's
-    pages are reused (one more reference each) and only the rest of the prompt gets new pages,
-    which is what the scheduler reserves (the arithmetic output depends on the prompt only)."""
-
-    def prefill(self, requests: list[Request], prefixes: dict | None = None) -> list[PrefillOutput]:
-        outs = []
-        for r in requests:
-            prefix = list((prefixes or {}).get(r.request_id, ()))
-            self.allocator.incref(prefix)
-            try:
-                pages = prefix + self.allocator.allocate(self.allocator.pages_for(len(r.prompt_ids)) - len(prefix))
-            except OutOfPages:
-                self.allocator.free(prefix)
-                raise
-            self._held[r.request_id] = (pages, list(r.prompt_ids))
-            first = (sum(r.prompt_ids) * self.weight) % self.vocab_size
-            outs.append(PrefillOutput(r.request_id, len(r.prompt_ids), first, -1.0, pages,
-                                      num_cached_tokens=len(prefix) * self.allocator.page_size))
-        return outs
-
-    def max_cached_pages(self, prompt_len: int) -> int:
-        return (prompt_len - 1) // self.allocator.page_size
-
-
-def _mock_send(prefill: _MockPrefill, out: PrefillOutput, transport, delay_s: float = 0.0) -> object:
-    time.sleep(delay_s)
-    p = prefill.read_kv(out)
-    return transport.send(out.request_id, EncodedKV("none", p.num_tokens, "float32", p.k, p.v))
-
-
-def _mock_recv_into(decode: MockDecodeEngine, request: Request, out: PrefillOutput, handle,
-                    transport, delay_s: float = 0.0) -> TokenOutput:
-    time.sleep(delay_s)
-    enc = transport.recv(handle, 30.0)
-    payload = KVPayload(np.asarray(enc.k), np.asarray(enc.v), enc.num_tokens)
-    return decode.insert(request, out, payload)
-
-
-def _mock_export(prefill: _MockPrefill, pages: list[int]) -> EncodedKV:
-    G = prefill.allocator.page_size
-    kv = np.zeros((1, len(pages), G, 1, 1), np.float32)  # the mock keeps no K/V per page
-    return EncodedKV("none", len(pages) * G, "float32", kv, kv.copy())
+# ---------------------------------------------------------------- arithmetic stand-in
 
 
 @dataclasses.dataclass(frozen=True)
 class MockEngineFactory:
-    """Prefill workers use `prefill_weight`; decode workers decode with `decode_weight` and
-    prefill short prompts locally with `local_prefill_weight`, so every token tells its origin."""
+    """The real engines over the arithmetic runner (raypd/engine/arithmetic.py): next token =
+    (weight * sum of the tokens so far) % vocab_size. Prefill workers prefill with
+    `prefill_weight`; decode workers decode with `decode_weight` and prefill short prompts
+    locally with `local_prefill_weight`, so every token tells which call produced it."""
 
     prefill_weight: int = 1
     decode_weight: int = 1
@@ -171,33 +161,61 @@ class MockEngineFactory:
     max_slots: int = 4
     max_seq_len: int = 512
     eos_ids: tuple[int, ...] = ()
+    compression: str = DEFAULT_KV_COMPRESSION  # K/V on the wire: "none" | "int8" (both exact here)
     # Delays, for failure tests (kill a worker while a phase is under way): before a prefill's
-    # K/V is sent, before a decode worker receives K/V, and in every decode step.
+    # K/V is sent, before a decode worker receives K/V, and in every decode dispatch.
     prefill_delay_s: float = 0.0
     recv_delay_s: float = 0.0
     step_delay_s: float = 0.0
+    # Gates (directories, `wait_at_gate`): the same two points held until a test opens them,
+    # and a decode worker's loop held once it has produced `step_gate_after` tokens.
+    send_gate: str | None = None
+    recv_gate: str | None = None
+    step_gate: str | None = None
+    step_gate_after: int = 0
+
+    @property
+    def kv_bytes_per_page(self) -> int:
+        return 2 * 2 * 4 * self.page_size  # K and V, H = 2 float32 channels per token (one layer, one head)
+
+    def expected(self, prompt: list[int], max_tokens: int, is_local: bool = False) -> list[int]:
+        """The tokens of a prompt prefilled on a prefill worker (or locally on a decode worker)
+        and decoded without interruption."""
+        from raypd.engine.arithmetic import expected_tokens
+
+        weight = self.local_prefill_weight if is_local else self.prefill_weight
+        return expected_tokens(prompt, max_tokens, weight, self.decode_weight, self.vocab_size)
 
     def build(self, role: str, tp: int = 1) -> WorkerEngines:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        from raypd.engine.arithmetic import ArithmeticRunner, arithmetic_config
+
+        _check_role(role)
+        cfg = arithmetic_config(self.vocab_size, self.max_seq_len, self.eos_ids)
+        engine = EngineConfig(page_size=self.page_size, num_pages=self.num_pages, max_slots=self.max_slots,
+                              max_seq_len=self.max_seq_len)
         weight = self.prefill_weight if role == "prefill" else self.local_prefill_weight
-        prefill = _MockPrefill(weight, self.vocab_size, self.page_size, self.num_pages)
-        decode = None
-        if role == "decode":
-            decode = MockDecodeEngine(self.decode_weight, self.vocab_size, self.max_slots,
-                                      self.page_size, self.num_pages, self.eos_ids, self.step_delay_s)
-            # one page pool per worker, as the JAX engines share their runner's: a local prefill's
-            # retained pages and a finished request's must count in the free pages the scheduler sees
-            decode.allocator = prefill.allocator
-        config = types.SimpleNamespace(vocab_size=self.vocab_size, eos_token_ids=self.eos_ids)
-        return WorkerEngines(
-            prefill=prefill, decode=decode,
-            send=lambda req, out, t: _mock_send(prefill, out, t, self.prefill_delay_s),
-            recv_into=lambda req, out, h, t: _mock_recv_into(decode, req, out, h, t, self.recv_delay_s),
-            model=types.SimpleNamespace(config=config, tokenizer=None),
-            max_seq_len=self.max_seq_len, kv_bytes_per_page=4 * self.page_size, max_slots=self.max_slots,
-            export_pages=lambda pages, c: _mock_export(prefill, pages),
-            import_pages=lambda encs: prefill.allocator.allocate(sum(e.num_pages for e in encs)))
+        runner = ArithmeticRunner(cfg, engine, prefill_weight=weight, decode_weight=self.decode_weight,
+                                  step_delay_s=self.step_delay_s)
+        engines = engines_over(runner, role, None, self.compression, self.prefill_delay_s, self.recv_delay_s,
+                               self.send_gate, self.recv_gate)
+        if engines.decode is not None and self.step_gate is not None:
+            _gate_decode_steps(engines.decode, self.step_gate, self.step_gate_after)
+        return engines
+
+
+def _gate_decode_steps(decode, gate_dir: str, after_tokens: int) -> None:
+    """Hold every decode step at `gate_dir` once the engine has produced `after_tokens` tokens
+    (a failure test then kills the worker with its requests mid-stream, whatever the pace)."""
+    step, num_produced = decode.decode_step, [0]
+
+    def gated_step(max_steps: int | None = None):
+        if num_produced[0] >= after_tokens:
+            wait_at_gate(gate_dir)
+        outs = step(max_steps)
+        num_produced[0] += len(outs)
+        return outs
+
+    decode.decode_step = gated_step
 
 
 # ---------------------------------------------------------------- fault injection

@@ -108,7 +108,7 @@ class PrefillWorker:
         chunks (`_prefill_packed`); layer-streamed jobs run one at a time. A job that fails
         fails alone: when a packed call raises, its jobs run again one at a time."""
         results: list = [None] * len(jobs)
-        packed = [i for i, job in enumerate(jobs) if job.stream_to is None or not hasattr(self.engines.prefill, "step")]
+        packed = [i for i, job in enumerate(jobs) if job.stream_to is None]
         if len(packed) > 1 and len({jobs[i].request.request_id for i in packed}) == len(packed):
             try:
                 for i, res in zip(packed, self._prefill_packed([jobs[i] for i in packed])):
@@ -168,7 +168,7 @@ class PrefillWorker:
         start = time.perf_counter()
         fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
-            if job.stream_to is not None and hasattr(self.engines.prefill, "step"):
+            if job.stream_to is not None:
                 out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
             else:
                 (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
