@@ -10,8 +10,9 @@ and every token can be worked out by hand:
 for the token sampled at position p (the last prompt token for prefill, the fed token for a
 decode step); logprob is -1.0. `prefill_weight` serves `run` (prefill chunks),
 `decode_weight` serves `decode`, so tokens tell which kind of call produced them. Sampling
-parameters are ignored (every row is greedy); stop ids and token budgets are honoured on the
-"device" as `decode_state.decode_steps` does.
+parameters and the penalty table are ignored (every row is greedy); stop ids and token budgets
+are honoured on the "device" as `decode_state.decode_steps` does. Top alternatives: the chosen
+token first, then the next ids, each 1.0 less likely; prompt logprobs are all -1.0.
 
 The tokens before the chunk are *read back from the page pool*, never from the request: each
 written slot holds the token in K and its position in V, as base-32 digits over the H = 2
@@ -33,8 +34,10 @@ import numpy as np
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from raypd.engine import decode_state, paged
+from raypd.engine.api import MAX_TOP_LOGPROBS
 from raypd.engine.pages import PageAllocator
 from raypd.engine.runner import EngineConfig, _fine_upto, _pow2_upto, empty_batch
+from raypd.engine.sampling import Sampled, empty_table
 
 BASE = 32  # one digit per H channel
 MAX_VALUE = BASE * BASE  # token ids and positions must stay below this
@@ -55,6 +58,13 @@ def _digits(x: np.ndarray) -> np.ndarray:
     """int [...] -> float32 [..., 2] base-32 digits (high, low)."""
     x = np.asarray(x, np.int64)
     return np.stack([x // BASE, x % BASE], axis=-1).astype(np.float32)
+
+
+def _top(tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [...] -> top ids, logprobs [..., K]: the token, then the next ids, 1.0 less likely each."""
+    j = np.arange(MAX_TOP_LOGPROBS)
+    ids = (np.asarray(tokens)[..., None] + j) % vocab_size
+    return ids.astype(np.int32), np.broadcast_to(LOGPROB - j, ids.shape).astype(np.float32)
 
 
 def _value(d: np.ndarray) -> np.ndarray:
@@ -121,8 +131,8 @@ class ArithmeticRunner:
     def empty_batch(self, B: int, T: int, R: int, Pc: int) -> tuple[dict, dict]:
         return empty_batch(B, T, R, Pc)
 
-    def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray]):
-        """One prefill chunk (raypd.engine.paged.Batch as numpy). -> (tokens [B*R], logprobs [B*R])."""
+    def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], table=None) -> Sampled:
+        """One prefill chunk (raypd.engine.paged.Batch as numpy). -> Sampled, as numpy."""
         tok, pos = self._pool()
         G, V = self.page_size, self.cfg.vocab_size
         B, R = batch["sample_index"].shape
@@ -141,12 +151,15 @@ class ArithmeticRunner:
                 total = int(batch["tokens"][b, : i + 1][mine].sum()) + (ctx if seg[i] == 0 else 0)
                 out[b * R + r] = (self.prefill_weight * total) % V
         self._store(tok, pos)
-        return out, np.full(B * R, LOGPROB, np.float32)
+        return Sampled(out, np.full(B * R, LOGPROB, np.float32), *_top(out, V))
 
-    def run_streamed(self, batch, sampling, on_group):
-        tokens, logprobs = self.run(batch, sampling)
+    def run_streamed(self, batch, sampling, on_group, table=None) -> Sampled:
+        out = self.run(batch, sampling, table)
         on_group(0, 1)
-        return tokens, logprobs
+        return out
+
+    def prompt_logprobs(self, prompt_ids) -> list[float]:
+        return [LOGPROB] * (len(prompt_ids) - 1)
 
     # ---------------------------------------------------------------- decode
 
@@ -164,9 +177,20 @@ class ArithmeticRunner:
         out = jax.tree.map(edit, state, update.rows)
         return out.replace(active=out.active & keep)
 
-    def decode(self, state: decode_state.DecodeState, num_steps: int, B: int, Pc: int):
+    def neutral_table(self, num_rows: int):
+        return empty_table(num_rows, self.cfg.vocab_size)
+
+    def new_penalty_table(self):
+        return self.neutral_table(self.config.max_slots)
+
+    def write_table_row(self, table, row: int, token_ids, num_prompt: int, bias_ids, bias_values, suppress_ids):
+        return table  # penalties do not change the arithmetic
+
+    def decode(self, state: decode_state.DecodeState, table, num_steps: int, B: int, Pc: int,
+               with_top: bool = False):
         """`decode_state.decode_steps` in numpy: up to `num_steps` steps over the first B rows,
-        stop ids and budgets checked per row. -> (state, tokens [k, B], logprobs [k, B])."""
+        stop ids and budgets checked per row. -> (state, table, tokens [k, B], logprobs [k, B],
+        top ids, top logprobs [k, B, K])."""
         time.sleep(self.step_delay_s * num_steps)  # a "device" whose every step takes step_delay_s
         tok, pos = self._pool()
         G, V, k = self.page_size, self.cfg.vocab_size, self.config.max_decode_steps
@@ -184,7 +208,7 @@ class ArithmeticRunner:
                 st.tokens[i], st.positions[i], st.remaining[i] = t, p + 1, st.remaining[i] - 1
                 st.active[i] = not hit
         self._store(tok, pos)
-        return st, tokens, logprobs
+        return (st, table, tokens, logprobs) + _top(tokens, V)
 
     # ---------------------------------------------------------------- pages in and out
 
@@ -199,6 +223,10 @@ class ArithmeticRunner:
 
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
         self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        k, v = self.read_pages(src)
+        self.write_pages(dst, k, v)
 
     def warmup(self) -> int:
         return 0  # nothing to compile
