@@ -33,6 +33,9 @@ def mock_factory(**kw):
 
     kw.setdefault("num_pages", 1024)
     kw.setdefault("max_slots", 16)
+    # One step per dispatch: the scheduler's TTFT prediction does not count the wait for a
+    # multi-step dispatch under way, which the mock's slowed-down steps (tens of ms) make large.
+    kw.setdefault("max_decode_steps", 1)
     return MockEngineFactory(prefill_weight=PREFILL_WEIGHT, decode_weight=DECODE_WEIGHT,
                              local_prefill_weight=LOCAL_WEIGHT, vocab_size=V, **kw)
 

@@ -167,6 +167,9 @@ class MockEngineFactory:
     prefill_delay_s: float = 0.0
     recv_delay_s: float = 0.0
     step_delay_s: float = 0.0
+    # Decode steps one dispatch may run (EngineConfig.max_decode_steps): with a step_delay_s of
+    # tens of ms, a request inserted during an 8-step dispatch waits for all of it.
+    max_decode_steps: int = 8
     # Gates (directories, `wait_at_gate`): the same two points held until a test opens them,
     # and a decode worker's loop held once it has produced `step_gate_after` tokens.
     send_gate: str | None = None
@@ -192,7 +195,7 @@ class MockEngineFactory:
         _check_role(role)
         cfg = arithmetic_config(self.vocab_size, self.max_seq_len, self.eos_ids)
         engine = EngineConfig(page_size=self.page_size, num_pages=self.num_pages, max_slots=self.max_slots,
-                              max_seq_len=self.max_seq_len)
+                              max_seq_len=self.max_seq_len, max_decode_steps=self.max_decode_steps)
         weight = self.prefill_weight if role == "prefill" else self.local_prefill_weight
         runner = ArithmeticRunner(cfg, engine, prefill_weight=weight, decode_weight=self.decode_weight,
                                   step_delay_s=self.step_delay_s)
