@@ -69,7 +69,7 @@ def test_workers_without_ray_equal_colocated(colocated):
         tokens, tops = colocated[i]
         assert [t[0] for t in got[r.request_id]] == tokens, SAMPLING[i]
         if tops is not None:
-            assert [t[4] for t in got[r.request_id]] == tops
+            assert [t.top_logprobs for t in got[r.request_id]] == tops
     assert colocated[2][0][:5].count(2) == 0  # min_tokens held EOS off against its +30 bias
     pw.release_transfers([res.handle for res in results])
     pw.free_pages([p for res in results for p in res.cached_pages])
