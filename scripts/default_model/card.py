@@ -13,6 +13,7 @@ def _mark(ok: bool) -> str:
 
 def model_card(r: dict) -> str:
     c, s, corp, g, t = r["config"], r["spec"], r["corpus"], r["gates"], r["trained"]
+    history = f"\nSchedule change during the run: {r['history']}.\n" if r.get("history") else ""
     passed = g["passed"]
     phases = ", ".join(f"{n} tokens for {f:.0%}" for n, f in zip(s["seq_lens"], s["phase_fractions"]))
     buckets = ", ".join(f"{b:.3f}" for b in g["bucket_losses"])
@@ -62,7 +63,7 @@ Exported at step {t['step']} of {s['num_steps']}: {t['tokens_seen']:,} tokens se
 ({t['tokens_seen'] / corp['train_tokens']:.2f} epochs), {t['train_s'] / 3600:.2f} h of training
 wall time, {t['cpu_s'] / 3600:.2f} h of CPU time; last logged training loss
 {'n/a' if loss is None else f'{loss:.3f}'} nats/token. Exported by the script at git commit `{r['git_commit']}`.
-
+{history}
 ## Quality gates (checked on these files by tests/test_model_gates.py)
 
 | gate | result | |

@@ -99,6 +99,7 @@ def export(run_dir: Path, out_dir: Path, checkpoint: Path | None, name: str) -> 
         "model": name, "git_commit": git_commit(), "checkpoint": str(checkpoint),
         "config": cfg.to_dict(), "num_params": cfg.num_params(), "eos_token_id": eos,
         "spec": spec.to_dict(), "corpus": info,
+        "history": json.loads((run_dir / "spec.json").read_text()).get("history"),
         "trained": {"step": meta["step"], "train_s": round(meta["train_s"], 1),
                     "cpu_s": round(meta.get("cpu_s", 0.0), 1), "tokens_seen": meta["tokens_seen"],
                     "last_train_loss": last_train_loss(run_dir, meta["step"])},
