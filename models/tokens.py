@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
-DEFAULT_MODEL = "pystdlib-tiny"  # trained by scripts/train_default_model.py, shipped in models/data
+DEFAULT_MODEL = "pystdlib-v2"  # trained by scripts/train_default_model.py, shipped in models/data
 
 
 def check_token_ids(token_ids, vocab_size: int, field: str = "token_ids") -> list[int]:

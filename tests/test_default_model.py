@@ -1,22 +1,20 @@
-"""The shipped default model (models/data/pystdlib-tiny): loads offline, still scores the fixed
-held-out slice as well as when it was trained, and writes deterministic, non-empty text.
-
-The held-out slice is read from training.json (token ids), not re-cut from the installed
-stdlib, so the check does not depend on which Python version runs it.
+"""The shipped default model (models/data/pystdlib-v2): loads offline by default and by name,
+fits the repository, records a held-out score below zlib's, and writes deterministic,
+non-empty text. Its quality gates are recomputed from the shipped files in
+tests/test_model_gates.py.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 import models
 from models import stdlib_corpus as corpus
 
 MODEL_DIR = models.DATA_DIR / models.DEFAULT_MODEL
-MAX_SIZE_BYTES = 25 * 1024 * 1024
+MAX_SIZE_BYTES = 30 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -30,32 +28,21 @@ def model() -> models.Model:
 
 
 def test_default_is_shipped_and_small():
-    assert models.DEFAULT_MODEL == "pystdlib-tiny"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json"):
+    assert models.DEFAULT_MODEL == "pystdlib-v2"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json", "README.md"):
         assert (MODEL_DIR / name).is_file(), name
     size = sum(f.stat().st_size for f in MODEL_DIR.iterdir())
     assert size <= MAX_SIZE_BYTES, f"{MODEL_DIR} is {size} bytes"
 
 
 def test_loads_by_default_and_by_name(model, info):
-    named = models.load("pystdlib-tiny")
+    named = models.load(models.DEFAULT_MODEL)
     assert model.config == named.config
     assert model.config.vocab_size == info["config"]["vocab_size"]
     assert model.config.num_layers == info["config"]["num_layers"]
+    assert model.config.max_position_embeddings >= 2048
     assert model.config.eos_token_ids == (info["eos_token_id"],)
     assert model.tokenizer is not None and model.tokenizer.vocab_size == model.config.vocab_size
-
-
-def test_recorded_eval_beats_baselines(info):
-    assert info["heldout_bpb"] < info["baseline_zlib_bpb"]
-    assert info["heldout_bpb"] < info["baseline_unigram_bpb"]
-
-
-def test_heldout_slice_loss_is_not_worse_than_recorded(model, info):
-    windows = np.asarray(info["heldout_slice_ids"], np.int32)
-    assert windows.shape == (corpus.SLICE_NUM_WINDOWS, corpus.SLICE_WINDOW_LEN)
-    loss = corpus.mean_window_loss(model.logits, windows)
-    assert loss < info["heldout_slice_loss"] * 1.02 + 1e-3, (loss, info["heldout_slice_loss"])
 
 
 def test_greedy_output_is_deterministic_and_non_trivial(model):
