@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def test_every_field_is_identical_in_process_colocated_and_disaggregated(clients
     carried = [("".join(c.choices[0].delta.content or "" for c in chunks[1:-1]),
                 chunks[-2].choices[0].finish_reason, chunks[-1].usage.model_dump()) for chunks in streams]
     assert carried[0] == carried[1] == carried[2]
+    # n = 3 seeded, streamed: each choice's chunks carry the same text on every backend
+    per_index = []
+    for c in (local, ray_, coloc):
+        texts, usage = ["", "", ""], None
+        for chunk in c.completions.create(model=NAME, prompt="for x in", max_tokens=6, temperature=1.0, seed=2,
+                                          n=3, stream=True, stream_options={"include_usage": True}):
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+            usage = chunk.usage or usage
+        per_index.append((texts, usage.model_dump()))
+    assert per_index[0] == per_index[1] == per_index[2] and len(set(per_index[0][0])) > 1
 
 
 def test_n_samples_are_prefilled_and_transferred_once(clients, deployment):
@@ -217,3 +229,31 @@ def test_behind_a_ray_serve_ingress(deployment, template_file):
     finally:
         serve.shutdown()
 
+
+
+def test_scheduler_rejection_is_a_429_with_its_reason(clients, deployment):
+    """The scheduler's RequestRejected (here: n samples that no decode pool could ever hold) is a
+    429 with OpenAI's error body naming the reason; nothing is left held."""
+    baseline = used_pages(deployment)
+    _, ray_, _ = clients
+    with pytest.raises(openai.RateLimitError) as e:
+        ray_.completions.create(model=NAME, prompt="x", max_tokens=200, n=8)
+    err = e.value.body
+    assert err["code"] == "no_capacity" and err["param"] is None and "request rejected (no_capacity)" in err["message"]
+    assert deployment.status()["num_tracked"] == 0 and used_pages(deployment) == baseline
+
+
+def test_a_deployment_that_is_gone_answers_503(servers, colocated):
+    """Last in this module: it shuts the colocated deployment down under its server."""
+    colocated.shutdown()
+    url = f"{servers[2].url}/v1/completions"
+    req = urllib.request.Request(url, data=json.dumps({"prompt": "x", "max_tokens": 2}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 503
+    err = json.loads(e.value.read())["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "not_running", err
+    with pytest.raises(urllib.error.HTTPError) as ready:
+        urllib.request.urlopen(f"{servers[2].url}/health/ready", timeout=60)
+    assert ready.value.code == 503
