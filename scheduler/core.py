@@ -23,8 +23,9 @@ Lifecycle of a request (`phase`):
              (reservations, backlog, a transfer in flight), once. A finished request's full
              pages are published on its decode worker for the next turn.
 The core is split by responsibility: `scheduler/placement_view.py` (worker snapshots for the
-policy, placement candidates, predicted waits; reads only) and `scheduler/membership.py`
-(deaths, replacements, role moves) are mixins of `SchedulerCore`.
+policy, placement candidates, predicted waits; reads only), `scheduler/membership.py`
+(deaths, replacements, role moves) and `scheduler/groups.py` (the n samples of one prompt:
+one prefill, one transfer) are mixins of `SchedulerCore`.
 Failover: a worker that died (`worker_died`, or `prefill_done` with `lost=True`) leaves
 placement and the store, and its requests go back to the head of the queue (`_retry`); a
 request with tokens resumes from prompt + tokens so far. A K/V transfer the decode worker
