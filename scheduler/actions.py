@@ -22,6 +22,7 @@ class PrefillTask:
     prefix_pages: tuple[int, ...] = ()
     host_prefix: tuple = ()
     stream_to: str | None = None
+    samples: tuple = ()  # more samples of the request's prompt (Requests), prefilled with it
 
 
 @dataclasses.dataclass(frozen=True)

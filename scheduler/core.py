@@ -23,8 +23,9 @@ Lifecycle of a request (`phase`):
              (reservations, backlog, a transfer in flight), once. A finished request's full
              pages are published on its decode worker for the next turn.
 The core is split by responsibility: `scheduler/placement_view.py` (worker snapshots for the
-policy, placement candidates, predicted waits; reads only) and `scheduler/membership.py`
-(deaths, replacements, role moves) are mixins of `SchedulerCore`.
+policy, placement candidates, predicted waits; reads only), `scheduler/membership.py`
+(deaths, replacements, role moves) and `scheduler/groups.py` (the n samples of one prompt:
+one prefill, one transfer) are mixins of `SchedulerCore`.
 Failover: a worker that died (`worker_died`, or `prefill_done` with `lost=True`) leaves
 placement and the store, and its requests go back to the head of the queue (`_retry`); a
 request with tokens resumes from prompt + tokens so far. A K/V transfer the decode worker
@@ -39,6 +40,7 @@ from collections import defaultdict, deque
 from typing import Sequence
 
 from scheduler.cost_model import CostModel
+from scheduler.groups import Groups
 from scheduler.kv_store import FreePages, KVStore
 from scheduler.membership import Membership
 from scheduler.placement_view import MAX_CANDIDATES, PlacementView  # noqa: F401 - MAX_CANDIDATES re-exported
@@ -64,6 +66,7 @@ class _Call:
     estimate_s: float  # the worker's time on it, at its pace when sent (what `queued_s` counts)
     sent_s: float
     predicted_s: float = 0.0  # the same by the cost model alone (what the pace is measured against)
+    group: list[str] | None = None  # the request's group (n samples, scheduler/groups.py), if any
 
 
 def _rejected(r: Rejection) -> tuple:
@@ -74,7 +77,7 @@ def _rejected(r: Rejection) -> tuple:
 SLOWDOWN_RANGE = (0.25, 20.0)  # bounds of a worker's observed / predicted prefill-call time
 
 
-class SchedulerCore(PlacementView, Membership):
+class SchedulerCore(PlacementView, Membership, Groups):
     def __init__(self, name: str, workers: dict[str, WorkerState], store: KVStore, cost: CostModel,
                  policy: PolicyConfig = PolicyConfig(), max_retries: int = 2, stream_layers: bool = False,
                  max_replacements: int = 0):
@@ -112,17 +115,21 @@ class SchedulerCore(PlacementView, Membership):
 
     # ------------------------------------------------------------------ client events
     def submit(self, requests: Sequence[object], ttft_slo_s: float | None, now_s: float,
-               make_request=None) -> tuple[list[str] | tuple, list]:
+               make_request=None, samples: bool = False) -> tuple[list[str] | tuple, list]:
         """Admit and queue validated requests, all or none. `requests` are
         (prompt ids, params, kv_compression) and `make_request(rid, prompt_ids, params,
-        kv_compression)` builds the engine's Request. -> (ids, actions) or (error, actions)."""
+        kv_compression)` builds the engine's Request. `samples`: the requests are the samples of
+        one prompt (the same prompt ids and max_tokens; each its own params and seed), prefilled
+        once (scheduler/groups.py). -> (ids, actions) or (error, actions)."""
         if not self.is_running:
             return ("not_running", f"deployment {self.name!r} is shut down"), []
         new = []
-        for prompt_ids, params, kv_compression in requests:
+        for i, (prompt_ids, params, kv_compression) in enumerate(requests):
             rid = f"{self.name}-{next(self._ids)}"
-            spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now_s, ttft_slo_s)
-            reject = admit(spec, len(self.queue) + len(new), self.policy, self._prefill_states(None))
+            spec = RequestSpec(rid, len(prompt_ids), params.max_tokens, self.page_size, now_s, ttft_slo_s,
+                               num_samples=len(requests) if samples and i == 0 else 1)
+            reject = admit(spec, len(self.queue) + (0 if samples else len(new)), self.policy,
+                           self._prefill_states(None))
             if reject is not None:
                 self.rejections[reject.reason.value] += 1
                 return _rejected(reject), []
@@ -130,8 +137,13 @@ class SchedulerCore(PlacementView, Membership):
                                     len(prompt_ids), params.max_tokens))
         ids = [r.spec.request_id for r in new]
         self.requests.update(zip(ids, new))
-        self.queue.extend(ids)
-        self.num_requests += len(new)
+        if samples and len(new) > 1:
+            group = list(ids)
+            for r in new:
+                r.group = group
+            new = new[:1]  # only the leader is queued, admitted and placed
+        self.queue.extend(r.spec.request_id for r in new)
+        self.num_requests += len(ids)
         # With a TTFT SLO, admission first: each new request's TTFT predicted as placement will
         # predict it once its turn comes (`_admission_error`); then placement, which may place
         # some at once, reject some outright (no worker could hold one) or leave them queued.
@@ -211,7 +223,7 @@ class SchedulerCore(PlacementView, Membership):
 
     def shutdown(self) -> None:
         for rid in list(self.queue):
-            self._end(self.requests[rid], ("not_running", f"deployment {self.name!r} was shut down"))
+            self._end_group(self.requests[rid], ("not_running", f"deployment {self.name!r} was shut down"))
         self.is_running = False
 
     def clear_cache(self, now_s: float, pools_only: bool = False) -> list:
@@ -227,9 +239,8 @@ class SchedulerCore(PlacementView, Membership):
             actions += self.worker_died(worker, lost, now_s)
             for task in tasks:
                 call = self._end_call(task.call_id)
-                r = self.requests.get(call.request_id) if call else None
                 actions += self._unpin(call)
-                if r is not None and r.placement is call.placement:
+                for r in self._current(call.group, call.request_id, call.placement) if call else []:
                     actions += self._retry(r, f"prefill worker {worker} died", now_s)
             return actions + self._dispatch(now_s)
         ws = self.workers.get(worker)
@@ -242,29 +253,33 @@ class SchedulerCore(PlacementView, Membership):
             call = self._end_call(task.call_id)
             if call is None:
                 continue
-            r = self.requests.get(call.request_id)
-            is_current = r is not None and not r.is_finished and r.placement is call.placement
+            current = self._current(call.group, call.request_id, call.placement)  # the samples still waiting
             if isinstance(res, str):
                 actions += self._unpin(call)
-                if is_current:
+                for r in current:
                     actions += self._end(r, ("failed", f"prefill on {worker} failed: {res}"))
                 continue
             actions += self._publish_prefill(worker, call, res, now_s, can_export=ws is not None)
-            if not is_current:  # aborted or retried meanwhile: nobody takes this K/V
+            if not current:  # aborted or retried meanwhile: nobody takes this K/V
                 actions.append(ReleaseTransfers(worker, (res.handle,)))
                 continue
-            r.phase = HANDOFF
-            r.num_computed_tokens = res.num_computed_tokens
-            r.timings["prefill_s"] = res.prefill_s
-            # the rest of the call: its wait in the worker's queue, the batch's other jobs, RPCs
-            r.timings["prefill_wait_s"] = max(0.0, now_s - call.sent_s - res.prefill_s)
+            outs = {o.request_id: o for o in (res.output, *res.sample_outputs)}
+            for r in current:
+                r.phase = HANDOFF
+                r.num_computed_tokens = res.num_computed_tokens
+                r.timings["prefill_s"] = res.prefill_s
+                # the rest of the call: its wait in the worker's queue, the batch's other jobs, RPCs
+                r.timings["prefill_wait_s"] = max(0.0, now_s - call.sent_s - res.prefill_s)
+            r = current[0]  # owns the transfer: the decode worker starts it first, the others fork
             r.transfer_id = res.handle.transfer_id
             d = r.placement.decode_worker_id
-            self.transfers[r.transfer_id] = (call.request_id, worker, res.handle, d)
+            self.transfers[r.transfer_id] = (r.spec.request_id, worker, res.handle, d)
             if d in self.workers:
-                by_decode[d].append((r.request, res.output, res.handle))
+                forks = tuple((x.request, outs[x.spec.request_id]) for x in current[1:])
+                by_decode[d].append((r.request, outs[r.spec.request_id], res.handle) + ((forks,) if forks else ()))
             else:
-                actions += self._retry(r, f"decode worker {d} died", now_s)
+                for x in current:
+                    actions += self._retry(x, f"decode worker {d} died", now_s)
         actions += [Insert(d, tuple(items)) for d, items in by_decode.items()]
         return actions + self._dispatch(now_s)
 
@@ -283,8 +298,9 @@ class SchedulerCore(PlacementView, Membership):
             call = self._end_call(self.local_calls.pop((d, rid), None))
             if call is not None:
                 actions += self._publish_prefill(d, call, res, now_s, can_export=False)
-            r = self.requests.get(rid)
-            if r is not None and not r.is_finished:
+            group = self._current(call.group, rid, call.placement) if call is not None else \
+                [r for r in [self.requests.get(rid)] if r is not None and not r.is_finished]
+            for r in group:  # every sample of the prompt
                 r.num_computed_tokens = res.num_computed_tokens
                 r.timings["prefill_s"] = res.prefill_s
         for rid in report.errors:  # a local prefill that failed still held its pins
@@ -328,7 +344,7 @@ class SchedulerCore(PlacementView, Membership):
                 actions += self._end(r, None)
         for rid, message in report.errors.items():
             r = self.requests.get(rid)
-            if r is None or r.is_finished:
+            if r is None or r.is_finished or r.phase == QUEUED:  # QUEUED: placed again already
                 continue
             if rid in report.retryable:  # K/V lost on the way, or no room there after all
                 sender = r.placement.prefill_worker_id if r.placement else None
@@ -362,6 +378,7 @@ class SchedulerCore(PlacementView, Membership):
         """Every end goes here, once: the request releases what it holds."""
         if r.is_finished:
             return []
+        self._leave_group(r)
         r.phase, r.error = ENDED, error
         if r.spec.request_id in self.requests:
             self.news.add(r.spec.request_id)
@@ -400,6 +417,7 @@ class SchedulerCore(PlacementView, Membership):
         asks for the rest (greedy output is unchanged; the engine recomputes the K/V)."""
         if r.is_finished:
             return []
+        self._leave_group(r)
         actions = self._release(r)
         if r.retries >= self.max_retries:
             return actions + self._end(r, ("failed", f"{why}; gave up after {r.retries} retries"))
@@ -483,7 +501,7 @@ class SchedulerCore(PlacementView, Membership):
             r = self.requests[self.queue[0]]
             decision, match = self._place(r, now_s)
             if isinstance(decision, Rejection):
-                actions += self._end(r, _rejected(decision))
+                actions += self._end_group(r, _rejected(decision))
                 continue
             if not isinstance(decision, Placement):
                 break  # Wait: FIFO, try again on the next event
@@ -492,6 +510,10 @@ class SchedulerCore(PlacementView, Membership):
             r.timings["queue_s"] = now_s - r.spec.arrival_s
             r.timings["predicted_ttft_s"] = decision.ttft_s  # since arrival, as placement predicts it
             r.placement, r.phase = decision, PREFILLING
+            followers = self._followers(r)
+            for x in followers:  # the group's other samples: placed with their leader
+                x.placement, x.phase = decision, PREFILLING
+                x.timings.update(r.timings)
             w, d = decision.prefill_worker_id, decision.decode_worker_id
             f = decision.num_fetched_pages
             k = min(decision.num_cached_pages - f, match.num_worker_pages(w))
@@ -502,7 +524,7 @@ class SchedulerCore(PlacementView, Membership):
             actions += self._make_room(w, need_here + self.workers[w].num_reserved_pages, now_s)
             est = next(e for e in decision.estimates if e.worker_id == w)
             call = _Call(next(self._call_ids), rid, w, decision, list(r.request.prompt_ids), list(pins),
-                         list(match.worker_pages.get(w, []))[:k], 0.0, now_s)
+                         list(match.worker_pages.get(w, []))[:k], 0.0, now_s, group=r.group)
             self.calls[call.call_id] = call
             # the worker's time on it: the prefill, and for a remote one the send of its K/V, which
             # the prefill worker does before it takes the next call
@@ -513,6 +535,8 @@ class SchedulerCore(PlacementView, Membership):
             call.predicted_s = est.prefill_s / pace + send_s
             call.estimate_s = pace * call.predicted_s
             self.workers[w].queued_s += call.estimate_s
+            for x in followers:  # a slot each; the leader's reservation holds the group's pages
+                self.workers[d].reserve(x.spec.request_id, 0)
             if decision.is_local_prefill:
                 self.workers[d].reserve(rid, need_here)
                 self.local_calls[(d, rid)] = call.call_id
@@ -526,7 +550,8 @@ class SchedulerCore(PlacementView, Membership):
                 r.backlog = (w, d, kv)
             task = PrefillTask(call.call_id, r.request, tuple(call.own_pages),
                                tuple(self.store.host_prefix(match.locations[k:k + f])),
-                               d if self.stream_layers and not decision.is_local_prefill else None)
+                               d if self.stream_layers and not decision.is_local_prefill and not followers else None,
+                               tuple(x.request for x in followers))
             (local[d] if decision.is_local_prefill else remote[w]).append(task)
         # one call per remote prefill: a call's results come back together, so in a call of several
         # the first would wait for the last (its TTFT past the prediction); the worker runs them one

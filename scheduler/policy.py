@@ -63,15 +63,18 @@ class RequestSpec:
     ttft_slo_s: float | None = None  # None: no TTFT deadline
     tpot_slo_s: float | None = None  # None: the config's default target
     num_host_pages: int = 0  # leading prompt pages held as host copies (index match)
+    num_samples: int = 1  # samples of the prompt sharing one prefill (n > 1), each with max_tokens
 
     def __post_init__(self):
-        if self.prompt_len < 1 or self.max_tokens < 1 or self.page_size < 1:
-            raise ValueError(f"need prompt_len, max_tokens and page_size >= 1: {self}")
+        if self.prompt_len < 1 or self.max_tokens < 1 or self.page_size < 1 or self.num_samples < 1:
+            raise ValueError(f"need prompt_len, max_tokens, page_size and num_samples >= 1: {self}")
 
     @property
     def num_pages_needed(self) -> int:
-        """Pages a decode worker reserves for the request: prompt plus every new token."""
-        return -(-(self.prompt_len + self.max_tokens) // self.page_size)
+        """Pages a decode worker reserves for the request: prompt plus every new token; each
+        more sample shares the prompt's full pages and needs the rest (DecodeEngine.fork)."""
+        per_sample = -(-(self.prompt_len + self.max_tokens) // self.page_size)
+        return per_sample + (self.num_samples - 1) * (per_sample - self.prompt_len // self.page_size)
 
     @property
     def max_cached_pages(self) -> int:
@@ -238,7 +241,8 @@ def can_ever_fit(request: RequestSpec, state: DecodeWorkerState) -> bool:
 
 def predict_tpot_s(request: RequestSpec, state: DecodeWorkerState, cost: CostModel) -> float:
     """Step time of `state`'s worker with this request added (its prompt as new context)."""
-    return cost.predict_decode_step_s(state.num_running + 1, state.context_len + request.prompt_len)
+    return cost.predict_decode_step_s(state.num_running + request.num_samples,
+                                      state.context_len + request.num_samples * request.prompt_len)
 
 
 def place_decode(request: RequestSpec, decode_states: Sequence[DecodeWorkerState], cost: CostModel,
@@ -249,7 +253,7 @@ def place_decode(request: RequestSpec, decode_states: Sequence[DecodeWorkerState
     target = request.tpot_slo_s if request.tpot_slo_s is not None else config.tpot_slo_s
     need = request.num_pages_needed
     fits = [(s, predict_tpot_s(request, s, cost)) for s in decode_states
-            if s.is_alive and s.num_free_slots > 0 and s.num_free_pages >= need]
+            if s.is_alive and s.num_free_slots >= request.num_samples and s.num_free_pages >= need]
     fits = [(s, t) for s, t in fits if target is None or t <= target]
     if not fits:
         return None

@@ -295,7 +295,7 @@ class Simulator:
             results.append(types.SimpleNamespace(
                 output=types.SimpleNamespace(request_id=t.request.request_id, prompt_len=n), handle=handle,
                 cached_pages=cached, num_prefix_pages=num_prefix, num_computed_tokens=n - num_prefix * G,
-                prefill_s=duration / len(call.tasks)))
+                prefill_s=duration / len(call.tasks), sample_outputs=[]))  # the simulator has no n > 1
         self._apply(self.core.prefill_done(name, call.tasks, results, self.now, num_free_pages=w.pool.num_free))
         self._kick_prefill(name)
 

@@ -62,6 +62,10 @@ class RequestState:
     retries: int = 0
     backlog: tuple | None = None  # (prefill worker, decode worker, bytes) in the transfer backlog
     transfer_id: str | None = None  # K/V on its way to the decode worker
+    # The samples of one prompt (n > 1) sharing one prefill and one K/V transfer: their ids, the
+    # one queued and placed first (the leader), the same list on each; None: a request alone.
+    # A sample that ends or starts over leaves it (scheduler/groups.py).
+    group: list[str] | None = None
 
     @property
     def is_finished(self) -> bool:

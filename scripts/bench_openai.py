@@ -18,6 +18,10 @@ token: http - direct is the CPU the HTTP path costs, client side included (an up
 the server's share).
 
     python scripts/bench_openai.py --json docs/results/bench_openai.json
+
+`--engine arithmetic` serves the same workloads from the arithmetic stand-in engine
+(raypd/engine/arithmetic.py: no model, no compiler: its steps are cheap host arithmetic), so
+the per-request figures are mostly what the HTTP path and the Python client path cost.
 """
 
 from __future__ import annotations
@@ -60,6 +64,21 @@ class DirectTarget:
                 s.abort()
 
 
+def arithmetic_backend(model, config):
+    """What LocalEngineBackend needs of a LocalBackend, over the arithmetic runner (the model's
+    vocabulary and tokenizer, so prompts and texts are the same as the model's)."""
+    import types
+
+    from raypd.engine.arithmetic import MAX_VALUE, ArithmeticRunner, arithmetic_config
+    from raypd.engine.colocated import ColocatedEngine
+
+    vocab = min(model.config.vocab_size, MAX_VALUE)  # the stand-in's largest; prompts use its vocabulary
+    cfg = arithmetic_config(vocab, config.max_seq_len, tuple(t for t in model.config.eos_token_ids if t < vocab))
+    engine = ColocatedEngine(ArithmeticRunner(cfg, config), model.tokenizer)
+    card = types.SimpleNamespace(config=cfg, tokenizer=model.tokenizer, name=model.name)
+    return types.SimpleNamespace(model=card, engine=engine, max_seq_len=config.max_seq_len, warmup=lambda: 0)
+
+
 def prompts(n: int, length: int, vocab: int, exclude, seed: int) -> list[list[int]]:
     import numpy as np
 
@@ -91,6 +110,8 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=32, help="concurrent streams of the streaming workload")
     p.add_argument("--stream-tokens", type=int, default=64)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--engine", choices=("model", "arithmetic"), default="model",
+                   help="model: the default model's engine; arithmetic: the arithmetic stand-in (no compiler)")
     p.add_argument("--workloads", default="per_request,streaming",
                    help="comma-separated subset of per_request,streaming (e.g. one of them under a profiler)")
     args = p.parse_args()
@@ -108,7 +129,8 @@ def main() -> int:
     config = EngineConfig(page_size=16, num_pages=16 * args.streams, max_slots=args.streams,
                           max_seq_len=16 + args.stream_tokens + 16, prefill_buckets=(32,))
     model = models.load()
-    backend = LocalEngineBackend(LocalBackend(model, config), model.name, max_queued=4 * args.streams)
+    local = LocalBackend(model, config) if args.engine == "model" else arithmetic_backend(model, config)
+    backend = LocalEngineBackend(local, model.name, max_queued=4 * args.streams)
     t0 = time.perf_counter()
     backend.start(warmup=True)  # every shape compiled: no run below compiles anything
     warmup_s = time.perf_counter() - t0
@@ -117,7 +139,7 @@ def main() -> int:
     try:
         http = targets.OpenAITarget(http_server.url)
         direct = DirectTarget(backend)
-        cfg = model.config
+        cfg = backend.model.config
         exclude = tuple(cfg.eos_token_ids) + ((cfg.bos_token_id,) if cfg.bos_token_id is not None else ())
         single = prompts(args.num_single, 8, cfg.vocab_size, exclude, 0)
         streams = prompts(2 * args.streams, 16, cfg.vocab_size, exclude, 1)
@@ -158,7 +180,8 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(summary=summary, rounds=results, args={**vars(args), "json": str(args.json)},
-                                             config=dict(engine=repr(config), model=model.name),
+                                             config=dict(engine=repr(config), model=model.name,
+                                                         engine_kind=args.engine),
                                              time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=2))
     return 0
 

@@ -66,6 +66,7 @@ class FakeCluster:
         self.replacements: list[core.ReplaceWorker] = []
         self.exports: list[ExportPages] = []
         self.outputs: dict[str, list] = {}  # rid -> tokens polled
+        self.num_inserted_samples = 0  # samples started from another sample's K/V (Insert forks)
 
     # -- time and events -----------------------------------------------------------------------
     def tick(self, dt: float | None = None) -> float:
@@ -108,6 +109,14 @@ class FakeCluster:
         self.apply(actions)
         return result
 
+    def submit_samples(self, prompt: list[int], n: int, max_tokens: int = 4) -> list[str] | tuple:
+        """n samples of one prompt, prefilled once (scheduler/groups.py)."""
+        params = [SamplingParams(max_tokens=max_tokens, seed=i) for i in range(n)]
+        result, actions = self.core.submit([(prompt, p, None) for p in params], None, self.tick(),
+                                           make_request=Request, samples=True)
+        self.apply(actions)
+        return result
+
     def abort(self, rids: list[str]) -> None:
         self.apply(self.core.abort(rids, self.tick()))
 
@@ -136,8 +145,9 @@ class FakeCluster:
         handle = types.SimpleNamespace(transfer_id=tid, backend="fake", compression="none", num_bytes=16 * n,
                                        num_tokens=n)
         out = types.SimpleNamespace(request_id=req.request_id, prompt_len=n)
+        samples = [types.SimpleNamespace(request_id=s.request_id, prompt_len=n) for s in task.samples]
         return types.SimpleNamespace(output=out, handle=handle, cached_pages=cached, num_prefix_pages=num_prefix,
-                                     num_computed_tokens=n - num_prefix * G, prefill_s=0.005)
+                                     num_computed_tokens=n - num_prefix * G, prefill_s=0.005, sample_outputs=samples)
 
     # -- fake decode workers -------------------------------------------------------------------
     def step(self, d: str = "decode-0") -> None:
@@ -147,16 +157,19 @@ class FakeCluster:
                                   finished=[])
         for a in w.inbox:
             if isinstance(a, core.Insert):
-                for req, out, handle in a.items:
+                for req, out, handle, *forks in a.items:
+                    members = [req, *(f for f, _ in (forks[0] if forks else ()))]
+                    self.num_inserted_samples += len(members) - 1
                     sender = next((s for s in self.workers.values() if s.is_alive
                                    and handle.transfer_id in s.transfers), None)
                     r.received.append((handle, 0.001))
-                    if sender is None:  # the payload's owner is gone (or let go of it too soon)
-                        r.errors[req.request_id] = "TransferError: sender lost"
-                        r.retryable.append(req.request_id)
-                        r.started.append(req.request_id)
-                        continue
-                    self._start(w, req, r)
+                    for m in members:
+                        if sender is None:  # the payload's owner is gone (or let go of it too soon)
+                            r.errors[m.request_id] = "TransferError: sender lost"
+                            r.retryable.append(m.request_id)
+                            r.started.append(m.request_id)
+                        else:
+                            self._start(w, m, r)
             elif isinstance(a, core.RunLocalPrefill):
                 for t in a.tasks:
                     req = t.request
@@ -166,7 +179,8 @@ class FakeCluster:
                         output=types.SimpleNamespace(request_id=req.request_id), cached_pages=cached,
                         num_prefix_pages=len(t.prefix_pages), num_computed_tokens=n - len(t.prefix_pages) * G,
                         prefill_s=0.001))
-                    self._start(w, req, r)
+                    for m in (req, *t.samples):
+                        self._start(w, m, r)
             elif isinstance(a, core.AbortOnWorker):
                 for rid in a.request_ids:
                     if rid in w.running:

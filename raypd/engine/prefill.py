@@ -89,9 +89,12 @@ class PrefillEngine:
         self._held[request.request_id] = pages
         self._queue.append(_Pending(request, pages, cached, cached, tuple(samples)))
 
-    def prefill(self, requests: list[Request], prefixes: dict[str, list[int]] | None = None) -> list[PrefillOutput]:
+    def prefill(self, requests: list[Request], prefixes: dict[str, list[int]] | None = None,
+                samples: dict[str, tuple[Request, ...]] | None = None) -> list[PrefillOutput]:
+        """Queue the requests (each with its cached prefix and its more samples, `add`) and run
+        steps until all are done. -> one output per request and per sample."""
         for r in requests:
-            self.add(r, (prefixes or {}).get(r.request_id, ()))
+            self.add(r, (prefixes or {}).get(r.request_id, ()), samples=(samples or {}).get(r.request_id, ()))
         outs: list[PrefillOutput] = []
         while self._queue:
             outs.extend(self.step())

@@ -57,6 +57,8 @@ class DecodeWorker:
         self._report = DecodeReport()
         self._context: dict[str, int] = {}  # running rid -> tokens of context
         self._local: dict[str, tuple[PrefillJob, float, int]] = {}  # local prefills in progress
+        self._sample_of: dict[str, str] = {}  # a local prefill's more samples: sample id -> the job's request id
+        self._dropped: dict[str, set[str]] = {}  # local prefill -> its requests aborted while it runs
         self._receiver = None  # StreamingReceiver, built on the first layer part
         self._parts_seen: dict[str, float] = {}  # streamed rid -> when its last part arrived
         self._stream_failed: dict[str, str] = {}  # streamed rid -> why its K/V cannot be used
@@ -70,8 +72,10 @@ class DecodeWorker:
             self.start()
 
     # -- calls from the scheduler (any thread): file an item, return at once -------------------
-    def submit(self, items: list[tuple[Request, PrefillOutput, object]]) -> None:
-        """Requests prefilled elsewhere: (request, prefill output, transfer handle)."""
+    def submit(self, items: list[tuple]) -> None:
+        """Requests prefilled elsewhere: (request, prefill output, transfer handle[, forks]);
+        forks: more samples of the request's prompt, ((request, prefill output), ...), started
+        from the same K/V (received once)."""
         self._put([("remote", *item) for item in items])
 
     def receive_parts(self, parts: list) -> None:
@@ -216,23 +220,26 @@ class DecodeWorker:
                 self._stream_failed.pop(rid, None)
                 self._receiver.abort(rid)
 
-    def _insert_remote(self, request: Request, out: PrefillOutput, handle) -> None:
+    def _insert_remote(self, request: Request, out: PrefillOutput, handle, forks: tuple = ()) -> None:
         rid = request.request_id
         if handle.num_parts:  # its K/V comes (or came) as layer parts
             self._awaiting[rid] = (request, out, handle, time.monotonic())
             return
         start = time.perf_counter()
         try:
-            first = self.engines.recv_into(request, out, handle, self.transport)
+            firsts = self.engines.recv_into(request, out, handle, self.transport, forks)
         except Exception as e:  # noqa: BLE001 - the request fails here, the worker goes on
             # K/V lost on the way, or no room here after all (the scheduler's view of free pages
-            # lags the pool): the scheduler places the request again
-            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, (TransferError, OutOfPages)))
+            # lags the pool): the scheduler places the request (and its samples) again
+            for r in [request, *(f for f, _ in forks)]:
+                self._record(error=(r.request_id, f"{type(e).__name__}: {e}"),
+                             retryable=isinstance(e, (TransferError, OutOfPages)))
             return
         finally:
             self.transport.release(handle)
             self._record(received=(handle, time.perf_counter() - start))
-        self._started(request, out, first)
+        for (r, o), first in zip([(request, out), *forks], firsts):
+            self._started(r, o, first)
 
     def _add_local(self, job: PrefillJob) -> None:
         """Queue a local prefill: it runs in chunks between decode steps (as the colocated
@@ -243,7 +250,7 @@ class DecodeWorker:
         fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
             prefill.add(request, list(job.prefix_pages) + fetched,
-                        reserve_tokens=len(request.prompt_ids) + request.params.max_tokens)
+                        reserve_tokens=len(request.prompt_ids) + request.params.max_tokens, samples=job.samples)
         except Exception as e:  # noqa: BLE001 - the request fails here (no room: placed again), the worker goes on
             prefill.release(rid)
             self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
@@ -251,6 +258,9 @@ class DecodeWorker:
         finally:
             prefill.allocator.free(fetched)  # `add` took its own reference
         self._local[rid] = (job, start, len(fetched))
+        self._dropped[rid] = set()
+        for r in job.samples:
+            self._sample_of[r.request_id] = rid
 
     def _prefill_chunk(self) -> None:
         try:
@@ -259,32 +269,58 @@ class DecodeWorker:
             log.exception("local prefill chunk failed")
             for rid in list(self._local):
                 self.engines.prefill.release(rid)
-                self._local.pop(rid)
-                self._record(error=(rid, f"{type(e).__name__}: {e}"))
+                job = self._local.pop(rid)[0]
+                self._forget_samples(rid, job)
+                for r in (job.request, *job.samples):
+                    self._record(error=(r.request_id, f"{type(e).__name__}: {e}"))
             return
+        by_id = {o.request_id: o for o in outs}
         for out in outs:
+            if out.request_id not in self._local:
+                continue  # a sample's: started with its prompt's request
             job, start, num_fetched = self._local.pop(out.request_id)
-            self._finish_local(job, out, start, num_fetched)
+            self._finish_local(job, out, start, num_fetched, [(r, by_id[r.request_id]) for r in job.samples])
 
-    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0) -> None:
+    def _forget_samples(self, rid: str, job: PrefillJob) -> set[str]:
+        """-> the ids of the local prefill's requests aborted while it ran."""
+        for r in job.samples:
+            self._sample_of.pop(r.request_id, None)
+        return self._dropped.pop(rid, set())
+
+    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0,
+                      forks: list[tuple[Request, PrefillOutput]] = ()) -> None:
+        """Start the locally prefilled request and its samples (those not aborted meanwhile):
+        the first takes the prompt's pages over, the others fork from them."""
         request, prefill = job.request, self.engines.prefill
         rid = request.request_id
+        dropped = self._forget_samples(rid, job)
+        members = [(r, o) for r, o in [(request, out), *forks] if r.request_id not in dropped]
         cached: list[int] = []
+        started: list[tuple[Request, PrefillOutput, TokenOutput]] = []
         try:
             cached = _retain(prefill, out, job.retain, len(job.prefix_pages))
-            first = self.engines.decode.insert(request, out, None)
+            for i, (r, o) in enumerate(members):
+                o = dataclasses.replace(o, pages=out.pages)
+                first = self.engines.decode.insert(r, o, None) if not i else self.engines.decode.fork(r, o)
+                started.append((r, o, first))
         except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
+            for r, _, _ in started:
+                self.engines.decode.release(r.request_id)
             prefill.allocator.free(cached)
             prefill.release(rid)
-            self._record(error=(rid, f"{type(e).__name__}: {e}"))
+            for r, _ in members:
+                self._record(error=(r.request_id, f"{type(e).__name__}: {e}"))
+            if rid in dropped:  # its call's pins are released by an error under its id
+                self._record(error=(rid, "aborted"))
             return
-        prefill.release(rid)  # the decode engine holds its own reference on the prompt pages
+        prefill.release(rid)  # the decode engine holds its own references on the prompt pages
         computed = out.prompt_len - out.num_cached_tokens
         self.num_computed_tokens += computed
         self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached,
                                              len(job.prefix_pages), computed, time.perf_counter() - start,
                                              num_fetched))
-        self._started(request, out, first)
+        for r, o, first in started:
+            self._started(r, o, first)
 
     def _started(self, request: Request, out: PrefillOutput, first: TokenOutput) -> None:
         if not first.is_finished:
@@ -297,9 +333,16 @@ class DecodeWorker:
             self._record(received=(awaiting[2], 0.0))  # the sender may drop its payloads
         if self._parts_seen.pop(rid, None) is not None:
             self._receiver.abort(rid)
-        if self._local.pop(rid, None) is not None:  # still prefilling here
-            self.engines.prefill.release(rid)
-            self._record(error=(rid, "aborted"))
+        group = self._sample_of.get(rid, rid)  # the local prefill it waits for, if any
+        if group in self._local:  # still prefilling here
+            job = self._local[group][0]
+            dropped = self._dropped[group]
+            dropped.add(rid)
+            if len(dropped) == 1 + len(job.samples):  # nobody left to start: stop the prefill
+                self._local.pop(group)
+                self._forget_samples(group, job)
+                self.engines.prefill.release(group)
+                self._record(error=(group, "aborted"))
             return
         o = self.engines.decode.release(rid)
         self._context.pop(rid, None)
@@ -336,7 +379,7 @@ class DecodeWorker:
         e = self.engines
         return dict(worker_id=self.worker_id, model=e.model, max_seq_len=e.max_seq_len, page_size=e.page_size,
                     kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.decode.allocator.num_pages - 1,
-                    max_slots=e.max_slots)
+                    max_slots=e.max_slots, max_prefill_segments=e.prefill.runner.config.max_prefill_segments)
 
     def status(self) -> dict:
         return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],

@@ -261,6 +261,19 @@ class Deployment:
             raise errors.from_wire(reply["error"])
         return reply["ids"]
 
+    def submit_samples(self, prompt, params: list[SamplingParams], ttft_slo_s: float | None = None,
+                       kv_compression: str | None = None) -> list[str]:
+        """n samples of one prompt (`params[i]`: sample i's, each with its own seed; one
+        max_tokens), prefilled once and decoded side by side on one decode worker, sharing the
+        prompt's pages there. At most `info()["max_samples"]` at once. -> one id per sample."""
+        for p in params:
+            if p.stop_token_ids:
+                check_sampling(p, self._model())
+        reply = self._call("submit_samples", prompt, list(params), ttft_slo_s, kv_compression)
+        if "error" in reply:
+            raise errors.from_wire(reply["error"])
+        return reply["ids"]
+
     def _chunks(self, ids: list[str], timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[tuple[str, dict]]:
         """(request id, poll entry) as tokens arrive, until every request has ended. Raises
         TimeoutError when no request of `ids` gets a token for `timeout_s`."""

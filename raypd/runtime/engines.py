@@ -8,7 +8,8 @@ The result, `WorkerEngines`, is everything the worker touches:
              are the decode pool's and nothing is copied.
   decode     a DecodeEngine (decode workers only).
   send / recv_into
-             how K/V leaves a prefill engine into a `KVTransport` and lands in a decode engine.
+             how K/V leaves a prefill engine into a `KVTransport` and lands in a decode engine
+             (once for the n samples of a prompt: the others fork from the first there).
 Both factories build the same engines (`engines_over`): `JaxEngineFactory` over a model's
 `ModelRunner`, `MockEngineFactory` over the arithmetic runner of raypd/engine/arithmetic.py, so
 orchestration tests need no model, run the production K/V path, and show which worker ran each
@@ -38,7 +39,9 @@ class WorkerEngines:
     prefill: PrefillEngine  # its allocator holds every page the KV index may cache
     decode: DecodeEngine | None  # decode workers only; shares the prefill engine's runner
     send: Callable  # (Request, PrefillOutput, KVTransport) -> TransferHandle; before prefill.release
-    recv_into: Callable  # (Request, PrefillOutput, TransferHandle, KVTransport) -> TokenOutput
+    # (Request, PrefillOutput, TransferHandle, KVTransport, forks=()) -> [TokenOutput]: the request's
+    # first token, then one per fork (more samples of its prompt: (Request, PrefillOutput))
+    recv_into: Callable
     model: object  # .config (ModelConfig-like: vocab_size) and .tokenizer, for validation
     max_seq_len: int
     kv_bytes_per_page: int
@@ -111,7 +114,7 @@ def engines_over(runner, role: str, tokenizer, compression: str, send_delay_s: f
     from raypd.engine import paged
     from raypd.engine.decode import DecodeEngine
     from raypd.engine.prefill import PrefillEngine
-    from raypd.transfer import recv_into, send_prefill
+    from raypd.transfer import recv_group, send_prefill
     from raypd.transfer.engines import export_pages, import_pages
 
     prefill = PrefillEngine(runner)
@@ -122,10 +125,10 @@ def engines_over(runner, role: str, tokenizer, compression: str, send_delay_s: f
         wait_at_gate(send_gate)
         return send_prefill(prefill, out, transport, _compression(req, compression))
 
-    def receive(req, out, handle, transport):
+    def receive(req, out, handle, transport, forks=()):
         time.sleep(recv_delay_s)
         wait_at_gate(recv_gate)
-        return recv_into(decode, req, out, handle, transport)
+        return recv_group(decode, [(req, out), *forks], handle, transport)
 
     return WorkerEngines(
         prefill=prefill, decode=decode, send=send, recv_into=receive,
@@ -256,13 +259,13 @@ class FaultyEngineFactory:
             return engines
         recv_into, counter, arrivals = engines.recv_into, {"faults": 0}, {}
 
-        def faulty_recv_into(request, out, handle, transport):
+        def faulty_recv_into(request, out, handle, transport, forks=()):
             n = arrivals[request.request_id] = arrivals.get(request.request_id, -1) + 1
             if random.Random(f"{self.seed}:{request.request_id}:{n}").random() < self.fail_fraction:
                 counter["faults"] += 1
                 raise SenderLost(f"fault injected: K/V of {request.request_id} lost on the way "
                                  f"(fault {counter['faults']})")
-            return recv_into(request, out, handle, transport)
+            return recv_into(request, out, handle, transport, forks)
 
         engines.recv_into = faulty_recv_into
         engines.fault_counter = counter

@@ -40,6 +40,9 @@ class PrefillJob:
     # layer group by layer group while the prefill runs (`DecodeWorker.receive_parts`); None:
     # the whole K/V is sent after the prefill.
     stream_to: object = None
+    # More samples of the same prompt (n > 1): prefilled once with `request`, each with its own
+    # first token (`PrefillResult.sample_outputs`); its K/V is sent once, for all of them.
+    samples: tuple[Request, ...] = ()
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class PrefillResult:
     num_computed_tokens: int
     prefill_s: float
     num_fetched_pages: int = 0  # pages after the own prefix loaded from host copies
+    sample_outputs: list[PrefillOutput] = dataclasses.field(default_factory=list)  # the job's samples', in order
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 Ray is applied in raypd/runtime/deployment.py (a named async actor); this class is plain. It
 decides nothing itself:
-  - client calls (`submit`, `poll`, `abort`) validate and tokenize (`submit`), then feed the
+  - client calls (`submit`, `submit_samples`, `poll`, `abort`) validate and tokenize (`submit`), then feed the
     core an event;
   - every event's actions become worker calls (`_act`): prefills, local prefills, inserts,
     aborts, page frees, transfer releases, host-copy exports and liveness probes;
@@ -80,6 +80,9 @@ class Scheduler:
         self.page_size, self.kv_bytes_per_page = first["page_size"], first["kv_bytes_per_page"]
         self.model = first["model"]  # .config and .tokenizer, for validation
         self.max_seq_len = min(i["max_seq_len"] for i in infos.values())
+        # samples of one prompt per prefill: what every worker's prefill engine can take (the
+        # prefill workers', and the decode workers' for local prefills)
+        self.max_samples = min(i.get("max_prefill_segments", 1) for i in infos.values())
         self._infos = infos
         pool_bytes = sum(i["max_pages"] for i in infos.values()) * self.kv_bytes_per_page
         cache_bytes = self.cache_bytes if self.cache_bytes is not None else pool_bytes // 2
@@ -167,6 +170,35 @@ class Scheduler:
         self._overhead_s += time.perf_counter() - t0
         return {"ids": result} if isinstance(result, list) else {"error": result}
 
+    async def submit_samples(self, prompt, params: list[SamplingParams], ttft_slo_s: float | None = None,
+                             kv_compression: str | None = None) -> dict:
+        """The n samples of one prompt (`params[i]`: sample i's, with its own seed; one
+        max_tokens for all), prefilled once on one prefill worker and decoded on one decode
+        worker, the others forking from the first's K/V (scheduler/groups.py).
+        -> {"ids": [...]} (one per sample) or {"error": errors.to_wire}."""
+        t0 = time.perf_counter()
+        try:
+            if not 1 <= len(params) <= self.max_samples:
+                raise ValueError(f"params: 1 to {self.max_samples} samples share one prefill "
+                                 f"(EngineConfig.max_prefill_segments), got {len(params)}")
+            if len({p.max_tokens for p in params}) > 1:
+                raise ValueError("params: the samples of one prompt must share max_tokens")
+            check_kv_compression(kv_compression)
+            for p in params:
+                check_sampling(p, self.model)
+            ids = encode_prompt(prompt, self.model, self.max_seq_len, params[0].max_tokens, "prompts[0]")
+        except ValueError as e:
+            return {"error": errors.to_wire(e)}
+        now = time.monotonic()
+        result, actions = self.core.submit([(ids, p, kv_compression) for p in params], ttft_slo_s, now,
+                                           make_request=Request, samples=True)
+        if self.rebalancer is not None and isinstance(result, list):
+            for p in params:
+                self.rebalancer.observe(now, len(ids), p.max_tokens)
+        await self._act(actions)
+        self._overhead_s += time.perf_counter() - t0
+        return {"ids": result} if isinstance(result, list) else {"error": result}
+
     async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
         """New tokens of each request since the last poll (waits up to `timeout_s` for any).
         -> {rid: {"tokens": [(id, logprob, finish, text)], "finished": bool, "error", "metrics"}}"""
@@ -196,7 +228,8 @@ class Scheduler:
         decode = [self._infos[d] for d in self._live(core.DECODE)]
         return dict(name=self.name, model=self.model, max_seq_len=self.max_seq_len, page_size=self.page_size,
                     num_pages_total=sum(i["max_pages"] for i in decode), max_slots=sum(i["max_slots"] for i in decode),
-                    num_prefill=len(self._live(core.PREFILL)), num_decode=len(decode))
+                    num_prefill=len(self._live(core.PREFILL)), num_decode=len(decode),
+                    max_samples=self.max_samples)
 
     async def set_roles(self, num_prefill: int, num_decode: int) -> dict:
         """Move workers between roles (SchedulerCore.set_roles). -> {"draining": {worker: new role}}
@@ -295,7 +328,7 @@ class Scheduler:
     def _job(self, task: core.PrefillTask) -> PrefillJob:
         stream_to = self.handles[task.stream_to] if task.stream_to is not None else None
         return PrefillJob(task.request, list(task.prefix_pages), host_prefix=list(task.host_prefix),
-                          stream_to=stream_to)
+                          stream_to=stream_to, samples=tuple(task.samples))
 
     async def _run_prefill(self, a: core.RunPrefill) -> None:
         ref = self.handles[a.worker].prefill.remote([self._job(t) for t in a.tasks])

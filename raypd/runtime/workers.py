@@ -9,6 +9,8 @@ PrefillWorker, one call per batch of jobs (`prefill(jobs)`):
      (`PrefillResult.cached_pages`; the scheduler publishes them and later frees them with
      `free_pages` when the index evicts them), and release the request's pages,
   4. return small results: the first token, the transfer handle, page ids; never K/V.
+  A job with more samples of its prompt (n > 1, `PrefillJob.samples`) is prefilled once: each
+  sample gets its own first token, and the K/V is sent once for all of them.
   The sender's transfer buffers are dropped on `release_transfers`, once the decode side has
   the K/V.
 
@@ -39,6 +41,11 @@ def _retain(prefill, out: PrefillOutput, retain: bool, num_own: int) -> list[int
     keep = list(out.pages[num_own: out.prompt_len // prefill.allocator.page_size]) if retain else []
     prefill.allocator.incref(keep)
     return keep
+
+
+def _sample_outputs(job: PrefillJob, outs: dict[str, PrefillOutput]) -> list[PrefillOutput]:
+    """The prefill outputs of the job's more samples, in order, without pages (the sender's)."""
+    return [dataclasses.replace(outs[s.request_id], pages=[]) for s in job.samples]
 
 
 def _identity(x):
@@ -133,14 +140,16 @@ class PrefillWorker:
         fetch_s = (time.perf_counter() - start) / len(jobs)
         start = time.perf_counter()
         try:
-            outs = {o.request_id: o for o in engine.prefill([j.request for j in jobs], prefixes)}
+            outs = {o.request_id: o for o in engine.prefill([j.request for j in jobs], prefixes,
+                                                             {j.request.request_id: j.samples for j in jobs})}
         except BaseException:
             for j in jobs:
                 engine.release(j.request.request_id)
                 engine.allocator.free(fetched[j.request.request_id])
             raise
         engine_s = time.perf_counter() - start
-        total = sum(o.prompt_len - o.num_cached_tokens for o in outs.values()) or 1
+        total = sum(outs[j.request.request_id].prompt_len - outs[j.request.request_id].num_cached_tokens
+                    for j in jobs) or 1
         results = []
         for job in jobs:
             rid, out = job.request.request_id, outs[job.request.request_id]
@@ -160,7 +169,7 @@ class PrefillWorker:
             self.num_computed_tokens += computed
             prefill_s = fetch_s + engine_s * computed / total + time.perf_counter() - start
             results.append(PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, len(job.prefix_pages),
-                                         computed, prefill_s, len(fetched[rid])))
+                                         computed, prefill_s, len(fetched[rid]), _sample_outputs(job, outs)))
         return results
 
     def _prefill_one(self, job: PrefillJob) -> PrefillResult | Exception:
@@ -168,10 +177,14 @@ class PrefillWorker:
         start = time.perf_counter()
         fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
+            if job.stream_to is not None and job.samples:
+                raise ValueError(f"request {rid}: the samples of a prompt are not layer-streamed (stream_to)")
             if job.stream_to is not None:
                 out, handle = self._prefill_streamed(job, list(job.prefix_pages) + fetched)
             else:
-                (out,) = self.engines.prefill.prefill([job.request], {rid: list(job.prefix_pages) + fetched})
+                outs = {o.request_id: o for o in self.engines.prefill.prefill(
+                    [job.request], {rid: list(job.prefix_pages) + fetched}, {rid: job.samples})}
+                out = outs[rid]
                 handle = self.engines.send(job.request, out, self.transport)
             self._sent[handle.transfer_id] = handle
             cached = _retain(self.engines.prefill, out, job.retain, len(job.prefix_pages))
@@ -184,7 +197,8 @@ class PrefillWorker:
         computed = out.prompt_len - out.num_cached_tokens
         self.num_computed_tokens += computed
         return PrefillResult(dataclasses.replace(out, pages=[]), handle, cached, len(job.prefix_pages),
-                             computed, time.perf_counter() - start, len(fetched))
+                             computed, time.perf_counter() - start, len(fetched),
+                             _sample_outputs(job, outs) if job.stream_to is None else [])
 
     def _prefill_streamed(self, job: PrefillJob, prefix: list[int]) -> tuple[PrefillOutput, TransferHandle]:
         """Prefill one request with its K/V streamed to `job.stream_to` layer group by layer
@@ -240,7 +254,8 @@ class PrefillWorker:
     def info(self) -> dict:
         e = self.engines
         return dict(worker_id=self.worker_id, model=e.model, max_seq_len=e.max_seq_len, page_size=e.page_size,
-                    kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.prefill.allocator.num_pages - 1)
+                    kv_bytes_per_page=e.kv_bytes_per_page, max_pages=e.prefill.allocator.num_pages - 1,
+                    max_prefill_segments=e.prefill.runner.config.max_prefill_segments)
 
     def status(self) -> dict:
         return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],

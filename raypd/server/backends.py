@@ -12,8 +12,8 @@ return a stream with the same five members:
                                       output (it must not block): one reader can serve many
                                       streams without a thread each (openai_streams.py)
   abort()                             frees the request's slot and pages; idempotent
-`submit_samples(job, params)` submits n samples of one prompt (a stream each; the local engine
-prefills the prompt once for them); `submit_blocks` says whether submitting waits on another
+`submit_samples(job, params)` submits n samples of one prompt (a stream each; both backends
+prefill the prompt once for them and fork the samples from its K/V); `submit_blocks` says whether submitting waits on another
 process (then a caller on an event loop submits from a worker thread). `submit` raises ValueError (bad input; the message names the field), DuplicateRequestId (a
 ValueError: the client's request id is already in flight here) or Rejected (at capacity, with a
 retry hint). A stream's `get` may raise RequestFailed / DeploymentNotRunning (Ray only).
@@ -284,6 +284,7 @@ class RayBackend:
         self._lock = threading.Lock()
         self._in_flight: set = set()  # client request ids in flight, and a placeholder for each unnamed one
         self._poller = TokenPoller(deployment.poll, name="raypd-grpc-poller")  # one poll for every stream
+        self._max_samples: int | None = None  # samples per prefill (the deployment's info), fetched on first need
 
     def start(self, warmup: bool = True) -> None:
         """Warm the deployment's request path: the workers compiled their engines' shapes when
@@ -352,17 +353,49 @@ class RayBackend:
                          on_end=lambda: self._release(key), poller=self._poller)
 
     def submit_samples(self, job: Job, params: list[SamplingParams]) -> list[RayStream]:
-        """n samples of one prompt, each submitted as a request of its own: the deployment
-        shares the prompt's full pages between them only through prefix reuse."""
+        """n samples of one prompt (`params[i]`: sample i's, with its own seed): prefilled once
+        per up to the deployment's `max_samples` samples, the others forking from the first's
+        K/V on one decode worker. Either all are submitted or none."""
+        if self.model is not None:
+            prompt = _encode(dataclasses.replace(job, params=params[0]), self.model, self.max_seq_len)
+            for p in params[1:]:
+                check_sampling(p, self.model)
+        else:
+            prompt = job.prompt if isinstance(job.prompt, str) else list(job.prompt)
+        if self._max_samples is None:
+            self._max_samples = int(self.deployment.info().get("max_samples", 1))
+        keys = [object() for _ in params]
+        with self._lock:
+            if len(self._in_flight) + len(keys) > self.max_in_flight:
+                raise Rejected(f"endpoint at capacity ({self.max_in_flight} requests in flight)", 1.0)
+            self._in_flight.update(keys)
+        n = len(prompt) if isinstance(prompt, list) else 0
         streams: list[RayStream] = []
         try:
-            for p in params:
-                streams.append(self.submit(dataclasses.replace(job, params=p)))
+            for lo in range(0, len(params), self._max_samples):
+                submitted_s = time.perf_counter()
+                ids = self.deployment.submit_samples(prompt, params[lo:lo + self._max_samples], job.ttft_slo_s,
+                                                     job.kv_compression)
+                for rid, key in zip(ids, keys[lo:]):
+                    streams.append(RayStream(self.deployment, f"{SERVER_ID_PREFIX}{rid}", rid, submitted_s, n,
+                                             on_end=lambda k=key: self._release(k), poller=self._poller))
+        except errors.RequestRejected as e:
+            self._undo(streams, keys)
+            raise Rejected(str(e), e.retry_after_s, reason=e.reason) from None
+        except ValueError as e:
+            self._undo(streams, keys)
+            raise ValueError(str(e).replace("prompts[0]", job.prompt_field)) from None
         except BaseException:
-            for s in streams:
-                s.abort()
+            self._undo(streams, keys)
             raise
         return streams
+
+    def _undo(self, streams: list[RayStream], keys: list) -> None:
+        """A refused submission: abort what it started, release every key it reserved."""
+        for s in streams:
+            s.abort()
+        for k in keys:
+            self._release(k)
 
     def _release(self, key) -> None:
         with self._lock:

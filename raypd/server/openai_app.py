@@ -325,13 +325,16 @@ def build_app(server: OpenAIServer, cors_origins: tuple[str, ...] = (), lifespan
             return JSONResponse(result)
         return result
 
-    @app.post("/v1/completions")
     async def completions(request: Request):
         return await generation(request, "completion")
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await generation(request, "chat")
+
+    # plain Starlette routes (the endpoint takes the request, returns a Response): FastAPI's
+    # dependency solving and response serialization cost more per request than the rest of routing
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     def card() -> dict:
         return {"id": server.name, "object": "model", "created": server.created, "owned_by": "raypd",

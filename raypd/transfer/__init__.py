@@ -10,9 +10,9 @@ from raypd.transfer.base import (DEFAULT_BACKEND, KVTransport, SenderLost, Trans
 
 __all__ = ["DEFAULT_BACKEND", "KVTransport", "LayerPart", "SenderLost", "StreamingReceiver",
            "StreamingSender", "TransferError", "TransferHandle", "TransferNotFound", "TransferTimeout",
-           "compression_for", "make_transport", "recv_into", "send_prefill"]
+           "compression_for", "make_transport", "recv_group", "recv_into", "send_prefill"]
 
-_ENGINE_GLUE = {"compression_for": "engines", "recv_into": "engines", "send_prefill": "engines",
+_ENGINE_GLUE = {"compression_for": "engines", "recv_group": "engines", "recv_into": "engines", "send_prefill": "engines",
                 "LayerPart": "streaming", "StreamingReceiver": "streaming", "StreamingSender": "streaming"}
 
 

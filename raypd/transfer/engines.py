@@ -7,6 +7,8 @@
     pages, allocate pages, write the K/V into them (dequantize + scatter for "int8") on this
     engine's mesh, whatever the sender's TP was, and `DecodeEngine.insert` the request. On any
     error before the insert, the decode engine's pages and slots are as they were.
+  recv_group (decode process): the same for the n samples of one prompt: the K/V is received
+    once, the first sample takes it over and the others fork from it.
 """
 
 from __future__ import annotations
@@ -99,13 +101,36 @@ def recv_into(decode: DecodeEngine, request: Request, out: PrefillOutput, handle
               transport: KVTransport, timeout_s: float = DEFAULT_TIMEOUT_S) -> TokenOutput:
     """Called by the decode process: receive the K/V and start decoding the request.
     -> the first token's output (as `DecodeEngine.insert`). The caller releases the handle."""
-    if not decode.can_insert(out.prompt_len, request.params.max_tokens):
-        raise OutOfPages(f"request {request.request_id}: no free slot or pages for "
+    return recv_group(decode, [(request, out)], handle, transport, timeout_s)[0]
+
+
+def recv_group(decode: DecodeEngine, samples: list[tuple[Request, PrefillOutput]], handle: TransferHandle,
+               transport: KVTransport, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[TokenOutput]:
+    """Called by the decode process: receive one prompt's K/V once and start decoding every
+    sample of it (n > 1: each (request, prefill output) with its own first token). The first
+    takes the received pages over (`DecodeEngine.insert`); the others fork from them (full
+    prompt pages shared, the partial one copied), as the colocated engine's samples do.
+    -> the first token's output of each, in order. All or nothing: on an error, no sample
+    runs and the engine's pages and slots are as they were. The caller releases the handle."""
+    (request, out), n = samples[0], len(samples)
+    shared = out.prompt_len // decode.runner.page_size
+    need = sum(decode.pages_needed(out.prompt_len, r.params.max_tokens) - (shared if i else 0)
+               for i, (r, _) in enumerate(samples))
+    if decode.num_free_slots < n or not decode.allocator.can_allocate(need):
+        raise OutOfPages(f"request {request.request_id}: no {n} free slot(s) or {need} pages for "
                          f"{out.prompt_len} + {request.params.max_tokens} tokens")
     enc = transport.recv(handle, timeout_s)
     check_payload(decode, out, enc)
     pages = write_payload(decode, enc)
-    try:  # insert takes its own reference on the pages; ours is dropped either way
-        return decode.insert(request, dataclasses.replace(out, pages=pages), None)
+    started: list[TokenOutput] = []
+    try:  # each sample takes its own references on the pages; ours is dropped either way
+        started.append(decode.insert(request, dataclasses.replace(out, pages=pages), None))
+        for r, o in samples[1:]:
+            started.append(decode.fork(r, dataclasses.replace(o, pages=pages)))
+    except BaseException:
+        for o in started:
+            decode.release(o.request_id)
+        raise
     finally:
         decode.allocator.free(pages)
+    return started
