@@ -33,7 +33,7 @@ import numpy as np
 from raypd.engine.api import PrefillOutput, Request, TokenOutput
 from raypd.engine.pages import OutOfPages
 from raypd.runtime.engines import WorkerEngines
-from raypd.runtime.messages import DecodeReport, Token
+from raypd.runtime.messages import DecodeReport, token_of
 from raypd.runtime.workers import (PrefillJob, PrefillResult, _calibration_request, _identity,
                                    _load_host_prefix, _retain, pin_to_cpus)
 from raypd.transfer.base import TransferError
@@ -311,9 +311,7 @@ class DecodeWorker:
         with self._cv:
             r = self._report
             for o in outputs:
-                r.tokens.setdefault(o.request_id, []).append(Token(o.token_id, o.logprob, o.finish_reason, o.text,
-                                                                           o.prompt_logprobs,
-                                                                           o.top_logprobs))
+                r.tokens.setdefault(o.request_id, []).append(token_of(o))
                 if o.is_finished:
                     self._context.pop(o.request_id, None)
             if error is not None:

@@ -169,7 +169,7 @@ class Scheduler:
 
     async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
         """New tokens of each request since the last poll (waits up to `timeout_s` for any).
-        -> {rid: {"tokens": [(id, logprob, finish, text)], "finished": bool, "error", "metrics"}}"""
+        -> {rid: {"tokens": [Token], "finished": bool, "error", "metrics"}} (Token: scheduler/state.py)"""
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.core.has_news(request_ids)), timeout_s)
