@@ -242,6 +242,13 @@ class Deployment:
         """Stop requests: their pages and slots are freed. Unknown or ended ids are ignored."""
         self._call("abort", list(request_ids), timeout_s=30.0)
 
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Wait until the scheduler holds nothing (no request, reservation, prefill call or
+        transfer under way); TimeoutError after `timeout_s`. Workers finish their part (an
+        abort, a page free) on their own loops shortly after."""
+        if not self._call("wait_idle", timeout_s, timeout_s=timeout_s + 30.0):
+            raise TimeoutError(f"deployment {self.name!r}: the scheduler was not idle within {timeout_s} s")
+
     def info(self) -> dict:
         """model (.config, .tokenizer), max_seq_len, page_size, num_pages_total, max_slots, ..."""
         return self._call("info", timeout_s=60.0)

@@ -180,6 +180,16 @@ class Scheduler:
     async def abort(self, request_ids: list[str]) -> None:
         await self._act(self.core.abort(request_ids, time.monotonic()))
 
+    async def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Wait up to `timeout_s` until the core holds nothing (no request, reservation, call or
+        transfer: `SchedulerCore.is_idle`); woken by every event, no polling. -> whether it is."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(self.core.is_idle), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.core.is_idle()
+
     async def status(self) -> dict:
         pre = await self._worker_status(core.PREFILL)
         dec = await self._worker_status(core.DECODE)
