@@ -1,4 +1,5 @@
-"""The scheduler core's tables: one `WorkerState` per live worker, one `RequestState` per request."""
+"""The scheduler core's tables: one `WorkerState` per live worker, one `RequestState` per request;
+and `Token`, what the core receives from decode workers and hands to clients, token by token."""
 
 from __future__ import annotations
 
