@@ -328,7 +328,7 @@ class SchedulerCore(PlacementView, Membership, Groups):
         # its K/V on the way to that worker (separate calls); abort it again rather than let it
         # hold a slot and its pages to the end of its tokens.
         stray = tuple(rid for rid, tokens in report.tokens.items() if rid not in self.requests
-                      and tokens[-1][2] is None)
+                      and tokens[-1].finish_reason is None)
         if stray:
             actions.append(AbortOnWorker(d, stray))
         for rid, tokens in report.tokens.items():
@@ -339,8 +339,8 @@ class SchedulerCore(PlacementView, Membership, Groups):
                 r.first_token_s = now_s
             r.tokens.extend(tokens)
             self.news.add(rid)
-            r.generated.extend(t[0] for t in tokens if t[0] >= 0)
-            if tokens[-1][2] is not None:
+            r.generated.extend(t.token_id for t in tokens if t.token_id >= 0)
+            if tokens[-1].finish_reason is not None:
                 actions += self._end(r, None)
         for rid, message in report.errors.items():
             r = self.requests.get(rid)

@@ -32,6 +32,7 @@ from scheduler import core
 from scheduler.cost_model import CostModel
 from scheduler.kv_store import ExportPages, FreePages, KVStore
 from scheduler.policy import PolicyConfig
+from scheduler.state import Token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +337,7 @@ class Simulator:
                 for rid in a.request_ids:
                     if rid in w.running:
                         w.pool.free(w.running.pop(rid)[2])
-                        report.tokens.setdefault(rid, []).append((-1, 0.0, "abort", ""))
+                        report.tokens.setdefault(rid, []).append(Token(-1, 0.0, "abort", ""))
                     for job in list(w.local):
                         if job[0].request.request_id == rid:
                             w.local.remove(job)
@@ -382,10 +383,10 @@ class Simulator:
         report.started.append(rid)
         if req.params.max_tokens == 1:
             w.pool.free(pages)
-            report.tokens.setdefault(rid, []).append((0, 0.0, "length", ""))
+            report.tokens.setdefault(rid, []).append(Token(0, 0.0, "length", ""))
         else:
             w.running[rid] = [req, [0], pages]
-            report.tokens.setdefault(rid, []).append((0, 0.0, None, ""))
+            report.tokens.setdefault(rid, []).append(Token(0, 0.0, None, ""))
 
     def _report(self, name: str, report, stepping: list[str], times: list[float], generation: int) -> None:
         if name not in self.workers:
@@ -396,15 +397,15 @@ class Simulator:
         w.window = None
         for rid in report.tokens:  # first tokens (and aborts) of this iteration, at its end
             if rid in self.results:
-                self.results[rid].token_s.extend(times[0] for t in report.tokens[rid] if t[0] >= 0)
+                self.results[rid].token_s.extend(times[0] for t in report.tokens[rid] if t.token_id >= 0)
         for rid in stepping:
             if rid not in w.running:
                 continue
             req, toks, pages = w.running[rid]
             toks.extend([0] * len(times))
             done = len(toks) >= req.params.max_tokens
-            report.tokens.setdefault(rid, []).extend((0, 0.0, None, "") for _ in times[1:])
-            report.tokens[rid].append((0, 0.0, "length" if done else None, ""))
+            report.tokens.setdefault(rid, []).extend(Token(0, 0.0, None, "") for _ in times[1:])
+            report.tokens[rid].append(Token(0, 0.0, "length" if done else None, ""))
             if rid in self.results:
                 self.results[rid].token_s.extend(times)
             if done:

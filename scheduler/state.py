@@ -1,4 +1,5 @@
-"""The scheduler core's tables: one `WorkerState` per live worker, one `RequestState` per request."""
+"""The scheduler core's tables: one `WorkerState` per live worker, one `RequestState` per request;
+and `Token`, what the core receives from decode workers and hands to clients, token by token."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ from scheduler.policy import Placement, RequestSpec
 
 QUEUED, PREFILLING, HANDOFF, DECODING, ENDED = "queued", "prefilling", "handoff", "decoding", "ended"
 PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token as it travels: decode worker -> scheduler (DecodeReport.tokens) ->
+    client (`poll`). Fields by name only (not a tuple: a reader cannot index it by position).
+    A request aborted on its worker ends with token_id -1."""
+
+    token_id: int
+    logprob: float
+    finish_reason: str | None  # None while the request runs
+    text: str  # text delta ("" without a tokenizer)
+    prompt_logprobs: list[float] | None = None  # on a request's first token, when asked for
+    top_logprobs: tuple | None = None  # ((token id, logprob), ...) when the request asked for them
 
 
 @dataclasses.dataclass
@@ -52,7 +67,7 @@ class RequestState:
     max_tokens: int  # asked for originally
     phase: str = QUEUED
     placement: Placement | None = None
-    tokens: list = dataclasses.field(default_factory=list)  # (id, logprob, finish, text) not yet polled
+    tokens: list[Token] = dataclasses.field(default_factory=list)  # not yet polled
     generated: list[int] = dataclasses.field(default_factory=list)  # every token id so far
     error: tuple | None = None  # ("rejected" | "failed" | ..., message, ...) as raypd.runtime.errors.to_wire
     first_token_s: float | None = None

@@ -17,6 +17,7 @@ from raypd.engine.api import Request, SamplingParams
 from scheduler import CostModel, PolicyConfig
 from scheduler import core
 from scheduler.kv_store import ExportPages, FreePages, KVStore
+from scheduler.state import Token
 
 G = 4  # tokens per page
 COST = CostModel((1e-3, 2e-5, 0.0), (1e-3, 1e-4, 1e-7), 1e-3, 1e9, 16)
@@ -123,7 +124,7 @@ class FakeCluster:
     def poll(self, rids: list[str]) -> dict:
         out = self.core.poll(rids)
         for rid, entry in out.items():
-            self.outputs.setdefault(rid, []).extend(t[0] for t in entry["tokens"])
+            self.outputs.setdefault(rid, []).extend(t.token_id for t in entry["tokens"])
         return out
 
     # -- fake prefill workers ------------------------------------------------------------------
@@ -186,14 +187,14 @@ class FakeCluster:
                     if rid in w.running:
                         _, _, pages = w.running.pop(rid)
                         w.used.difference_update(pages)
-                        r.tokens.setdefault(rid, []).append((-1, 0.0, "abort", ""))
+                        r.tokens.setdefault(rid, []).append(Token(-1, 0.0, "abort", ""))
         w.inbox = []
         for rid, (req, toks, pages) in list(w.running.items()):
             if rid in r.tokens:
                 continue  # started in this iteration: its first token is out already
             toks.append(token(req.prompt_ids, len(toks)))
             done = len(toks) >= req.params.max_tokens
-            r.tokens.setdefault(rid, []).append((toks[-1], 0.0, "length" if done else None, ""))
+            r.tokens.setdefault(rid, []).append(Token(toks[-1], 0.0, "length" if done else None, ""))
             if done:  # its full pages (all but the last token has K/V) stay for the next turn
                 del w.running[rid]
                 seq = list(req.prompt_ids) + toks
@@ -215,7 +216,7 @@ class FakeCluster:
         else:
             w.used.difference_update(pages)
         report.started.append(rid)
-        report.tokens.setdefault(rid, []).append((first, 0.0, "length" if done else None, ""))
+        report.tokens.setdefault(rid, []).append(Token(first, 0.0, "length" if done else None, ""))
 
     # -- failures ------------------------------------------------------------------------------
     def kill(self, name: str) -> None:

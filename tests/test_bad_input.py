@@ -18,6 +18,7 @@ from raypd.engine.api import (MAX_REQUEST_ID_LEN, MAX_STOP_STRING_LEN, MAX_STOP_
 from raypd.engine.runner import EngineConfig
 from raypd.proto import raypd_pb2, raypd_pb2_grpc
 from raypd.runtime import errors
+from raypd.runtime.messages import Token
 from raypd.server.backends import Job, RayBackend
 from raypd.server.grpc_server import Endpoint
 from raypd.server.wire import Malformed, decode_request, encode_lenient
@@ -154,7 +155,7 @@ class FakeDeployment:
 
     def poll(self, ids, timeout_s):
         self.polled += ids
-        return {ids[0]: dict(tokens=[(7, -1.0, "length", "")], finished=True, error=None, metrics={})}
+        return {ids[0]: dict(tokens=[Token(7, -1.0, "length", "")], finished=True, error=None, metrics={})}
 
     def abort(self, ids):
         self.aborted += ids

@@ -88,13 +88,14 @@ class FakeDeployment:
 
     def submit(self, prompts, params):
         from raypd.runtime import errors
+        from raypd.runtime.messages import Token
 
         (prompt,) = prompts
         if len(prompt) == 9:
             raise errors.RequestRejected("queue full", "queue_full")
         rid = f"r{len(self.script)}"
-        tok = (5, None, None, "")
-        fin = (5, None, "length", "")
+        tok = Token(5, None, None, "")
+        fin = Token(5, None, "length", "")
         m = dict(ttft_s=0.1, queue_s=0.01, prefill_s=0.05, transfer_s=None, is_local_prefill=True)
         self.script[rid] = ([dict(tokens=[], finished=False, error=("failed", "worker died"), metrics={})]
                             if len(prompt) == 8 else

@@ -14,8 +14,10 @@ from raypd.transfer import make_transport
 from scheduler.cost_model import decode_features, fit, prefill_features
 
 import numpy as np
+import pytest
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_decode_worker_times_several_prefill_lengths_and_contexts_and_holds_nothing_after():
     factory = JaxEngineFactory("tiny-random", EngineConfig(max_seq_len=128, max_slots=4))
     transport = make_transport("inproc")

@@ -58,6 +58,7 @@ def mixed_requests(n=7, seed=0):
     return reqs
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 @pytest.mark.parametrize("max_steps", [1, None], ids=["one-step", "multi-step"])
 def test_overlapped_loop_equals_synchronous(model, max_steps):  # noqa: F811
     reqs = mixed_requests()
@@ -72,6 +73,7 @@ def test_overlapped_loop_equals_synchronous(model, max_steps):  # noqa: F811
         assert decode.num_dispatches < max(len(v) for v in tokens(ref).values()) + len(reqs)
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_multi_step_stops_exactly_at_stop_tokens_eos_and_max_tokens(model):  # noqa: F811
     prompt = prompts_of([12], seed=3)[0]
     ref = rollout(model, prompt, 20)
@@ -142,6 +144,7 @@ def test_colocated_engine_and_abort_in_flight(model):  # noqa: F811
     assert_no_leak(runner)
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_steady_state_decode_sends_nothing_to_the_device_and_never_recompiles(model):  # noqa: F811
     """The second of two identical passes compiles nothing, and its decode steps send no array
     to the device (row changes aside: inserts and releases send one update each)."""

@@ -298,16 +298,19 @@ def test_auth_on_every_method_but_health(deployment):
             health = health_pb2_grpc.HealthStub(ch)
             assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
-            calls = [lambda md: s.Generate(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md),
-                     lambda md: list(s.GenerateStream(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md)),
-                     lambda md: s.ListModels(raypd_pb2.ListModelsRequest(), timeout=5, metadata=md),
-                     lambda md: s.ServerInfo(raypd_pb2.ServerInfoRequest(), timeout=5, metadata=md)]
-            for call in calls:
+            # each call with what its reply must say when the token is right (a reply's fields,
+            # never the truthiness of a message, which is always true)
+            calls = [lambda md: s.Generate(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md).finish_reason in ("stop", "length"),
+                     lambda md: list(s.GenerateStream(req(ids=fresh(), max_tokens=2), timeout=10, metadata=md))[-1].finish_reason
+                     in ("stop", "length"),
+                     lambda md: len(s.ListModels(raypd_pb2.ListModelsRequest(), timeout=5, metadata=md).models) == 1,
+                     lambda md: s.ServerInfo(raypd_pb2.ServerInfoRequest(), timeout=5, metadata=md).max_slots > 0]
+            for i, call in enumerate(calls):
                 for md in (None, (("authorization", "Bearer wrong"),)):
                     with pytest.raises(grpc.RpcError) as e:
                         call(md)
                     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert call((("authorization", "Bearer s3cret"),))
+                assert call((("authorization", "Bearer s3cret"),)) is True, i
     finally:
         ep.stop()
 

@@ -67,7 +67,7 @@ def test_workers_without_ray_equal_colocated(colocated):
             got[rid].extend(toks)
     for i, r in enumerate(reqs):
         tokens, tops = colocated[i]
-        assert [t[0] for t in got[r.request_id]] == tokens, SAMPLING[i]
+        assert [t.token_id for t in got[r.request_id]] == tokens, SAMPLING[i]
         if tops is not None:
             assert [t.top_logprobs for t in got[r.request_id]] == tops
     assert colocated[2][0][:5].count(2) == 0  # min_tokens held EOS off against its +30 bias

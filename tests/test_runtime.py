@@ -101,8 +101,8 @@ def test_workers_in_process_equal_local_backend(reference, compression, record_p
         report = dw.collect(0)
         finished += report.finished
         for rid, toks in report.tokens.items():
-            tokens[rid].extend(t[0] for t in toks)
-            logprobs[rid].extend(t[1] for t in toks)
+            tokens[rid].extend(t.token_id for t in toks)
+            logprobs[rid].extend(t.logprob for t in toks)
     got, want = [tokens[r.request_id] for r in reqs], reference[:len(reqs)]
     if compression == "none":
         assert got == want

@@ -70,7 +70,7 @@ def drain(dw: DecodeWorker, errors: dict | None = None) -> tuple[dict[str, list]
             errors.update(report.errors)
         finished += report.finished
         for rid, toks in report.tokens.items():
-            out.setdefault(rid, []).extend((t[0], round(t[1], 4)) for t in toks)
+            out.setdefault(rid, []).extend((t.token_id, round(t.logprob, 4)) for t in toks)
     return out, finished
 
 

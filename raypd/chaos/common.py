@@ -289,7 +289,7 @@ class Tracker:
                 continue
             if entry["tokens"] and o.first_token_s is None:
                 o.first_token_s = now
-            o.tokens.extend(t[0] for t in entry["tokens"])
+            o.tokens.extend(t.token_id for t in entry["tokens"])
             if entry["error"] is not None:
                 o.error = str(entry["error"])
             o.finished = o.finished or bool(entry["finished"]) or entry["error"] is not None

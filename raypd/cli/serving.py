@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 from raypd.cli.common import add_connect_timeout, add_parser
+from raypd.engine.api import DEFAULT_KV_COMPRESSION, KV_COMPRESSIONS
 from raypd.server import http_server
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def add_serve(subparsers) -> None:
     ray.add_argument("--num-decode", type=int, default=1, help="decode workers")
     ray.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of each prefill worker")
     ray.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode worker")
-    ray.add_argument("--kv-compression", choices=("none", "int8"), default="none",
+    ray.add_argument("--kv-compression", choices=KV_COMPRESSIONS, default=DEFAULT_KV_COMPRESSION,
                      help="K/V on the wire between workers (requests may override it)")
     ray.add_argument("--no-calibrate", action="store_true", help="skip timing the engines at start-up")
     p.set_defaults(run=serve)

@@ -10,9 +10,11 @@ and every token can be worked out by hand:
 for the token sampled at position p (the last prompt token for prefill, the fed token for a
 decode step); logprob is -1.0. `prefill_weight` serves `run` (prefill chunks),
 `decode_weight` serves `decode`, so tokens tell which kind of call produced them. Sampling
-parameters and the penalty table are ignored (every row is greedy); stop ids and token budgets
-are honoured on the "device" as `decode_state.decode_steps` does. Top alternatives: the chosen
-token first, then the next ids, each 1.0 less likely; prompt logprobs are all -1.0.
+parameters and the penalty table are ignored (every row is greedy). A decode dispatch runs
+the real step inputs and row bookkeeping of `decode_state` (`step_batch`, `advance_rows`:
+stop ids and token budgets; `update_rows` for inserts) in numpy, so only the model is a
+stand-in. Top alternatives: the chosen token first, then the next ids, each 1.0 less likely;
+prompt logprobs are all -1.0.
 
 The tokens before the chunk are *read back from the page pool*, never from the request: each
 written slot holds the token in K and its position in V, as base-32 digits over the H = 2
@@ -25,6 +27,7 @@ Shapes: as raypd/engine/runner.py; L = 1, K = 1, H = 2.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -133,6 +136,10 @@ class ArithmeticRunner:
 
     def run(self, batch: dict[str, np.ndarray], sampling: dict[str, np.ndarray], table=None) -> Sampled:
         """One prefill chunk (raypd.engine.paged.Batch as numpy). -> Sampled, as numpy."""
+        return self._forward(batch, self.prefill_weight)
+
+    def _forward(self, batch: dict[str, np.ndarray], weight: int) -> Sampled:
+        """Write the batch's tokens into the pool and sample every sample row by the rule."""
         tok, pos = self._pool()
         G, V = self.page_size, self.cfg.vocab_size
         B, R = batch["sample_index"].shape
@@ -149,7 +156,7 @@ class ArithmeticRunner:
                     continue
                 mine = (seg[: i + 1] == seg[i])
                 total = int(batch["tokens"][b, : i + 1][mine].sum()) + (ctx if seg[i] == 0 else 0)
-                out[b * R + r] = (self.prefill_weight * total) % V
+                out[b * R + r] = (weight * total) % V
         self._store(tok, pos)
         return Sampled(out, np.full(B * R, LOGPROB, np.float32), *_top(out, V))
 
@@ -167,15 +174,8 @@ class ArithmeticRunner:
         return decode_state.empty_state(self.config.max_slots, self.max_pages_per_seq)
 
     def update_decode_state(self, state: decode_state.DecodeState, update: decode_state.RowUpdate):
-        """`decode_state.apply_update` in numpy (every field moved by `perm`, new rows written)."""
-        keep = np.arange(update.perm.shape[0]) < update.num_rows
-
-        def edit(old, new):
-            mask = update.is_new.reshape(update.is_new.shape + (1,) * (old.ndim - 1))
-            return np.where(mask, new, np.asarray(old)[update.perm])
-
-        out = jax.tree.map(edit, state, update.rows)
-        return out.replace(active=out.active & keep)
+        """`decode_state.apply_update`, in numpy."""
+        return decode_state.update_rows(jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, update), np)
 
     def neutral_table(self, num_rows: int):
         return empty_table(num_rows, self.cfg.vocab_size)
@@ -188,27 +188,21 @@ class ArithmeticRunner:
 
     def decode(self, state: decode_state.DecodeState, table, num_steps: int, B: int, Pc: int,
                with_top: bool = False):
-        """`decode_state.decode_steps` in numpy: up to `num_steps` steps over the first B rows,
-        stop ids and budgets checked per row. -> (state, table, tokens [k, B], logprobs [k, B],
-        top ids, top logprobs [k, B, K])."""
+        """`decode_state.decode_steps` on the host: up to `num_steps` steps over the first B
+        rows, each the real step inputs (`step_batch`) through the rule, then the real row
+        bookkeeping (`advance_rows`: stop ids, budgets). -> (state, table, tokens [k, B],
+        logprobs [k, B], top ids, top logprobs [k, B, K])."""
         time.sleep(self.step_delay_s * num_steps)  # a "device" whose every step takes step_delay_s
-        tok, pos = self._pool()
-        G, V, k = self.page_size, self.cfg.vocab_size, self.config.max_decode_steps
+        k = self.config.max_decode_steps
         st = jax.tree.map(np.array, state)  # a copy: the caller's state is "donated"
         tokens, logprobs = np.zeros((k, B), np.int32), np.zeros((k, B), np.float32)
         for j in range(num_steps):
-            for i in np.flatnonzero(st.active[:B]):
-                p = int(st.positions[i])
-                page, offset = st.pages[i, p // G], p % G
-                tok[page, offset], pos[page, offset] = st.tokens[i], p
-                total = self._context_sum(tok, pos, st.pages[i, :Pc], p, G) + int(st.tokens[i])
-                t = (self.decode_weight * total) % V
-                tokens[j, i], logprobs[j, i] = t, LOGPROB
-                hit = t in st.stop_ids[i] or st.remaining[i] <= 1
-                st.tokens[i], st.positions[i], st.remaining[i] = t, p + 1, st.remaining[i] - 1
-                st.active[i] = not hit
-        self._store(tok, pos)
-        return (st, table, tokens, logprobs) + _top(tokens, V)
+            batch = decode_state.step_batch(st, B, Pc, self.page_size, np)
+            out = self._forward({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
+                                self.decode_weight)
+            tokens[j], logprobs[j] = out.tokens, out.logprobs
+            st = decode_state.advance_rows(st, B, out.tokens, np)
+        return (st, table, tokens, logprobs) + _top(tokens, self.cfg.vocab_size)
 
     # ---------------------------------------------------------------- pages in and out
 

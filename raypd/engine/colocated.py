@@ -4,40 +4,27 @@ This is the baseline every disaggregation claim is measured against, so it does 
 SGLang do by default: chunked prefill with a per-iteration token budget. Each `step`:
   1. admits waiting requests (FIFO) while a decode slot and pages for prompt + max_tokens
      are free (pages are reserved up front, so admitted work never stalls on memory),
-  2. runs at most one prefill chunk (<= the largest prefill bucket of tokens), so a long prompt
-     delays running streams by one chunk per step rather than by its whole prefill,
-  3. inserts the prompts that finished prefill straight into decode slots (same pool: no copy);
-     the n samples of one prompt (`add_group`) were prefilled once, each with its own first
-     token, and fork in decode: they share the prompt's full pages, each copies the partial one,
-  4. dispatches the next decode steps for every running request and returns the tokens of the
-     previous dispatch (raypd/engine/decode.py): several steps in one dispatch only while no
-     request waits for admission or prefill, so a multi-step dispatch never delays new work.
+  2. runs the local-prefill loop (raypd/engine/local_prefill.py, the one a decode worker runs
+     too): at most one prefill chunk (<= the largest prefill bucket of tokens), so a long
+     prompt delays running streams by one chunk per step rather than by its whole prefill,
+  3. which inserts the prompts that finished prefill straight into decode slots (same pool: no
+     copy); the n samples of one prompt (`add_group`) were prefilled once, each with its own
+     first token, and fork in decode: they share the prompt's full pages, each copies the
+     partial one,
+  4. and dispatches the next decode steps for every running request, returning the tokens of
+     the previous dispatch (raypd/engine/decode.py): several steps in one dispatch only while
+     no request waits for admission or prefill, so a multi-step dispatch never delays new work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 
 from raypd.engine.api import Request, TokenOutput
 from raypd.engine.decode import DecodeEngine
+from raypd.engine.local_prefill import LocalPrefill
 from raypd.engine.prefill import PrefillEngine
 from raypd.engine.runner import ModelRunner
-
-
-@dataclasses.dataclass
-class _Group:
-    """Requests with one prompt, prefilled once (n > 1 samples; one request: a group of one).
-    The first is the leader: the prefill runs under its id and pages, and it takes them over
-    in decode; every other sample holds pages of its own from admission on."""
-
-    requests: list[Request]
-    own_pages: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # sample id -> its pages
-    aborted: set[str] = dataclasses.field(default_factory=set)  # ids aborted while prefilling
-
-    @property
-    def leader(self) -> Request:
-        return self.requests[0]
 
 
 class ColocatedEngine:
@@ -45,12 +32,12 @@ class ColocatedEngine:
         self.runner = runner
         self.prefill_engine = PrefillEngine(runner)
         self.decode_engine = DecodeEngine(runner, tokenizer)
-        self._waiting: deque[_Group] = deque()
-        self._prefilling: dict[str, _Group] = {}  # every member's id -> its group
+        self.local = LocalPrefill(self.prefill_engine, self.decode_engine)
+        self._waiting: deque[list[Request]] = deque()  # groups: one prompt's requests each
 
     @property
     def num_unfinished(self) -> int:
-        return sum(len(g.requests) for g in self._waiting) + len(self._prefilling) + self.decode_engine.num_running
+        return sum(len(g) for g in self._waiting) + len(self.local) + self.decode_engine.num_running
 
     def add_request(self, request: Request) -> None:
         self.add_group([request])
@@ -76,7 +63,7 @@ class ColocatedEngine:
         need = self._pages_needed(requests)
         if need > self.runner.allocator.num_pages - 1:
             raise ValueError(f"request needs {need} KV pages; the pool has {self.runner.allocator.num_pages - 1}")
-        self._waiting.append(_Group(list(requests)))
+        self._waiting.append(list(requests))
 
     def _pages_needed(self, requests: list[Request]) -> int:
         """The leader's pages, and each other sample's own (all but the shared full prompt pages)."""
@@ -85,57 +72,32 @@ class ColocatedEngine:
                    for i, r in enumerate(requests))
 
     def _admit(self) -> None:
-        slots = self.decode_engine.num_free_slots - len(self._prefilling)
-        while self._waiting and slots >= len(self._waiting[0].requests):
+        slots = self.decode_engine.num_free_slots - len(self.local)
+        while self._waiting and slots >= len(self._waiting[0]):
             group = self._waiting[0]
-            if not self.runner.allocator.can_allocate(self._pages_needed(group.requests)):
+            if not self.runner.allocator.can_allocate(self._pages_needed(group)):
                 break
             self._waiting.popleft()
-            leader, n = group.leader, len(group.leader.prompt_ids)
+            n = len(group[0].prompt_ids)
             shared = n // self.runner.page_size
-            for r in group.requests[1:]:
-                group.own_pages[r.request_id] = self.runner.allocator.allocate(
-                    self.decode_engine.pages_needed(n, r.params.max_tokens) - shared)
-            self.prefill_engine.add(leader, reserve_tokens=n + leader.params.max_tokens,
-                                    samples=tuple(group.requests[1:]))
-            for r in group.requests:
-                self._prefilling[r.request_id] = group
-            slots -= len(group.requests)
+            own = {r.request_id: self.runner.allocator.allocate(self.decode_engine.pages_needed(n, r.params.max_tokens)
+                                                                - shared) for r in group[1:]}
+            self.local.add(group, own_pages=own)
+            slots -= len(group)
 
     def step(self) -> list[TokenOutput]:
         self._admit()
         outs: list[TokenOutput] = []
-        done = []
-        for p in self.prefill_engine.step():
-            group = self._prefilling.pop(p.request_id)
-            is_leader = p.request_id == group.leader.request_id
-            if is_leader:
-                done.append(p.request_id)
-            if p.request_id in group.aborted:
-                continue
-            if is_leader:
-                outs.append(self.decode_engine.insert(group.leader, p))
-            else:
-                req = next(r for r in group.requests if r.request_id == p.request_id)
-                outs.append(self.decode_engine.fork(req, p, group.own_pages.pop(p.request_id)))
-        for rid in done:  # after every sample forked from its pages: the decode engine holds its own references
-            self.prefill_engine.release(rid)
-        is_waiting = bool(self._waiting or self._prefilling)
-        outs.extend(self.decode_engine.decode_step(max_steps=1 if is_waiting else None))
+        for p in self.local.prefill_chunk():
+            if p.error is not None:
+                raise p.error
+            outs.append(p.first)
+        outs.extend(self.local.decode_step(is_waiting=bool(self._waiting)))
         return outs
 
     def abort(self, request_id: str) -> None:
         for g in self._waiting:
-            g.requests = [r for r in g.requests if r.request_id != request_id]
-        self._waiting = deque(g for g in self._waiting if g.requests)
-        group = self._prefilling.get(request_id)
-        if group is not None and request_id not in group.aborted:
-            group.aborted.add(request_id)
-            pages = group.own_pages.pop(request_id, None)
-            if pages is not None:
-                self.runner.allocator.free(pages)
-            if group.aborted.issuperset(r.request_id for r in group.requests):  # nobody left: stop the prefill
-                for r in group.requests:
-                    self._prefilling.pop(r.request_id, None)
-                self.prefill_engine.release(group.leader.request_id)
+            g[:] = [r for r in g if r.request_id != request_id]
+        self._waiting = deque(g for g in self._waiting if g)
+        self.local.abort(request_id)
         self.decode_engine.release(request_id)

@@ -107,36 +107,61 @@ def write_table_row(table: PenaltyTable, row: jax.Array, token_ids: jax.Array, n
                         suppress_ids=table.suppress_ids.at[row].set(suppress_ids))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def apply_update(state: DecodeState, u: RowUpdate) -> DecodeState:
-    """Reorder, drop and insert rows in one program. The state is donated."""
-    keep = jnp.arange(u.perm.shape[0]) < u.num_rows
+def update_rows(state: DecodeState, u: RowUpdate, xp=jnp) -> DecodeState:
+    """Reorder, drop and insert rows. `xp`: jax.numpy (in `apply_update`) or numpy (the
+    arithmetic runner's host "device", which so runs the same code)."""
+    keep = xp.arange(u.perm.shape[0]) < u.num_rows
 
     def edit(old, new):
         moved = old[u.perm]
         mask = u.is_new.reshape(u.is_new.shape + (1,) * (old.ndim - 1))
-        return jnp.where(mask, new, moved)
+        return xp.where(mask, new, moved)
 
     out = jax.tree.map(edit, state, u.rows)
     return out.replace(active=out.active & keep)
+
+
+# Reorder, drop and insert rows in one program. The state is donated.
+apply_update = jax.jit(update_rows, donate_argnums=0)
+
+
+def advance_rows(st: DecodeState, B: int, t, xp=jnp) -> DecodeState:
+    """One decode step's effect on the first B rows, given their sampled tokens t [B]: a live
+    row takes its token and moves one position on; it stops on a stop id or when its budget
+    runs out. Other rows are unchanged. `xp` as in `update_rows`."""
+    S = st.tokens.shape[0]
+    in_batch = xp.arange(S) < B
+    t = xp.concatenate([t, xp.zeros(S - B, t.dtype)])  # [S]
+    live = st.active & in_batch
+    hit = xp.any(t[:, None] == st.stop_ids, axis=1) | (st.remaining <= 1)
+    step = live.astype(st.positions.dtype)
+    return st.replace(tokens=xp.where(live, t.astype(st.tokens.dtype), st.tokens), positions=st.positions + step,
+                      remaining=st.remaining - step, active=xp.where(in_batch, live & ~hit, st.active))
+
+
+def step_batch(st: DecodeState, B: int, Pc: int, page_size: int, xp=jnp) -> paged.Batch:
+    """The first B rows as one decode step's model inputs (T = 1, R = 1). `xp` as in `update_rows`."""
+    live = st.active[:B]
+    pos = st.positions[:B]
+    table = st.pages[:B]
+    write_page = xp.take_along_axis(table, (pos // page_size)[:, None], axis=1)[:, 0]
+    col = lambda a: a[:, None]  # noqa: E731  [B] -> [B, 1]
+    return paged.Batch(
+        tokens=col(st.tokens[:B]),
+        positions=col(xp.where(live, pos, -1)),
+        segments=col(xp.where(live, 0, -1)),
+        write_pages=col(xp.where(live, write_page, 0)),
+        write_offsets=col(xp.where(live, pos % page_size, 0)),
+        ctx_pages=table[:, :Pc],
+        ctx_lens=xp.where(live, pos, 0),
+        sample_index=xp.zeros((B, 1), np.int32))
 
 
 def _batch(st: DecodeState, B: int, Pc: int, page_size: int) -> tuple[paged.Batch, SamplingArrays]:
     """The first B rows as one decode step's inputs (T = 1, R = 1)."""
     live = st.active[:B]
     pos = st.positions[:B]
-    table = st.pages[:B]
-    write_page = jnp.take_along_axis(table, (pos // page_size)[:, None], axis=1)[:, 0]
-    col = lambda a: a[:, None]  # noqa: E731  [B] -> [B, 1]
-    batch = paged.Batch(
-        tokens=col(st.tokens[:B]),
-        positions=col(jnp.where(live, pos, -1)),
-        segments=col(jnp.where(live, 0, -1)),
-        write_pages=col(jnp.where(live, write_page, 0)),
-        write_offsets=col(jnp.where(live, pos % page_size, 0)),
-        ctx_pages=table[:, :Pc],
-        ctx_lens=jnp.where(live, pos, 0),
-        sample_index=jnp.zeros((B, 1), jnp.int32))
+    batch = step_batch(st, B, Pc, page_size)
     sampling = SamplingArrays(temperature=st.temperature[:B], top_k=st.top_k[:B], top_p=st.top_p[:B],
                               min_p=st.min_p[:B], seed=st.seed[:B], position=pos + 1,
                               frequency_penalty=st.frequency_penalty[:B], presence_penalty=st.presence_penalty[:B],
@@ -166,12 +191,7 @@ def decode_steps(params: paged.EngineParams, cache: paged.KVCache, state: Decode
         live = st.active[:B]
         counted = (live & st.is_penalized[:B]).astype(jnp.int32)
         table = table.replace(counts=table.counts.at[st.table_row[:B], t].add(counted))
-        hit = jnp.any(t[:, None] == st.stop_ids[:B], axis=1) | (st.remaining[:B] <= 1)
-        st = st.replace(
-            tokens=st.tokens.at[:B].set(jnp.where(live, t, st.tokens[:B])),
-            positions=st.positions.at[:B].add(live.astype(jnp.int32)),
-            remaining=st.remaining.at[:B].add(-live.astype(jnp.int32)),
-            active=st.active.at[:B].set(live & ~hit))
+        st = advance_rows(st, B, t)
         return (cache, st, table, toks.at[j].set(t), lps.at[j].set(lp), top_ids.at[j].set(out.top_ids),
                 top_lps.at[j].set(out.top_logprobs))
 

@@ -7,14 +7,14 @@ makes (`submit`, `submit_local`, `free_pages`, `abort`) only files an item in th
 the engines are touched by the loop thread alone. Each loop iteration:
   1. takes the whole inbox: remote prefills are received into the pool (`engines.recv_into`)
      and inserted; local prefills (short prompts under conditional disaggregation, or every
-     prompt in colocated mode) are queued on the worker's own prefill engine over the same
-     pool;
-  2. runs one chunk of the queued local prefills (at most the largest prefill bucket of
-     tokens, as the colocated engine does) and inserts the prompts it finished, without a copy;
-  3. runs one `decode_step` for every running request (continuous batching: new requests join
-     between steps; the step's tokens come back on the next iteration, while the device runs
-     the following step, and several steps run in one dispatch while the inbox is empty);
-  4. appends every produced token to a report buffer.
+     prompt in colocated mode) are added to the local-prefill loop over the same pool
+     (raypd/engine/local_prefill.py, the one the colocated engine runs);
+  2. runs that loop: one chunk of the queued local prefills (at most the largest prefill
+     bucket of tokens), the prompts it finished inserted without a copy, then one decode
+     dispatch for every running request (continuous batching: new requests join between
+     steps; the step's tokens come back on the next iteration, while the device runs the
+     following step, and several steps run in one dispatch while nothing else waits);
+  3. appends every produced token to a report buffer.
   `collect(timeout_s)` hands the buffered report over (tokens of all requests, in chunks) and
   waits up to `timeout_s` when it is empty: one RPC per chunk of many tokens and requests,
   never one per token per request.
@@ -31,11 +31,12 @@ from typing import Callable
 import numpy as np
 
 from raypd.engine.api import PrefillOutput, Request, TokenOutput
+from raypd.engine.local_prefill import LocalPrefill, Prefilled
 from raypd.engine.pages import OutOfPages
 from raypd.runtime.engines import WorkerEngines
-from raypd.runtime.messages import DecodeReport, Token
-from raypd.runtime.workers import (PrefillJob, PrefillResult, _calibration_request, _identity,
-                                   _load_host_prefix, _retain, pin_to_cpus)
+from raypd.runtime.messages import DecodeReport, token_of
+from raypd.runtime.workers import (PrefillJob, PrefillResult, _calibration_request, _identity, _load_host_prefix,
+                                   pin_to_cpus)
 from raypd.transfer.base import TransferError
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,8 @@ class DecodeWorker:
         self._inbox: list[tuple] = []
         self._report = DecodeReport()
         self._context: dict[str, int] = {}  # running rid -> tokens of context
-        self._local: dict[str, tuple[PrefillJob, float, int]] = {}  # local prefills in progress
-        self._sample_of: dict[str, str] = {}  # a local prefill's more samples: sample id -> the job's request id
-        self._dropped: dict[str, set[str]] = {}  # local prefill -> its requests aborted while it runs
+        # local prefills in progress, each tagged (job, start time, pages fetched from host copies)
+        self.local = LocalPrefill(self.engines.prefill, self.engines.decode)
         self._receiver = None  # StreamingReceiver, built on the first layer part
         self._parts_seen: dict[str, float] = {}  # streamed rid -> when its last part arrived
         self._stream_failed: dict[str, str] = {}  # streamed rid -> why its K/V cannot be used
@@ -160,13 +160,11 @@ class DecodeWorker:
                     self._on_part(args[0])
             if self._awaiting or self._parts_seen:
                 self._check_streams()
-            chunked = bool(self._local)
+            chunked = bool(self.local)
             if chunked:  # one prefill chunk per iteration, between decode steps
                 self._prefill_chunk()
             # several steps per dispatch only while nothing else waits for this loop
-            is_waiting = bool(self._inbox or self._local or self._awaiting)
-            decode = self.engines.decode
-            outs = decode.decode_step(max_steps=1 if is_waiting else None) if decode.num_running else []
+            outs = self.local.decode_step(is_waiting=bool(self._inbox or self._awaiting))
             for o in outs:
                 self._context[o.request_id] = self._context.get(o.request_id, 0) + 1
             finished = self.engines.decode.finished
@@ -244,83 +242,58 @@ class DecodeWorker:
     def _add_local(self, job: PrefillJob) -> None:
         """Queue a local prefill: it runs in chunks between decode steps (as the colocated
         engine does)."""
-        request, prefill = job.request, self.engines.prefill
-        rid = request.request_id
+        request = job.request
         start = time.perf_counter()
         fetched = _load_host_prefix(self.engines, self.fetch, job)
         try:
-            prefill.add(request, list(job.prefix_pages) + fetched,
-                        reserve_tokens=len(request.prompt_ids) + request.params.max_tokens, samples=job.samples)
+            self.local.add([request, *job.samples], list(job.prefix_pages) + fetched,
+                           retain_from=len(job.prefix_pages) if job.retain else None, tag=(job, start, len(fetched)))
         except Exception as e:  # noqa: BLE001 - the request fails here (no room: placed again), the worker goes on
-            prefill.release(rid)
-            self._record(error=(rid, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
-            return
+            self._record(error=(request.request_id, f"{type(e).__name__}: {e}"), retryable=isinstance(e, OutOfPages))
         finally:
-            prefill.allocator.free(fetched)  # `add` took its own reference
-        self._local[rid] = (job, start, len(fetched))
-        self._dropped[rid] = set()
-        for r in job.samples:
-            self._sample_of[r.request_id] = rid
+            self.engines.prefill.allocator.free(fetched)  # `add` took its own reference
 
     def _prefill_chunk(self) -> None:
         try:
-            outs = self.engines.prefill.step()
+            done = self.local.prefill_chunk()
         except Exception as e:  # noqa: BLE001 - fail the chunk's requests, keep serving
             log.exception("local prefill chunk failed")
-            for rid in list(self._local):
-                self.engines.prefill.release(rid)
-                job = self._local.pop(rid)[0]
-                self._forget_samples(rid, job)
-                for r in (job.request, *job.samples):
-                    self._record(error=(r.request_id, f"{type(e).__name__}: {e}"))
+            for rid in self.local.request_ids():
+                self.local.abort(rid)
+                self._record(error=(rid, f"{type(e).__name__}: {e}"))
             return
-        by_id = {o.request_id: o for o in outs}
-        for out in outs:
-            if out.request_id not in self._local:
-                continue  # a sample's: started with its prompt's request
-            job, start, num_fetched = self._local.pop(out.request_id)
-            self._finish_local(job, out, start, num_fetched, [(r, by_id[r.request_id]) for r in job.samples])
+        groups: dict[int, list[Prefilled]] = {}  # one entry per prompt: its requests that were not aborted
+        for p in done:
+            groups.setdefault(id(p.tag), []).append(p)
+        for ps in groups.values():
+            self._finish_local(ps)
 
-    def _forget_samples(self, rid: str, job: PrefillJob) -> set[str]:
-        """-> the ids of the local prefill's requests aborted while it ran."""
-        for r in job.samples:
-            self._sample_of.pop(r.request_id, None)
-        return self._dropped.pop(rid, set())
-
-    def _finish_local(self, job: PrefillJob, out: PrefillOutput, start: float, num_fetched: int = 0,
-                      forks: list[tuple[Request, PrefillOutput]] = ()) -> None:
-        """Start the locally prefilled request and its samples (those not aborted meanwhile):
-        the first takes the prompt's pages over, the others fork from them."""
-        request, prefill = job.request, self.engines.prefill
-        rid = request.request_id
-        dropped = self._forget_samples(rid, job)
-        members = [(r, o) for r, o in [(request, out), *forks] if r.request_id not in dropped]
-        cached: list[int] = []
-        started: list[tuple[Request, PrefillOutput, TokenOutput]] = []
-        try:
-            cached = _retain(prefill, out, job.retain, len(job.prefix_pages))
-            for i, (r, o) in enumerate(members):
-                o = dataclasses.replace(o, pages=out.pages)
-                first = self.engines.decode.insert(r, o, None) if not i else self.engines.decode.fork(r, o)
-                started.append((r, o, first))
-        except Exception as e:  # noqa: BLE001 - the request fails, the worker goes on
-            for r, _, _ in started:
-                self.engines.decode.release(r.request_id)
-            prefill.allocator.free(cached)
-            prefill.release(rid)
-            for r, _ in members:
-                self._record(error=(r.request_id, f"{type(e).__name__}: {e}"))
-            if rid in dropped:  # its call's pins are released by an error under its id
-                self._record(error=(rid, "aborted"))
+    def _finish_local(self, ps: list[Prefilled]) -> None:
+        """A prompt prefilled here: its prefill is reported once, under the job's request id (which
+        ends the scheduler's call), and its requests not aborted meanwhile start (the first took
+        the prompt's pages over, the others forked from them). If one could not start, all fail
+        (the scheduler places them again)."""
+        job, start, num_fetched = ps[0].tag
+        leader = job.request.request_id
+        failed = next((p.error for p in ps if p.error is not None), None)
+        if failed is not None:
+            for p in ps:
+                if p.error is None:
+                    self.engines.decode.release(p.request.request_id)
+                self.engines.prefill.allocator.free(p.cached_pages)
+                self._record(error=(p.request.request_id, f"{type(failed).__name__}: {failed}"))
+            if all(p.request.request_id != leader for p in ps):  # its call's pins go with an error under its id
+                self._record(error=(leader, "aborted"))
             return
-        prefill.release(rid)  # the decode engine holds its own references on the prompt pages
+        out = ps[0].output
         computed = out.prompt_len - out.num_cached_tokens
         self.num_computed_tokens += computed
-        self._record(prefilled=PrefillResult(dataclasses.replace(out, pages=[]), None, cached,
+        cached = [page for p in ps for page in p.cached_pages]
+        self._record(prefilled=PrefillResult(dataclasses.replace(out, request_id=leader, pages=[]), None, cached,
                                              len(job.prefix_pages), computed, time.perf_counter() - start,
                                              num_fetched))
-        for r, o, first in started:
-            self._started(r, o, first)
+        for p in ps:
+            self._started(p.request, p.output, p.first)
 
     def _started(self, request: Request, out: PrefillOutput, first: TokenOutput) -> None:
         if not first.is_finished:
@@ -333,16 +306,10 @@ class DecodeWorker:
             self._record(received=(awaiting[2], 0.0))  # the sender may drop its payloads
         if self._parts_seen.pop(rid, None) is not None:
             self._receiver.abort(rid)
-        group = self._sample_of.get(rid, rid)  # the local prefill it waits for, if any
-        if group in self._local:  # still prefilling here
-            job = self._local[group][0]
-            dropped = self._dropped[group]
-            dropped.add(rid)
-            if len(dropped) == 1 + len(job.samples):  # nobody left to start: stop the prefill
-                self._local.pop(group)
-                self._forget_samples(group, job)
-                self.engines.prefill.release(group)
-                self._record(error=(group, "aborted"))
+        leader = self.local.leader_of(rid)
+        if self.local.abort(rid):  # still prefilling here
+            if leader not in self.local:  # nobody of its prompt left: the prefill stopped
+                self._record(error=(leader, "aborted"))
             return
         o = self.engines.decode.release(rid)
         self._context.pop(rid, None)
@@ -354,9 +321,7 @@ class DecodeWorker:
         with self._cv:
             r = self._report
             for o in outputs:
-                r.tokens.setdefault(o.request_id, []).append(Token(o.token_id, o.logprob, o.finish_reason, o.text,
-                                                                           o.prompt_logprobs,
-                                                                           o.top_logprobs))
+                r.tokens.setdefault(o.request_id, []).append(token_of(o))
                 if o.is_finished:
                     self._context.pop(o.request_id, None)
             if error is not None:
@@ -384,7 +349,7 @@ class DecodeWorker:
     def status(self) -> dict:
         return dict(worker_id=self.worker_id, used_pages=[a.num_used for a in self.engines.allocators()],
                     num_running=self.engines.decode.num_running, num_inbox=len(self._inbox),
-                    num_local_prefills=len(self._local), num_streamed=self.num_streamed,
+                    num_local_prefills=len(self.local), num_streamed=self.num_streamed,
                     num_computed_tokens=self.num_computed_tokens)
 
     def calibrate(self, batch_sizes: list[int], context_lens: int | list[int], seed: int = 0,

@@ -235,12 +235,19 @@ class Deployment:
 
     def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
         """New tokens of each submitted request since the last poll; waits up to `timeout_s`
-        for any. -> {id: {"tokens": [(id, logprob, finish, text)], "finished", "error", "metrics"}}"""
+        for any. -> {id: {"tokens": [Token], "finished", "error", "metrics"}} (Token: scheduler/state.py)"""
         return self._call("poll", list(request_ids), timeout_s, timeout_s=timeout_s + 30.0)
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop requests: their pages and slots are freed. Unknown or ended ids are ignored."""
         self._call("abort", list(request_ids), timeout_s=30.0)
+
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Wait until the scheduler holds nothing (no request, reservation, prefill call or
+        transfer under way); TimeoutError after `timeout_s`. Workers finish their part (an
+        abort, a page free) on their own loops shortly after."""
+        if not self._call("wait_idle", timeout_s, timeout_s=timeout_s + 30.0):
+            raise TimeoutError(f"deployment {self.name!r}: the scheduler was not idle within {timeout_s} s")
 
     def info(self) -> dict:
         """model (.config, .tokenizer), max_seq_len, page_size, num_pages_total, max_slots, ..."""
@@ -326,11 +333,11 @@ class Deployment:
             toks, m = tokens[rid], dict(metrics[rid])
             m["scheduler_ttft_s"] = m.pop("ttft_s", None)  # from arrival at the scheduler, before polling
             out.append(Completion(
-                text="".join(t[3] for t in toks), token_ids=[t[0] for t in toks], finish_reason=toks[-1][2],
-                logprobs=[t[1] for t in toks] if logprobs else None,
+                text="".join(t.text for t in toks), token_ids=[t.token_id for t in toks],
+                finish_reason=toks[-1].finish_reason, logprobs=[t.logprob for t in toks] if logprobs else None,
                 metrics=dict(m, **request_metrics(start, first[rid], last[rid], self._prompt_tokens(prompt),
                                                   len(toks))),
-                top_logprobs=[t[5] if len(t) > 5 else None for t in toks] if params.top_logprobs else None))
+                top_logprobs=[t.top_logprobs for t in toks] if params.top_logprobs else None))
         return out
 
     def _prompt_tokens(self, prompt) -> int | None:
@@ -353,14 +360,15 @@ class Deployment:
             for _, entry in self._chunks([rid]):
                 now = time.perf_counter()
                 first = first or now
-                for token_id, logprob, finish, text, *rest in entry["tokens"]:  # Token (raypd/runtime/messages.py)
+                for t in entry["tokens"]:  # Token (scheduler/state.py)
                     n += 1
                     metrics = None
-                    if finish is not None:
+                    if t.finish_reason is not None:
                         metrics = dict(entry["metrics"])
                         metrics["scheduler_ttft_s"] = metrics.pop("ttft_s", None)
                         metrics.update(request_metrics(start, first, now, self._prompt_tokens(prompt), n))
-                    yield StreamChunk(token_id, text, logprob, finish, metrics, rest[1] if len(rest) > 1 else None)
+                    yield StreamChunk(token_id=t.token_id, text=t.text, logprob=t.logprob, finish_reason=t.finish_reason,
+                                      metrics=metrics, top_logprobs=t.top_logprobs)
 
         return chunks()
 

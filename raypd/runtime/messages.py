@@ -4,25 +4,29 @@ token tuples, never K/V). No JAX and no Ray: the scheduler's process unpickles t
   PrefillJob     scheduler -> prefill worker (or a decode worker's local prefill)
   PrefillResult  prefill worker -> scheduler
   DecodeReport   decode worker -> scheduler, one per `collect`
-Tokens travel as `(token id, logprob, finish reason or None, text delta, top logprobs or None)`
-tuples (`Token`).
+Tokens travel as `Token`s (scheduler/state.py, read by name); `token_of` and `token_output`
+convert between them and the engines' `TokenOutput`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
-from raypd.engine.api import PrefillOutput, Request
+from raypd.engine.api import PrefillOutput, Request, TokenOutput
+from scheduler.state import Token
 
 
-class Token(NamedTuple):
-    token_id: int
-    logprob: float
-    finish_reason: str | None
-    text: str
-    prompt_logprobs: list[float] | None = None  # on a request's first token, when asked for (TokenOutput's)
-    top_logprobs: tuple | None = None  # ((token id, logprob), ...) when the request asked for them
+def token_of(o: TokenOutput) -> Token:
+    """What crosses the wire of an engine's token (its request id is the key it travels under)."""
+    return Token(token_id=o.token_id, logprob=o.logprob, finish_reason=o.finish_reason, text=o.text,
+                 prompt_logprobs=o.prompt_logprobs, top_logprobs=o.top_logprobs)
+
+
+def token_output(request_id: str, t: Token) -> TokenOutput:
+    """A polled `Token` of `request_id` as the engines' TokenOutput (what local backends yield)."""
+    return TokenOutput(request_id=request_id, token_id=t.token_id, logprob=t.logprob,
+                       finish_reason=t.finish_reason, text=t.text, prompt_logprobs=t.prompt_logprobs,
+                       top_logprobs=t.top_logprobs)
 
 
 @dataclasses.dataclass
@@ -63,7 +67,7 @@ class PrefillResult:
 class DecodeReport:
     """Decode worker -> scheduler, one per `collect`: everything since the last one."""
 
-    tokens: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)  # rid -> [(id, logprob, finish, text)]
+    tokens: dict[str, list[Token]] = dataclasses.field(default_factory=dict)  # rid -> its tokens, in order
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # rid -> message (request ended)
     retryable: list[str] = dataclasses.field(default_factory=list)  # of those, K/V lost in transfer: retry
     started: list[str] = dataclasses.field(default_factory=list)  # rids inserted (or failed) since

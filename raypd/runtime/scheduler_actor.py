@@ -201,7 +201,7 @@ class Scheduler:
 
     async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
         """New tokens of each request since the last poll (waits up to `timeout_s` for any).
-        -> {rid: {"tokens": [(id, logprob, finish, text)], "finished": bool, "error", "metrics"}}"""
+        -> {rid: {"tokens": [Token], "finished": bool, "error", "metrics"}} (Token: scheduler/state.py)"""
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.core.has_news(request_ids)), timeout_s)
@@ -211,6 +211,16 @@ class Scheduler:
 
     async def abort(self, request_ids: list[str]) -> None:
         await self._act(self.core.abort(request_ids, time.monotonic()))
+
+    async def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Wait up to `timeout_s` until the core holds nothing (no request, reservation, call or
+        transfer: `SchedulerCore.is_idle`); woken by every event, no polling. -> whether it is."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(self.core.is_idle), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.core.is_idle()
 
     async def status(self) -> dict:
         pre = await self._worker_status(core.PREFILL)

@@ -42,6 +42,7 @@ from raypd import logs
 from raypd.api import LocalBackend, check_sampling, encode_prompt
 from raypd.engine.api import SERVER_ID_PREFIX, Request, SamplingParams, TokenOutput
 from raypd.runtime import errors
+from raypd.runtime.messages import token_output
 from raypd.runtime.poller import TokenPoller
 from raypd.server.engine_loop import EngineLoop, Rejected, StreamTimeout
 from raypd.server.metrics import FunctionCollector, StatusCollector, deployment_families, engine_families
@@ -239,7 +240,7 @@ class RayStream:
         if entry["error"] is not None:
             self._end()
             raise errors.from_wire(entry["error"])
-        self._buffer.extend(TokenOutput(self.request_id, *t) for t in entry["tokens"])
+        self._buffer.extend(token_output(self.request_id, t) for t in entry["tokens"])
         if entry["finished"]:
             self.metrics = entry["metrics"]
             self._end()
