@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,23 +75,33 @@ def parse_args(argv=None):
     return args
 
 
-def ceiling(repeats: int = 5) -> dict:
-    """The machine's speed now, as this process sees it: a 384x384 float32 matmul's GFLOP/s and
-    a 32 MB copy's GB/s, each the median of `repeats` timings (~0.2 s in all on this machine),
-    with the 1-minute load average."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((384, 384), dtype=np.float32)
-    src, dst = np.ones(8 << 20, dtype=np.float32), np.empty(8 << 20, dtype=np.float32)
-    mm, cp = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(8):
-            a @ a
-        mm.append(8 * 2 * 384 ** 3 / (time.perf_counter() - t) / 1e9)
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        cp.append(2 * src.nbytes / (time.perf_counter() - t) / 1e9)
-    return dict(matmul_gflop_s=float(np.median(mm)), copy_gb_s=float(np.median(cp)), load_avg_1min=os.getloadavg()[0])
+PROBE = """
+import json, time
+import numpy as np
+a = np.random.default_rng(0).standard_normal((256, 256), dtype=np.float32)
+src, dst = np.ones(8 << 20, dtype=np.float32), np.empty(8 << 20, dtype=np.float32)
+def rate(fn, amount, each_s={each_s}):
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < each_s or n == 0:
+        fn()
+        n += 1
+    return n * amount / elapsed
+mm = [rate(lambda: a @ a, 2 * 256 ** 3 / 1e9) for _ in range({repeats})]
+cp = [rate(lambda: np.copyto(dst, src), 2 * src.nbytes / 1e9) for _ in range({repeats})]
+print(json.dumps(dict(matmul_gflop_s=float(np.median(mm)), copy_gb_s=float(np.median(cp)))))
+"""
+
+
+def ceiling(repeats: int = 5, each_s: float = 0.04) -> dict:
+    """The machine's speed now, as one thread sees it: a 256x256 float32 matmul's GFLOP/s and a
+    32 MB copy's GB/s, each the median of `repeats` rates timed over `each_s` seconds of
+    back-to-back calls, in a process of its own with single-threaded BLAS (a multi-threaded
+    BLAS on busy cores measures its own threads' waits), ~1 s in all; with the 1-minute load
+    average."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", PROBE.format(repeats=repeats, each_s=each_s)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return dict(json.loads(out.stdout), load_avg_1min=os.getloadavg()[0])
 
 
 def drift(calibration: list[dict], measurement: list[dict]) -> float:
