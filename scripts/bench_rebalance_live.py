@@ -51,14 +51,15 @@ SPLITS = ((1, 2), (2, 1))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="15 s phases: checks the pipeline")
-    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--model", default=None, help="default: the disaggregation study's model (scripts/bench_study.py: "
+                   "4 layers, random weights, written to out/study-model)")
     p.add_argument("--phase-s", type=float, default=50.0, help="seconds of arrivals per phase")
     p.add_argument("--long-input", default="600:900")
     p.add_argument("--long-output", default="4:8")
-    p.add_argument("--long-rate", type=float, default=8.0)
+    p.add_argument("--long-rate", type=float, default=3.0)
     p.add_argument("--chat-input", default="16:64")
-    p.add_argument("--chat-output", default="48:96")
-    p.add_argument("--chat-rate", type=float, default=6.0)
+    p.add_argument("--chat-output", default="96:160")
+    p.add_argument("--chat-rate", type=float, default=3.0)
     p.add_argument("--max-slots", type=int, default=8, help="decode batch per decode worker")
     p.add_argument("--start", default="1:2", help="the rebalancer's starting split P:D")
     p.add_argument("--slo-ttft-s", type=float, default=None)
@@ -222,8 +223,8 @@ def measure(target, reqs, slo: metrics.SLO, args, label: str, watch: bool = Fals
     else:
         result, changes = runner.run(target, reqs, progress=False, desc=label), []
     recs = result.records
-    a = [r for r in recs if r.arrival_s < args.phase_s]
-    b = [r for r in recs if r.arrival_s >= args.phase_s]
+    a = [r for r in recs if r.scheduled_s < args.phase_s]
+    b = [r for r in recs if r.scheduled_s >= args.phase_s]
     s = metrics.summarize(recs, result.duration_s, slo)
     point = dict(label=label, summary=s, load_avg_1min=(load, os.getloadavg()[0]),
                  attainment_long=metrics.summarize(a, result.duration_s, slo)["slo_attainment"],
@@ -246,6 +247,11 @@ def row(p: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_study
+
+        args.model = bench_study.ensure_model(ROOT / "out" / "study-model")
     from raypd.runtime.deployment import start_local_cluster
 
     start_local_cluster(num_cpus=8, log_to_driver=False)  # CPU counts only place actors; all share the cores
