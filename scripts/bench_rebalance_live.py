@@ -1,7 +1,7 @@
 """Automatic P:D rebalancing on a shifting workload, live: real Ray deployments of a real (small,
 random-weight) JAX model on this machine. The simulated twin is scripts/bench_rebalance.py.
 
-    python scripts/bench_rebalance_live.py            # ~10 min here: 3 workers, 2 x 50 s phases per run
+    python scripts/bench_rebalance_live.py            # ~10-15 min here: 3 workers, 2 x 40 s phases per run
     python scripts/bench_rebalance_live.py --quick    # a pipeline check (2 x 15 s phases)
 
 One workload, the same requests in every run: long prompts (--long-input, --long-output) at
@@ -53,19 +53,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="15 s phases: checks the pipeline")
     p.add_argument("--model", default=None, help="default: the disaggregation study's model (scripts/bench_study.py: "
                    "4 layers, random weights, written to out/study-model)")
-    p.add_argument("--phase-s", type=float, default=50.0, help="seconds of arrivals per phase")
+    p.add_argument("--phase-s", type=float, default=40.0, help="seconds of arrivals per phase")
     p.add_argument("--long-input", default="600:900")
     p.add_argument("--long-output", default="4:8")
-    p.add_argument("--long-rate", type=float, default=3.0)
+    p.add_argument("--long-rate", type=float, default=0.8)
     p.add_argument("--chat-input", default="16:64")
     p.add_argument("--chat-output", default="96:160")
-    p.add_argument("--chat-rate", type=float, default=3.0)
+    p.add_argument("--chat-rate", type=float, default=2.5)
     p.add_argument("--max-slots", type=int, default=8, help="decode batch per decode worker")
     p.add_argument("--start", default="1:2", help="the rebalancer's starting split P:D")
     p.add_argument("--slo-ttft-s", type=float, default=None)
     p.add_argument("--slo-tpot-s", type=float, default=None)
     p.add_argument("--ttft-slo-scale", type=float, default=3.0)
-    p.add_argument("--tpot-slo-scale", type=float, default=3.0)
+    p.add_argument("--tpot-slo-scale", type=float, default=5.0)
     p.add_argument("--window-s", type=float, default=15.0)
     p.add_argument("--interval-s", type=float, default=3.0)
     p.add_argument("--min-interval-s", type=float, default=10.0)
