@@ -22,7 +22,7 @@ def profile(transfer_s: float = 0.0) -> WorkerProfile:
 
 def test_colocated_two_requests_by_hand():
     sim = Simulator(profile(), num_prefill=0, num_decode=1, policy=PolicyConfig(local_prefill_max_len=512))
-    assert isinstance(sim.core, core.SchedulerCore)  # the production state machine, not a model of it
+    assert type(sim.core) is core.SchedulerCore  # the production state machine, not a subclass or a model of it
     a, b = sim.run([SimRequest(0.0, tuple(range(8)), 3), SimRequest(0.05, tuple(range(10, 18)), 3)])
     # t=0: A prefills (P); t=0.1: A's first token, B prefills while A steps (P + S);
     # t=0.21: B's first token and A's second; then one step (S) each.

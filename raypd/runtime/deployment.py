@@ -402,6 +402,12 @@ class Deployment:
                                    f"{wait_s} s (draining {s['draining_workers']}, joining {s['joining_workers']})")
             time.sleep(0.2)
 
+    def calibrate(self, timeout_s: float = 600.0) -> dict:
+        """Time the engines again and refit the scheduler's cost model (the machine's speed may
+        have changed since start-up). Call it while the deployment is idle. -> the calibration:
+        {"cost": CostModel fields, "prefill": [...], "transfer": [...], ...}."""
+        return self._call("recalibrate", timeout_s=timeout_s)
+
     def clear_cache(self, pools_only: bool = False) -> int:
         """Drop every cached prefix page (the KV index, the workers' pools and host copies); with
         `pools_only`, only the pool copies (the host tier keeps its copies). -> copies dropped."""

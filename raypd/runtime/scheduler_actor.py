@@ -127,8 +127,9 @@ class Scheduler:
     async def _calibrate(self) -> CostModel:
         """Time the engines on a few sizes and fit the cost model (scheduler.cost_model.fit)."""
         G, top = self.page_size, self.max_seq_len
-        pre_w = [h for w, h in self.handles.items() if self._roles[w] == core.PREFILL]
-        dec_w = [h for w, h in self.handles.items() if self._roles[w] == core.DECODE]
+        live = self.handles if self.core is None else {w: self.handles[w] for w in self.core.workers}
+        pre_w = [h for w, h in live.items() if self._roles[w] == core.PREFILL]
+        dec_w = [h for w, h in live.items() if self._roles[w] == core.DECODE]
         lengths = sorted({min(n, top - 16) for n in (G, 4 * G, 16 * G, 64 * G) if n < top})
         pre = await asyncio.gather(*[w.calibrate.remote(lengths) for w in pre_w])
         # Two context lengths (mid-page, so the timed steps stay within one page: no new shape)
@@ -147,6 +148,17 @@ class Scheduler:
         self._calibration = dict(prefill=prefill, transfer=transfer, cost=dataclasses.asdict(cost),
                                  local_prefill_max_len=self.policy.local_prefill_max_len)
         return cost
+
+    async def recalibrate(self) -> dict:
+        """Time the live workers' engines again and refit the cost model now, for a machine whose
+        speed changed since start-up; placement and the rebalancer use the new model from the
+        next event on. For an idle deployment (the timed calls queue behind serving work).
+        -> the calibration, as status()["calibration"]."""
+        cost = await self._calibrate()
+        self.core.cost, self.core.policy = cost, self.policy
+        if self.rebalancer is not None:
+            self.rebalancer.worker = dataclasses.replace(self.rebalancer.worker, cost=cost)
+        return self._calibration
 
     # ------------------------------------------------------------------ client calls
     async def submit(self, prompts: list, params: SamplingParams, ttft_slo_s: float | None = None,
