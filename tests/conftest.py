@@ -97,7 +97,12 @@ def write_tokenizer_json(path) -> dict[str, int]:
 # or it is marked `@pytest.mark.integration` itself (a subprocess, a server, a slow compile).
 INTEGRATION_MODULES = {"test_runtime", "test_runtime_aborts", "test_runtime_cluster", "test_runtime_failover",
                        "test_grpc", "test_grpc_ray", "test_ray_job", "test_cli", "test_openai", "test_openai_ray",
-                       "test_secure_cluster", "test_openai_api", "test_serve_ray", "test_readme"}
+                       "test_secure_cluster", "test_openai_api", "test_serve_ray", "test_readme",
+                       # real workers and Ray (test_penalties_runtime), training, the shipped model's
+                       # gates, parity against torch + transformers, n-sample groups: the slowest
+                       # modules of the unit run on a quiet machine (docs/BENCHMARKS.md)
+                       "test_penalties_runtime", "test_samples_workers", "test_trainer", "test_model_gates",
+                       "test_models_parity", "test_samples"}
 RAY_FIXTURES = {"ray_session", "cluster"}
 SERVER_FIXTURES = {"endpoint", "channel", "target"}  # a gRPC endpoint, a serving loop with compiled shapes
 

@@ -104,6 +104,7 @@ def test_multi_step_stops_exactly_at_stop_tokens_eos_and_max_tokens(model):  # n
         assert [o.finish_reason is not None for o in outs].count(True) == 1 and outs[-1].is_finished
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_stop_strings_end_exactly_with_overlap_and_multi_step_neighbours(model):  # noqa: F811
     """A stop string is matched on the host only, one dispatch late: the extra token is dropped."""
     prompt = prompts_of([10], seed=8)[0]
@@ -120,6 +121,7 @@ def test_stop_strings_end_exactly_with_overlap_and_multi_step_neighbours(model):
     assert tokens(got) == tokens(ref)
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_colocated_engine_and_abort_in_flight(model):  # noqa: F811
     """The colocated engine on the overlapped loop equals rollouts; an abort while a dispatch is
     in flight drops its tokens and frees its pages, and the other requests are unaffected."""

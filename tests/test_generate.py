@@ -17,6 +17,7 @@ from raypd.engine.runner import EngineConfig
 SMALL = EngineConfig(page_size=16, num_pages=64, max_slots=4, max_seq_len=256, prefill_buckets=(16, 64))
 
 
+@pytest.mark.integration  # torch + transformers generate for five architectures
 @pytest.mark.parametrize("kind", ["llama3", "llama2", "mistral", "qwen2", "qwen3"])
 def test_greedy_parity_with_hf_generate(hf_checkpoint, kind):
     path, hf = hf_checkpoint(kind)

@@ -197,6 +197,7 @@ def penalized_requests(n=6):
     return reqs
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_multi_step_and_overlap_equal_single_steps_with_penalties(model):  # noqa: F811
     reqs = penalized_requests()
     ref, _ = serve(model, reqs, overlap=False, max_steps=1, max_slots=2)  # slots reused: stale table rows
@@ -243,6 +244,7 @@ def test_a_resumed_request_counts_its_earlier_tokens_as_generated(model):  # noq
     assert done + [o.token_id for o in rest] == [o.token_id for o in full]
 
 
+@pytest.mark.integration  # compiles many engine shapes: among the unit tier's slowest (docs/BENCHMARKS.md)
 def test_penalties_and_top_logprobs_compile_nothing_after_warmup(model):  # noqa: F811
     from raypd.engine.colocated import ColocatedEngine
     from test_engine import run_colocated
