@@ -271,8 +271,8 @@ class DecodeWorker:
     def _finish_local(self, ps: list[Prefilled]) -> None:
         """A prompt prefilled here: its prefill is reported once, under the job's request id (which
         ends the scheduler's call), and its requests not aborted meanwhile start (the first took
-        the prompt's pages over, the others forked from them). If one could not start, all fail
-        (the scheduler places them again)."""
+        the prompt's pages over, the others forked from them). If one could not start, all of
+        them fail with its error (as a failed insert of a single request does)."""
         job, start, num_fetched = ps[0].tag
         leader = job.request.request_id
         failed = next((p.error for p in ps if p.error is not None), None)
