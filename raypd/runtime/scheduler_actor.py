@@ -172,15 +172,7 @@ class Scheduler:
                    for i, p in enumerate(prompts)]
         except ValueError as e:
             return {"error": errors.to_wire(e)}
-        now = time.monotonic()
-        result, actions = self.core.submit([(p, params, kv_compression) for p in ids], ttft_slo_s, now,
-                                           make_request=Request)
-        if self.rebalancer is not None and isinstance(result, list):
-            for p in ids:
-                self.rebalancer.observe(now, len(p), params.max_tokens)
-        await self._act(actions)
-        self._overhead_s += time.perf_counter() - t0
-        return {"ids": result} if isinstance(result, list) else {"error": result}
+        return await self._submit([(p, params, kv_compression) for p in ids], ttft_slo_s, t0)
 
     async def submit_samples(self, prompt, params: list[SamplingParams], ttft_slo_s: float | None = None,
                              kv_compression: str | None = None) -> dict:
@@ -201,12 +193,15 @@ class Scheduler:
             ids = encode_prompt(prompt, self.model, self.max_seq_len, params[0].max_tokens, "prompts[0]")
         except ValueError as e:
             return {"error": errors.to_wire(e)}
+        return await self._submit([(ids, p, kv_compression) for p in params], ttft_slo_s, t0, samples=True)
+
+    async def _submit(self, items: list[tuple], ttft_slo_s: float | None, t0: float, samples: bool = False) -> dict:
+        """Validated (prompt ids, params, kv_compression) items into the core; -> the reply."""
         now = time.monotonic()
-        result, actions = self.core.submit([(ids, p, kv_compression) for p in params], ttft_slo_s, now,
-                                           make_request=Request, samples=True)
+        result, actions = self.core.submit(items, ttft_slo_s, now, make_request=Request, samples=samples)
         if self.rebalancer is not None and isinstance(result, list):
-            for p in params:
-                self.rebalancer.observe(now, len(ids), p.max_tokens)
+            for prompt_ids, params, _ in items:
+                self.rebalancer.observe(now, len(prompt_ids), params.max_tokens)
         await self._act(actions)
         self._overhead_s += time.perf_counter() - t0
         return {"ids": result} if isinstance(result, list) else {"error": result}
