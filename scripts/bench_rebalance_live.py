@@ -102,7 +102,7 @@ def start(args, name: str, split: tuple[int, int], rebalance: RebalanceConfig | 
                        name=name, request_timeout_s=300, cache_bytes=0, host_copies=None, calibrate=True,
                        local_prefill_stall_s=None, policy=PolicyConfig(local_prefill_max_len=0),
                        prefill_resources=Resources(num_cpus=1), decode_resources=Resources(num_cpus=1),
-                       rebalance=rebalance)
+                       rebalance=rebalance, warmup=True)
     print(f"[live] {name} P{split[0]}:D{split[1]} up in {time.perf_counter() - t0:.0f} s", flush=True)
     return target
 

@@ -127,7 +127,9 @@ def mode_kwargs(mode: str, args) -> dict:
     from raypd.runtime.deployment import Resources
     from scheduler import PolicyConfig
 
-    common = dict(cache_bytes=0, host_copies=None, local_prefill_stall_s=None)  # no prefix reuse
+    # no prefix reuse; every engine shape compiled before the worker reports ready (a shape first
+    # met mid-run stalls its worker for seconds: that would be measured as queueing)
+    common = dict(cache_bytes=0, host_copies=None, local_prefill_stall_s=None, warmup=not args.mock)
     if args.mock:
         from raypd.runtime.engines import MockEngineFactory
 

@@ -23,6 +23,8 @@ Threads: `--threads 2` lets XLA use both cores; the platform is JAX's default (a
 present) unless `--platform` says otherwise. Nothing else differs between CPU and GPU.
 
   nice -n 19 .venv/bin/python scripts/train_default_model.py --threads 2          # train/resume
+  .venv/bin/python scripts/train_default_model.py --run-dir /work/train-default-v2/ul \
+      --unlikelihood-steps 150                                     # fine-tune against loops
   .venv/bin/python scripts/train_default_model.py --export models/data/pystdlib-v2
 """
 
@@ -86,6 +88,16 @@ def parse_args(argv):
                     help="write a shipped model folder from a checkpoint; train nothing")
     ap.add_argument("--checkpoint", type=Path, default=None, help="with --export: this checkpoint, not the latest")
     ap.add_argument("--name", default="pystdlib-v2", help="with --export: the model's name in its card")
+    ap.add_argument("--unlikelihood-steps", type=int, default=None, metavar="N",
+                    help="fine-tune --base-run-dir's latest checkpoint against greedy loops for N steps "
+                         "into --run-dir (scripts/default_model/finetune.py)")
+    ap.add_argument("--base-run-dir", type=Path, default=RUN_DIR, help="with --unlikelihood-steps")
+    ap.add_argument("--ul-lr", type=float, default=2e-4, help="with --unlikelihood-steps: peak lr")
+    ap.add_argument("--ul-alpha", type=float, default=1.0, help="with --unlikelihood-steps: weight of the "
+                                                              "unlikelihood term")
+    ap.add_argument("--ul-ngram", type=int, default=4, help="with --unlikelihood-steps: repeated n-gram length")
+    ap.add_argument("--ul-mle-windows", type=int, default=2,
+                    help="with --unlikelihood-steps: full-context MLE windows per step")
     return ap.parse_args(argv)
 
 
@@ -96,6 +108,18 @@ def main(argv=None) -> None:
 
     if args.export is not None:
         export.export(args.run_dir, args.export, args.checkpoint, args.name)
+        return
+    if args.unlikelihood_steps is not None:
+        from scripts.default_model import finetune  # noqa: PLC0415
+
+        if args.run_dir.resolve() == args.base_run_dir.resolve():
+            raise ValueError("--run-dir must differ from --base-run-dir for --unlikelihood-steps")
+        stop = {"requested": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+        signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
+        finetune.finetune(args.base_run_dir, args.run_dir, args.unlikelihood_steps, lr=args.ul_lr,
+                          alpha=args.ul_alpha, ngram=args.ul_ngram, mle_windows=args.ul_mle_windows,
+                          stop=stop, eval_every_s=args.eval_every_s, log_every=args.log_every)
         return
     explicit = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
     stop = {"requested": False}

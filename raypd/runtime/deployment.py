@@ -132,13 +132,16 @@ class DeploymentConfig:
 
 def serve(model=None, num_prefill: int = 1, num_decode: int = 1, prefill_tp: int = 1, decode_tp: int = 1,
           name: str = "raypd", engine_config: EngineConfig | None = None, compression: str = DEFAULT_KV_COMPRESSION,
-          config: DeploymentConfig | None = None, **overrides) -> "Deployment":
+          config: DeploymentConfig | None = None, warmup: bool = False, **overrides) -> "Deployment":
     """Start a deployment on the current Ray cluster (or a new local one) and return its handle.
     `config` gives every setting at once; otherwise the arguments (and `overrides`, any other
-    DeploymentConfig field) build one."""
+    DeploymentConfig field) build one. `warmup`: every worker compiles every engine shape before
+    it reports ready (JaxEngineFactory.warmup), so no request waits for a compilation; what
+    `raypd serve` does, and what every measurement needs (a shape first seen mid-run stalls its
+    worker for seconds on a CPU)."""
     if config is None:
         factory = overrides.pop("factory", None) or JaxEngineFactory(
-            model, engine_config or EngineConfig(), compression)
+            model, engine_config or EngineConfig(), compression, warmup=warmup)
         config = DeploymentConfig(name=name, factory=factory, num_prefill=num_prefill, num_decode=num_decode,
                                   prefill_tp=prefill_tp, decode_tp=decode_tp, **overrides)
     if not ray.is_initialized():
