@@ -254,6 +254,9 @@ def main(argv=None) -> dict:
         args.model = bench_study.ensure_model(ROOT / "out" / "study-model")
     from raypd.runtime.deployment import start_local_cluster
 
+    # the workers inherit these through the local cluster: warm-up compiles each shape once per machine
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "out/study-jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     start_local_cluster(num_cpus=8, log_to_driver=False)  # CPU counts only place actors; all share the cores
     t0 = time.perf_counter()
     points, slo = [], None

@@ -161,6 +161,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     study_args = argparse.Namespace(mock=args.mock, max_slots=args.max_slots, seed=args.seed)
     model = None if args.mock else bs.ensure_model(ROOT / "out" / "study-model")
+    # the workers inherit these through the local cluster: warm-up compiles each shape once per machine
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "out/study-jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import ray
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,  # pinning decides cores
@@ -203,16 +206,19 @@ def point(target, mode: str, wl: str, rate: float, reqs, slo: metrics.SLO, args)
     cal_probes.append(ceiling())
     profile = profile_of(target, args.chunk, calibration)
     meas_probes = [ceiling()]
-    meas = flat(bs.measure(target, reqs, slo)["summary"])
+    measured = bs.measure(target, reqs, slo)
+    meas = flat(measured["summary"])
     meas_probes.append(ceiling())
     sim = sim_point(profile, mode, reqs, slo)
     moved = drift(cal_probes, meas_probes)
     print(f"[{wl} {rate:g} req/s {mode}] " + "  ".join(f"{k} {meas[k] or 0:.3g}/{sim[k] or 0:.3g}" for k in meas)
           + f"  (measured/simulated; ceiling moved {moved:.0%}, load {meas_probes[0]['load_avg_1min']:.1f}"
-          + f"->{meas_probes[1]['load_avg_1min']:.1f})", flush=True)
+          + f"->{meas_probes[1]['load_avg_1min']:.1f}); mean breakdown (ms) "
+          + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in measured["breakdown_s"].items()), flush=True)
     return dict(workload=wl, rate=rate, mode=mode, measured=meas, simulated={k: sim[k] for k in meas},
                 error={k: rel_err(sim[k], meas[k]) for k in meas}, calibration_probes=cal_probes,
                 measurement_probes=meas_probes, drift=moved, is_reliable=moved <= args.max_drift,
+                breakdown_s=measured["breakdown_s"], breakdown_p99_s=measured["breakdown_p99_s"],
                 cost=calibration["cost"], profile=profile)
 
 

@@ -203,6 +203,45 @@ def test_guard_sends_outlier_and_nonfinite_pages_raw():
     assert kv_codec.guarded_pages(np.array([0.0, 0.019, 0.021, np.nan])).tolist() == [2, 3]
 
 
+def test_page_counts_pad_to_buckets_and_warm_transfers_compile_nothing(model):
+    """Transfers of any length run a few bucketed programs, all compiled by the warm-up: a prompt
+    length never seen before costs no compilation on either side (it used to: one program per
+    page count, ~40-200 ms mid-request on a CPU). Padding lands in the null page only."""
+    assert [paged.page_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    with pytest.raises(ValueError, match="at least one page"):
+        paged.page_bucket(0)
+    src, dst = runner_for(model), runner_for(model)
+    src.cache = random_cache(ENGINE.num_pages, jnp.float32, L=CFG.num_layers, K=CFG.num_kv_heads,
+                             H=CFG.head_dim, seed=3)
+    src.warmup_transfers()
+    dst.warmup_transfers()
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    sent = []  # uncompressed payloads, checked byte for byte after the compile-free window
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for n in (1, 5, 7, 11, src.max_pages_per_seq):
+            pages = list(range(1, n + 1))
+            for compression in ("int8", "none"):
+                enc = kv_codec.encode(src.cache, pages, n * 16 - 3, compression)
+                got = dst.allocator.allocate(n)
+                dst.cache = kv_codec.decode_into(dst.cache, got, enc)
+                if compression == "none":
+                    sent.append((pages, got, enc))
+                else:
+                    dst.allocator.free(got)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [], f"{len(compiles)} compilations after the transfer warm-up"
+    for pages, got, enc in sent:
+        assert enc.k.shape[1] == len(pages)  # the payload carries its n pages only
+        assert pool_bytes(dst.cache, got) == pool_bytes(src.cache, pages)
+
+
 def test_unknown_compression_is_an_error():
     with pytest.raises(ValueError, match="kv_compression must be one of"):
         kv_codec.encode(random_cache(2, jnp.float32), [1], 3, "fp4")

@@ -30,6 +30,11 @@ GUARD_THRESHOLD = 2% is ~3x the typical error and 2/3 of the H = 64 worst case: 
 pages pass and outlier-dominated rows are caught. Non-finite K/V (error NaN) is always sent
 raw. (With H <= 25 the bound is under 2%, so only non-finite pages can trigger it.)
 
+Page counts are padded to `page_bucket(n)` (1, 2, 3, 4, 6, 8, 12, ...) with the null page inside
+the jitted gathers and scatters, so a handful of programs serve every prompt length (a new n
+would otherwise compile a program mid-request: ~40-200 ms on a CPU, on every transfer of a
+length not seen before); `ModelRunner.warmup` compiles them. The payload itself has n pages.
+
 Shapes: L layers, n pages, m guarded pages, G tokens per page, K kv heads, H head dim.
 """
 
@@ -45,7 +50,7 @@ import numpy as np
 from raypd.engine.api import KV_COMPRESSIONS as COMPRESSIONS  # noqa: F401 - ("int8", "none"), re-exported
 from raypd.engine.api import EncodedKV  # noqa: F401 - the payload type, re-exported
 from raypd.engine.api import check_kv_compression
-from raypd.engine.paged import KVCache, read_pages, write_pages
+from raypd.engine.paged import KVCache, pad_pages as _pad_pages, padded_ids, page_bucket, read_pages, write_pages  # noqa: F401
 
 QMAX = 127
 GUARD_THRESHOLD = 0.02  # relative RMS error per page above which the page is sent raw
@@ -131,17 +136,17 @@ def encode(cache: KVCache, pages: list[int], num_tokens: int, compression: str =
     """Read a request's pages out of `cache` (not modified) into an `EncodedKV` of numpy.
     For one layer group, pass `layer_slice(cache, lo, hi)`: the payload then has L = hi - lo."""
     check_compression(compression)
-    ids = jnp.asarray(pages, jnp.int32)
+    n, ids = len(pages), padded_ids(pages)
     dtype = str(cache.k[0].dtype)
     if compression == "none":
         k, v = jax.device_get(read_pages(cache, ids))
-        return EncodedKV("none", num_tokens, dtype, k, v)
+        return EncodedKV("none", num_tokens, dtype, k[:, :n], v[:, :n])
     kq, vq, ks, vs, err = jax.device_get(gather_quantize(cache, ids))
-    raw = guarded_pages(err, threshold)
-    enc = EncodedKV("int8", num_tokens, dtype, kq, vq, ks, vs, raw_index=raw)
+    raw = guarded_pages(err[:n], threshold)
+    enc = EncodedKV("int8", num_tokens, dtype, kq[:, :n], vq[:, :n], ks[:, :n], vs[:, :n], raw_index=raw)
     if len(raw):
-        rk, rv = jax.device_get(read_pages(cache, ids[raw]))
-        enc = enc.replace(raw_k=rk, raw_v=rv)
+        rk, rv = jax.device_get(read_pages(cache, padded_ids(np.asarray(pages, np.int32)[raw])))
+        enc = enc.replace(raw_k=rk[:, : len(raw)], raw_v=rv[:, : len(raw)])
     return enc
 
 
@@ -172,12 +177,16 @@ def decode_into(cache: KVCache, pages: list[int], enc: EncodedKV, first_layer: i
         lo, hi = first_layer, first_layer + L
         sub = decode_into(layer_slice(cache, lo, hi), pages, enc)
         return KVCache(k=cache.k[:lo] + sub.k + cache.k[hi:], v=cache.v[:lo] + sub.v + cache.v[hi:])
-    ids = jnp.asarray(pages, jnp.int32)
+    ids = padded_ids(pages)
+    B = int(ids.shape[0])
     if enc.compression == "none":
-        return write_pages(cache, ids, enc.k, enc.v)
-    cache = dequantize_scatter(cache, ids, enc.k, enc.v, enc.k_scale, enc.v_scale)
+        return write_pages(cache, ids, _pad_pages(enc.k, B), _pad_pages(enc.v, B))
+    cache = dequantize_scatter(cache, ids, _pad_pages(enc.k, B), _pad_pages(enc.v, B),
+                               _pad_pages(enc.k_scale, B), _pad_pages(enc.v_scale, B))
     if enc.num_raw_pages:
-        cache = write_pages(cache, ids[np.asarray(enc.raw_index)], enc.raw_k, enc.raw_v)
+        raw_ids = padded_ids(np.asarray(pages, np.int32)[np.asarray(enc.raw_index)])
+        R = int(raw_ids.shape[0])
+        cache = write_pages(cache, raw_ids, _pad_pages(enc.raw_k, R), _pad_pages(enc.raw_v, R))
     return cache
 
 

@@ -18,11 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from models import llama
 from models.config import ModelConfig
 from raypd.engine import attention
+from raypd.engine.pages import NULL_PAGE
 from raypd.engine.sampling import PenaltyTable, Sampled, SamplingArrays, sample
 
 
@@ -132,6 +134,36 @@ def step(params: EngineParams, cache: KVCache, b: Batch, s: SamplingArrays, cfg:
 embed_step = jax.jit(lambda params, b: llama.embed(params, b.tokens))
 layers_step = jax.jit(run_layers, static_argnums=(5, 6), donate_argnums=(1, 2))
 head_step = jax.jit(_head, static_argnums=4)
+
+
+# ---------------------------------------------------------------- page-count buckets
+
+
+def page_bucket(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... that is >= n (at most ~33% padding)."""
+    if n < 1:
+        raise ValueError(f"a transfer has at least one page, got {n}")
+    b = 1
+    while True:
+        for c in (b, 3 * b // 2):
+            if c >= n:
+                return c
+        b *= 2
+
+
+def padded_ids(pages) -> jax.Array:
+    """pages [n] -> int32 [page_bucket(n)], padded with the null page (read: ignored; written: a sink)."""
+    ids = np.full(page_bucket(len(pages)), NULL_PAGE, np.int32)
+    ids[: len(pages)] = pages
+    return jnp.asarray(ids)
+
+
+def pad_pages(x: np.ndarray, n: int) -> np.ndarray:
+    """[L, m, ...] -> [L, n, ...] with zero pages appended (n >= m)."""
+    x = np.asarray(x)
+    if x.shape[1] == n:
+        return x
+    return np.concatenate([x, np.zeros((x.shape[0], n - x.shape[1]) + x.shape[2:], x.dtype)], axis=1)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

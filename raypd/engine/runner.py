@@ -245,11 +245,14 @@ class ModelRunner:
     def read_layer_pages(self, pages: list[int], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """K/V of layers [lo, hi) for `pages` -> k, v [hi - lo, n, G, K, H] (blocks until written)."""
         sub = paged.KVCache(k=self.cache.k[lo:hi], v=self.cache.v[lo:hi])
-        k, v = paged.read_pages(sub, jnp.asarray(pages, jnp.int32))
-        return jax.device_get((k, v))
+        k, v = paged.read_pages(sub, paged.padded_ids(pages))  # one program per page-count bucket
+        k, v = jax.device_get((k, v))
+        return k[:, : len(pages)], v[:, : len(pages)]
 
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
-        self.cache = paged.write_pages(self.cache, jnp.asarray(pages, jnp.int32), k, v)
+        ids = paged.padded_ids(pages)  # one program per page-count bucket
+        n = int(ids.shape[0])
+        self.cache = paged.write_pages(self.cache, ids, paged.pad_pages(k, n), paged.pad_pages(v, n))
 
     def prompt_logprobs(self, prompt_ids) -> list[float]:
         """The logprob of each prompt token after the first given those before it, by one
@@ -270,8 +273,8 @@ class ModelRunner:
         self.cache = paged.write_pages(self.cache, jnp.asarray(dst, jnp.int32), k, v)
 
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        k, v = paged.read_pages(self.cache, jnp.asarray(pages, jnp.int32))
-        return jax.device_get((k, v))
+        k, v = jax.device_get(paged.read_pages(self.cache, paged.padded_ids(pages)))
+        return k[:, : len(pages)], v[:, : len(pages)]
 
     # ---------------------------------------------------------------- batch building
 
@@ -306,4 +309,24 @@ class ModelRunner:
                 count += 1
         self.copy_pages([0], [0])  # a sample of n > 1 copying its partial page (the null page: a sink)
         jax.block_until_ready(tokens)
-        return count + 1
+        return count + 1 + self.warmup_transfers()
+
+    def warmup_transfers(self) -> int:
+        """Compile the K/V codec's gathers and scatters (raypd.engine.kv_codec) for every page-count
+        bucket of one sequence, both compressions, the whole stack and each layer group, reading
+        and writing only the null page. -> programs run."""
+        from raypd.engine import kv_codec  # noqa: PLC0415 - the codec imports this module's neighbours
+
+        buckets = sorted({kv_codec.page_bucket(n) for n in range(1, self.max_pages_per_seq + 1)})
+        slices = {(0, self.cfg.num_layers)} | (set(self.layer_groups) if len(self.layer_groups) > 1 else set())
+        count = 0
+        for lo, hi in sorted(slices):
+            for n in buckets:
+                for compression in kv_codec.COMPRESSIONS:
+                    pages = [0] * n
+                    enc = kv_codec.encode(kv_codec.layer_slice(self.cache, lo, hi), pages, n * self.page_size,
+                                          compression)
+                    self.cache = kv_codec.decode_into(self.cache, pages, enc, first_layer=lo)
+                    count += 1
+        jax.block_until_ready(self.cache.k[0])
+        return count

@@ -17,6 +17,7 @@ Time for the core is `time.monotonic()`, passed in.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -72,6 +73,7 @@ class Scheduler:
         self._exports: set[asyncio.Task] = set()  # host-copy exports under way
         self._calibration: dict = {}
         self._overhead_s = 0.0
+        self._overhead_by: dict[str, float] = collections.defaultdict(float)  # event -> seconds
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> dict:
@@ -203,7 +205,9 @@ class Scheduler:
             for prompt_ids, params, _ in items:
                 self.rebalancer.observe(now, len(prompt_ids), params.max_tokens)
         await self._act(actions)
-        self._overhead_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self._overhead_s += spent
+        self._overhead_by["submit"] += spent
         return {"ids": result} if isinstance(result, list) else {"error": result}
 
     async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict:
@@ -233,7 +237,8 @@ class Scheduler:
         pre = await self._worker_status(core.PREFILL)
         dec = await self._worker_status(core.DECODE)
         return dict(self.core.stats(), prefill=pre, decode=dec, calibration=self._calibration,
-                    overhead_ms_per_request=1e3 * self._overhead_s / max(1, self.core.num_requests))
+                    overhead_ms_per_request=1e3 * self._overhead_s / max(1, self.core.num_requests),
+                    overhead_s_by_event=dict(self._overhead_by))
 
     async def is_ready(self) -> bool:
         """Whether a request submitted now can be served (a live decode worker), without asking
@@ -326,7 +331,9 @@ class Scheduler:
         """Feed the core one event (with the time) and act on what it returns."""
         t0 = time.perf_counter()
         actions = getattr(self.core, method)(*args, now_s=time.monotonic(), **kwargs)
-        self._overhead_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self._overhead_s += spent
+        self._overhead_by[method] += spent
         await self._act(actions)
 
     async def _call(self, worker: str, method: str, *args, ref=None):

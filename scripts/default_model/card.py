@@ -13,7 +13,19 @@ def _mark(ok: bool) -> str:
 
 def model_card(r: dict) -> str:
     c, s, corp, g, t = r["config"], r["spec"], r["corpus"], r["gates"], r["trained"]
-    history = f"\nSchedule change during the run: {r['history']}.\n" if r.get("history") else ""
+    history = f"\nSchedule of the run: {r['history']}.\n" if r.get("history") else ""
+    ft = r.get("finetune")
+    if ft:
+        f = ft["settings"]
+        history += (f"\nThen {t['finetune_steps']} steps of sequence-level unlikelihood fine-tuning against "
+                    f"greedy loops (`models/unlikelihood.py`, from `{ft['base_checkpoint']}`): each step "
+                    f"{f['mle_windows']} MLE windows of {s['seq_lens'][-1]} tokens plus {f['alpha']} x the "
+                    f"unlikelihood of every token of a repeated {f['ngram']}-gram in {f['ul_rows']} greedy "
+                    f"continuations ({qg.GREEDY_NEW_TOKENS} tokens) of training-text prefixes (8-{f['prefix']} "
+                    f"tokens, half at file openings); AdamW, peak lr {f['lr']}, cosine to 10%. The gate's "
+                    f"prompts were not used. Reproduce: `--run-dir RUN_UL --unlikelihood-steps {f['steps']} "
+                    f"--ul-lr {f['lr']} --ul-alpha {f['alpha']} --ul-ngram {f['ngram']} "
+                    f"--ul-mle-windows {f['mle_windows']}`, then `--run-dir RUN_UL --export DIR`.\n")
     passed = g["passed"]
     phases = ", ".join(f"{n} tokens for {f:.0%}" for n, f in zip(s["seq_lens"], s["phase_fractions"]))
     buckets = ", ".join(f"{b:.3f}" for b in g["bucket_losses"])
