@@ -53,7 +53,7 @@ def main() -> int:
     engine = EngineConfig(page_size=16, max_seq_len=args.prompt_len + 64, kv_memory_bytes=512 << 20,
                           max_slots=8, prefill_buckets=tuple(int(b) for b in args.prefill_buckets.split(",")))
     start = time.perf_counter()
-    d = raypd.serve(args.model, name="bench-runtime", engine_config=engine, calibrate=True, warmup=True,
+    d = raypd.serve(args.model, name="bench-runtime", engine_config=engine, calibrate=True,
                     host_copies=args.host_copies)
     startup_s = time.perf_counter() - start
     log(f"deployment up in {startup_s:.0f} s: {json.dumps(d.status()['calibration'].get('cost'))}")

@@ -148,11 +148,12 @@ def finetune(base_run_dir: Path, run_dir: Path, steps: int, *, lr: float, alpha:
         params, opt_state, mle, ul = unlikelihood.train_step(
             params, opt_state, jnp.asarray(mle_batch), jnp.asarray(seqs), jnp.asarray(mask),
             jnp.float32(alpha), cfg, opt)
+        mle, ul = float(mle), float(ul)  # waits for the step, so the time below is its own
         step += 1
         meta["train_s"] += time.time() - t0
         meta["cpu_s"] = meta.get("cpu_s", 0.0) + time.process_time() - c0
         meta["tokens_seen"] += int(mle_batch.size - len(mle_batch))
-        logs.append((float(mle), float(ul), marked / mask.size))
+        logs.append((mle, ul, marked / mask.size))
         if step % log_every == 0 or step == steps:
             m = np.mean(logs, axis=0)
             run._log(run_dir, {"step": step, "loss": round(float(m[0]), 4), "ul": round(float(m[1]), 4),
