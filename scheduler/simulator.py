@@ -13,8 +13,8 @@ What runs, per event (seconds on the virtual clock):
                 `prefill_chunk_len` tokens), then one decode step for every running slot
                 (`cost.predict_decode_step_s(batch, context)`), plus `iteration_overhead_s`.
                 Its report reaches the core at the iteration's end.
-Clients see tokens when a report arrives. Pages are counted like the engines do (prompt +
-max_tokens reserved per slot, full pages retained for the KV store) so placement, eviction
+Clients see tokens `delivery_s` after the report that carries them arrives. Pages are counted
+like the engines do (prompt + max_tokens reserved per slot, full pages retained for the KV store) so placement, eviction
 and prefix reuse behave as deployed. Pure Python: no Ray, threads or asyncio.
 """
 
@@ -46,6 +46,7 @@ class WorkerProfile:
     max_seq_len: int
     prefill_chunk_len: int = 256  # a decode worker's local prefill chunk per iteration
     iteration_overhead_s: float = 0.0  # host work per decode iteration (scheduling, the report RPC)
+    delivery_s: float = 0.0  # a token's way from the worker's report to the client (RPCs, the client's poll)
     device: str = "unknown"
     tp: int = 1  # devices per worker
 
@@ -225,7 +226,7 @@ class Simulator:
             if res is None:
                 continue
             if entry["finished"]:
-                res.end_s = self.now
+                res.end_s = self.now + (self.profile.delivery_s if res.token_s else 0.0)
                 m = entry["metrics"]
                 res.placement = dict(prefill_worker=m.get("prefill_worker"), decode_worker=m.get("decode_worker"),
                                      is_local_prefill=m.get("is_local_prefill"))
@@ -397,7 +398,8 @@ class Simulator:
         w.window = None
         for rid in report.tokens:  # first tokens (and aborts) of this iteration, at its end
             if rid in self.results:
-                self.results[rid].token_s.extend(times[0] for t in report.tokens[rid] if t.token_id >= 0)
+                self.results[rid].token_s.extend(times[0] + self.profile.delivery_s
+                                                 for t in report.tokens[rid] if t.token_id >= 0)
         for rid in stepping:
             if rid not in w.running:
                 continue
@@ -407,7 +409,7 @@ class Simulator:
             report.tokens.setdefault(rid, []).extend(Token(0, 0.0, None, "") for _ in times[1:])
             report.tokens[rid].append(Token(0, 0.0, "length" if done else None, ""))
             if rid in self.results:
-                self.results[rid].token_s.extend(times)
+                self.results[rid].token_s.extend(t + self.profile.delivery_s for t in times)
             if done:
                 del w.running[rid]
                 seq = list(req.prompt_ids) + toks

@@ -47,7 +47,8 @@ import bench_study as bs  # noqa: E402
 from raypd.bench import metrics  # noqa: E402
 from raypd.planner import simulate_requests  # noqa: E402
 from scheduler import CostModel  # noqa: E402
-from scheduler.simulator import SimRequest, WorkerProfile  # noqa: E402
+from scheduler import PolicyConfig  # noqa: E402
+from scheduler.simulator import SimRequest, Simulator, WorkerProfile  # noqa: E402
 
 METRICS = (("ttft_p50_s", "ttft_ms", "p50"), ("ttft_p90_s", "ttft_ms", "p90"), ("tpot_p50_s", "tpot_ms", "p50"),
            ("tpot_p90_s", "tpot_ms", "p90"))
@@ -128,6 +129,32 @@ def profile_of(target, chunk: int, calibration: dict) -> WorkerProfile:
                          prefill_chunk_len=chunk, device="cpu (this machine)")
 
 
+def host_overheads(target, profile: WorkerProfile, mode: str, wl: str, args, num: int = 4):
+    """Part of the calibration: the host costs the engines' timings leave out. `num` probe
+    requests of the workload (their own seed, one at a time, seconds apart) go through the
+    deployment and through the simulator with no host costs; the median gap in TTFT is the
+    delivery time (scheduler RPCs, the client's poll) and in TPOT the per-iteration overhead.
+    -> (the profile with both, the figures). Run before the point's measurement, never on it."""
+    study_args = argparse.Namespace(mock=args.mock, max_slots=args.max_slots, seed=args.seed)
+    reqs = bs.requests(study_args, target, wl, num, 0.5, seed=args.seed + 5000)
+    reqs = [dataclasses.replace(r, arrival_s=5.0 * i) for i, r in enumerate(reqs)]  # one at a time
+    records = sorted(bs.measure(target, reqs, metrics.SLO(), concurrency=1)["records"], key=lambda r: r["index"])
+    local = profile.max_seq_len if mode == "colocated" else 0
+    sim = Simulator(profile, *((0, 1) if mode == "colocated" else (1, 1)),
+                    PolicyConfig(local_prefill_max_len=local, max_queued=1 << 30))
+    results = sim.run([SimRequest(r.arrival_s, tuple(r.prompt_ids), r.max_tokens) for r in reqs])
+    ttft_gap, tpot_gap = [], []
+    for m, r in zip(records, results):
+        if m["ttft_s"] is None or not r.token_s:
+            continue
+        ttft_gap.append(m["ttft_s"] - (r.token_s[0] - r.arrival_s))
+        if m["tpot_s"] is not None and len(r.token_s) > 1:
+            tpot_gap.append(m["tpot_s"] - (r.token_s[-1] - r.token_s[0]) / (len(r.token_s) - 1))
+    host = dict(delivery_s=max(0.0, float(np.median(ttft_gap))) if ttft_gap else 0.0,
+                iteration_overhead_s=max(0.0, float(np.median(tpot_gap))) if tpot_gap else 0.0)
+    return dataclasses.replace(profile, **host), host
+
+
 def sim_point(profile: WorkerProfile, mode: str, reqs, slo: metrics.SLO) -> dict:
     sim_reqs = [SimRequest(r.arrival_s, tuple(r.prompt_ids), r.max_tokens) for r in reqs]
     num_prefill, num_decode = (0, 1) if mode == "colocated" else (1, 1)
@@ -203,8 +230,9 @@ def point(target, mode: str, wl: str, rate: float, reqs, slo: metrics.SLO, args)
     ceiling probe around both says whether the machine's speed held between the two."""
     cal_probes = [ceiling()]
     calibration = target.handle.calibrate()
-    cal_probes.append(ceiling())
     profile = profile_of(target, args.chunk, calibration)
+    profile, host = host_overheads(target, profile, mode, wl, args)
+    cal_probes.append(ceiling())
     meas_probes = [ceiling()]
     measured = bs.measure(target, reqs, slo)
     meas = flat(measured["summary"])
@@ -219,7 +247,7 @@ def point(target, mode: str, wl: str, rate: float, reqs, slo: metrics.SLO, args)
                 error={k: rel_err(sim[k], meas[k]) for k in meas}, calibration_probes=cal_probes,
                 measurement_probes=meas_probes, drift=moved, is_reliable=moved <= args.max_drift,
                 breakdown_s=measured["breakdown_s"], breakdown_p99_s=measured["breakdown_p99_s"],
-                cost=calibration["cost"], profile=profile)
+                cost=calibration["cost"], host_overheads=host, profile=profile)
 
 
 def analyse(points: list[dict]) -> dict:

@@ -40,6 +40,20 @@ def test_disaggregated_one_request_by_hand():
     assert a.placement == dict(prefill_worker="prefill-0", decode_worker="decode-0", is_local_prefill=False)
 
 
+def test_host_costs_delay_delivery_and_every_iteration_by_hand():
+    """delivery_s: every token reaches the client that much later (TTFT and E2E move, TPOT not);
+    iteration_overhead_s: each decode iteration takes that much longer."""
+    import dataclasses
+
+    D, O = 0.005, 0.003
+    slow = dataclasses.replace(profile(transfer_s=T), delivery_s=D, iteration_overhead_s=O)
+    sim = Simulator(slow, num_prefill=1, num_decode=1, policy=PolicyConfig(local_prefill_max_len=0))
+    (a,) = sim.run([SimRequest(0.0, tuple(range(8)), 3)])
+    first = P + T + O  # the receiving iteration costs its overhead too
+    assert a.token_s == pytest.approx([first + D, first + S + O + D, first + 2 * (S + O) + D])
+    assert a.end_s == pytest.approx(a.token_s[-1])
+
+
 def test_a_prefill_pool_of_its_own_profile_by_hand():
     """Pools of different TP degrees: prefill costs come from the prefill pool's profile, decode
     steps from the decode pool's, in the workers and in the scheduler's one cost model."""
