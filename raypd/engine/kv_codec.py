@@ -50,7 +50,9 @@ import numpy as np
 from raypd.engine.api import KV_COMPRESSIONS as COMPRESSIONS  # noqa: F401 - ("int8", "none"), re-exported
 from raypd.engine.api import EncodedKV  # noqa: F401 - the payload type, re-exported
 from raypd.engine.api import check_kv_compression
-from raypd.engine.paged import KVCache, pad_pages as _pad_pages, padded_ids, page_bucket, read_pages, write_pages  # noqa: F401
+from raypd.engine.paged import KVCache, padded_ids, read_pages, write_pages
+from raypd.engine.paged import pad_pages as _pad_pages
+from raypd.engine.paged import page_bucket  # noqa: F401 - re-exported
 
 QMAX = 127
 GUARD_THRESHOLD = 0.02  # relative RMS error per page above which the page is sent raw

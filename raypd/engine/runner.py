@@ -23,7 +23,7 @@ import numpy as np
 
 from models import Model, llama
 from models.sharding import kv_sharding, make_mesh, replicated, shard_params
-from raypd.engine import attention, decode_state, paged
+from raypd.engine import attention, decode_state, kv_codec, paged
 from raypd.engine.pages import PageAllocator
 from raypd.engine.api import MAX_LOGIT_BIAS
 from raypd.engine.sampling import MAX_SUPPRESS_IDS, PenaltyTable, SamplingArrays, empty_table
@@ -315,8 +315,6 @@ class ModelRunner:
         """Compile the K/V codec's gathers and scatters (raypd.engine.kv_codec) for every page-count
         bucket of one sequence, both compressions, the whole stack and each layer group, reading
         and writing only the null page. -> programs run."""
-        from raypd.engine import kv_codec  # noqa: PLC0415 - the codec imports this module's neighbours
-
         buckets = sorted({kv_codec.page_bucket(n) for n in range(1, self.max_pages_per_seq + 1)})
         slices = {(0, self.cfg.num_layers)} | (set(self.layer_groups) if len(self.layer_groups) > 1 else set())
         count = 0
