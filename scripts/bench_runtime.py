@@ -101,9 +101,11 @@ def main() -> int:
                 - before["overhead_ms_per_request"] * before["num_requests"])
     num = after["num_requests"] - before["num_requests"]
     overhead_ms = total_ms / num
+    overhead_cpu_ms = (after["overhead_cpu_ms_per_request"] * after["num_requests"]
+                       - before["overhead_cpu_ms_per_request"] * before["num_requests"]) / num
     by_event = {k: 1e3 * (v - before["overhead_s_by_event"].get(k, 0.0)) / num
                 for k, v in after["overhead_s_by_event"].items()}
-    log(f"scheduler overhead {overhead_ms:.2f} ms per request: "
+    log(f"scheduler overhead {overhead_ms:.2f} ms per request ({overhead_cpu_ms:.2f} ms of its thread's CPU): "
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(by_event.items(), key=lambda kv: -kv[1])))
     d.clear_cache()
     d.shutdown()
@@ -113,7 +115,8 @@ def main() -> int:
                   speedup=cold_s / warm_s, cold_computed=colds[0]["num_computed_tokens"],
                   warm_computed=warms[0]["num_computed_tokens"], host_ttft_s=host_s, host_speedup=cold_s / host_s,
                   host_computed=hosts[0]["num_computed_tokens"], host_copies=args.host_copies,
-                  overhead_ms_per_request=overhead_ms, overhead_ms_by_event=by_event,
+                  overhead_ms_per_request=overhead_ms, overhead_cpu_ms_per_request=overhead_cpu_ms,
+                  overhead_ms_by_event=by_event,
                   num_overhead_requests=args.num_overhead_requests, overhead_batch_s=batch_s, repeats=args.repeats,
                   startup_s=startup_s, local_prefill_max_len=after["local_prefill_max_len"],
                   cost=after["calibration"].get("cost"))
