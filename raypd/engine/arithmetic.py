@@ -225,6 +225,9 @@ class ArithmeticRunner:
     def warmup(self) -> int:
         return 0  # nothing to compile
 
+    def warmup_transfers(self) -> int:
+        return 0  # pages are read in numpy; nothing here is timed, so nothing is compiled ahead
+
 
 def expected_tokens(prompt: list[int], max_tokens: int, prefill_weight: int, decode_weight: int,
                     vocab_size: int) -> list[int]:
