@@ -202,6 +202,21 @@ def simulate_requests(worker: WorkerProfile, mode: str, num_prefill: int, num_de
                       admission: bool = False, prefix_cache: bool = False,
                       prefill_worker: WorkerProfile | None = None) -> dict:
     """`simulate` for a given list of requests (e.g. the exact ones a measured run sent)."""
+    records, num_prefill = simulate_records(worker, mode, num_prefill, num_decode, requests, slo,
+                                            local_prefill_max_len, admission, prefix_cache, prefill_worker)
+    duration = max((r.end_s or r.sent_s) for r in records) - min(r.sent_s for r in records)
+    summary = bm.summarize(records, max(duration, 1e-9), slo)
+    num_devices = num_prefill * (prefill_worker or worker).tp + num_decode * worker.tp
+    return dict(_flat(summary), mode=mode, num_prefill=num_prefill, num_decode=num_decode,
+                num_devices=num_devices, device=worker.device, summary=summary)
+
+
+def simulate_records(worker: WorkerProfile, mode: str, num_prefill: int, num_decode: int,
+                     requests: list[SimRequest], slo: bm.SLO = bm.SLO(), local_prefill_max_len: int | None = None,
+                     admission: bool = False, prefix_cache: bool = False,
+                     prefill_worker: WorkerProfile | None = None) -> tuple[list, int]:
+    """The simulated requests as the benchmark's per-request records (what a client saw), and
+    the number of prefill workers the mode used."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "colocated":
@@ -212,13 +227,7 @@ def simulate_requests(worker: WorkerProfile, mode: str, num_prefill: int, num_de
         local = 0 if local_prefill_max_len is None else local_prefill_max_len
     sim = Simulator(worker, num_prefill, num_decode, PolicyConfig(local_prefill_max_len=local, max_queued=1 << 30),
                     prefix_cache=prefix_cache, prefill_profile=prefill_worker)
-    results = sim.run(requests, slo.ttft_s if admission else None)
-    records = _records(results)
-    duration = max((r.end_s or r.sent_s) for r in records) - min(r.sent_s for r in records)
-    summary = bm.summarize(records, max(duration, 1e-9), slo)
-    num_devices = num_prefill * (prefill_worker or worker).tp + num_decode * worker.tp
-    return dict(_flat(summary), mode=mode, num_prefill=num_prefill, num_decode=num_decode,
-                num_devices=num_devices, device=worker.device, summary=summary)
+    return _records(sim.run(requests, slo.ttft_s if admission else None)), num_prefill
 
 
 # ----------------------------------------------------------------------------- plan

@@ -45,10 +45,9 @@ import numpy as np  # noqa: E402
 
 import bench_study as bs  # noqa: E402
 from raypd.bench import metrics  # noqa: E402
-from raypd.planner import simulate_requests  # noqa: E402
+from raypd.planner import simulate_records, simulate_requests  # noqa: E402
 from scheduler import CostModel  # noqa: E402
-from scheduler import PolicyConfig  # noqa: E402
-from scheduler.simulator import SimRequest, Simulator, WorkerProfile  # noqa: E402
+from scheduler.simulator import SimRequest, WorkerProfile  # noqa: E402
 
 METRICS = (("ttft_p50_s", "ttft_ms", "p50"), ("ttft_p90_s", "ttft_ms", "p90"), ("tpot_p50_s", "tpot_ms", "p50"),
            ("tpot_p90_s", "tpot_ms", "p90"))
@@ -138,18 +137,12 @@ def host_overheads(target, profile: WorkerProfile, mode: str, wl: str, args, num
     study_args = argparse.Namespace(mock=args.mock, max_slots=args.max_slots, seed=args.seed)
     reqs = bs.requests(study_args, target, wl, num, 0.5, seed=args.seed + 5000)
     reqs = [dataclasses.replace(r, arrival_s=5.0 * i) for i, r in enumerate(reqs)]  # one at a time
-    records = sorted(bs.measure(target, reqs, metrics.SLO(), concurrency=1)["records"], key=lambda r: r["index"])
-    local = profile.max_seq_len if mode == "colocated" else 0
-    sim = Simulator(profile, *((0, 1) if mode == "colocated" else (1, 1)),
-                    PolicyConfig(local_prefill_max_len=local, max_queued=1 << 30))
-    results = sim.run([SimRequest(r.arrival_s, tuple(r.prompt_ids), r.max_tokens) for r in reqs])
-    ttft_gap, tpot_gap = [], []
-    for m, r in zip(records, results):
-        if m["ttft_s"] is None or not r.token_s:
-            continue
-        ttft_gap.append(m["ttft_s"] - (r.token_s[0] - r.arrival_s))
-        if m["tpot_s"] is not None and len(r.token_s) > 1:
-            tpot_gap.append(m["tpot_s"] - (r.token_s[-1] - r.token_s[0]) / (len(r.token_s) - 1))
+    measured = sorted(bs.measure(target, reqs, metrics.SLO(), concurrency=1)["records"], key=lambda r: r["index"])
+    simulated, _ = simulate_records(profile, mode, 1, 1, [SimRequest(r.arrival_s, tuple(r.prompt_ids), r.max_tokens)
+                                                          for r in reqs])
+    pairs = [(m, metrics.ttft_s(r), metrics.tpot_s(r)) for m, r in zip(measured, simulated) if r.is_ok]
+    ttft_gap = [m["ttft_s"] - t for m, t, _ in pairs if m["ttft_s"] is not None]
+    tpot_gap = [m["tpot_s"] - t for m, _, t in pairs if m["tpot_s"] is not None and t is not None]
     host = dict(delivery_s=max(0.0, float(np.median(ttft_gap))) if ttft_gap else 0.0,
                 iteration_overhead_s=max(0.0, float(np.median(tpot_gap))) if tpot_gap else 0.0)
     return dataclasses.replace(profile, **host), host

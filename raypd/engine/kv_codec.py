@@ -50,8 +50,8 @@ import numpy as np
 from raypd.engine.api import KV_COMPRESSIONS as COMPRESSIONS  # noqa: F401 - ("int8", "none"), re-exported
 from raypd.engine.api import EncodedKV  # noqa: F401 - the payload type, re-exported
 from raypd.engine.api import check_kv_compression
-from raypd.engine.paged import KVCache, padded_ids, read_pages, write_pages
-from raypd.engine.paged import pad_pages as _pad_pages
+from raypd.engine.paged import (KVCache, pad_pages, padded_ids, read_pages, read_pages_to_host, write_pages,
+                                write_pages_from_host)
 from raypd.engine.paged import page_bucket  # noqa: F401 - re-exported
 
 QMAX = 127
@@ -138,17 +138,16 @@ def encode(cache: KVCache, pages: list[int], num_tokens: int, compression: str =
     """Read a request's pages out of `cache` (not modified) into an `EncodedKV` of numpy.
     For one layer group, pass `layer_slice(cache, lo, hi)`: the payload then has L = hi - lo."""
     check_compression(compression)
-    n, ids = len(pages), padded_ids(pages)
     dtype = str(cache.k[0].dtype)
     if compression == "none":
-        k, v = jax.device_get(read_pages(cache, ids))
-        return EncodedKV("none", num_tokens, dtype, k[:, :n], v[:, :n])
+        return EncodedKV("none", num_tokens, dtype, *read_pages_to_host(cache, pages))
+    n, ids = len(pages), padded_ids(pages)
     kq, vq, ks, vs, err = jax.device_get(gather_quantize(cache, ids))
     raw = guarded_pages(err[:n], threshold)
     enc = EncodedKV("int8", num_tokens, dtype, kq[:, :n], vq[:, :n], ks[:, :n], vs[:, :n], raw_index=raw)
     if len(raw):
-        rk, rv = jax.device_get(read_pages(cache, padded_ids(np.asarray(pages, np.int32)[raw])))
-        enc = enc.replace(raw_k=rk[:, : len(raw)], raw_v=rv[:, : len(raw)])
+        rk, rv = read_pages_to_host(cache, np.asarray(pages, np.int32)[raw])
+        enc = enc.replace(raw_k=rk, raw_v=rv)
     return enc
 
 
@@ -179,16 +178,15 @@ def decode_into(cache: KVCache, pages: list[int], enc: EncodedKV, first_layer: i
         lo, hi = first_layer, first_layer + L
         sub = decode_into(layer_slice(cache, lo, hi), pages, enc)
         return KVCache(k=cache.k[:lo] + sub.k + cache.k[hi:], v=cache.v[:lo] + sub.v + cache.v[hi:])
+    if enc.compression == "none":
+        return write_pages_from_host(cache, pages, enc.k, enc.v)
     ids = padded_ids(pages)
     B = int(ids.shape[0])
-    if enc.compression == "none":
-        return write_pages(cache, ids, _pad_pages(enc.k, B), _pad_pages(enc.v, B))
-    cache = dequantize_scatter(cache, ids, _pad_pages(enc.k, B), _pad_pages(enc.v, B),
-                               _pad_pages(enc.k_scale, B), _pad_pages(enc.v_scale, B))
+    cache = dequantize_scatter(cache, ids, pad_pages(enc.k, B), pad_pages(enc.v, B),
+                               pad_pages(enc.k_scale, B), pad_pages(enc.v_scale, B))
     if enc.num_raw_pages:
-        raw_ids = padded_ids(np.asarray(pages, np.int32)[np.asarray(enc.raw_index)])
-        R = int(raw_ids.shape[0])
-        cache = write_pages(cache, raw_ids, _pad_pages(enc.raw_k, R), _pad_pages(enc.raw_v, R))
+        raw = np.asarray(pages, np.int32)[np.asarray(enc.raw_index)]
+        cache = write_pages_from_host(cache, raw, enc.raw_k, enc.raw_v)
     return cache
 
 

@@ -166,6 +166,19 @@ def pad_pages(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((x.shape[0], n - x.shape[1]) + x.shape[2:], x.dtype)], axis=1)
 
 
+def read_pages_to_host(cache: KVCache, pages) -> tuple[np.ndarray, np.ndarray]:
+    """k, v [L, n, G, K, H] of `pages` as numpy, by the bucketed gather (`read_pages`)."""
+    k, v = jax.device_get(read_pages(cache, padded_ids(pages)))
+    return k[:, : len(pages)], v[:, : len(pages)]
+
+
+def write_pages_from_host(cache: KVCache, pages, k: np.ndarray, v: np.ndarray) -> KVCache:
+    """`write_pages` of k, v [L, n, G, K, H] into `pages` (n of them), bucketed; the cache is donated."""
+    ids = padded_ids(pages)
+    B = int(ids.shape[0])
+    return write_pages(cache, ids, pad_pages(k, B), pad_pages(v, B))
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def write_pages(cache: KVCache, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
     """Scatter whole pages into the pool. pages [n], k/v [L, n, G, K, H]. The cache is donated."""

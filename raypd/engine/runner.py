@@ -244,15 +244,10 @@ class ModelRunner:
 
     def read_layer_pages(self, pages: list[int], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """K/V of layers [lo, hi) for `pages` -> k, v [hi - lo, n, G, K, H] (blocks until written)."""
-        sub = paged.KVCache(k=self.cache.k[lo:hi], v=self.cache.v[lo:hi])
-        k, v = paged.read_pages(sub, paged.padded_ids(pages))  # one program per page-count bucket
-        k, v = jax.device_get((k, v))
-        return k[:, : len(pages)], v[:, : len(pages)]
+        return paged.read_pages_to_host(paged.KVCache(k=self.cache.k[lo:hi], v=self.cache.v[lo:hi]), pages)
 
     def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
-        ids = paged.padded_ids(pages)  # one program per page-count bucket
-        n = int(ids.shape[0])
-        self.cache = paged.write_pages(self.cache, ids, paged.pad_pages(k, n), paged.pad_pages(v, n))
+        self.cache = paged.write_pages_from_host(self.cache, pages, k, v)
 
     def prompt_logprobs(self, prompt_ids) -> list[float]:
         """The logprob of each prompt token after the first given those before it, by one
@@ -273,8 +268,7 @@ class ModelRunner:
         self.cache = paged.write_pages(self.cache, jnp.asarray(dst, jnp.int32), k, v)
 
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        k, v = jax.device_get(paged.read_pages(self.cache, paged.padded_ids(pages)))
-        return k[:, : len(pages)], v[:, : len(pages)]
+        return paged.read_pages_to_host(self.cache, pages)
 
     # ---------------------------------------------------------------- batch building
 

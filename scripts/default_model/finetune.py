@@ -17,6 +17,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -109,10 +110,9 @@ def finetune(base_run_dir: Path, run_dir: Path, steps: int, *, lr: float, alpha:
     train_stream, heldout = np.load(data_dir / "train_stream.npy"), np.load(data_dir / "heldout_stream.npy")
     eos = info["eos_token_id"]
     cfg = trainer.model_config(spec, eos)
-    opt = trainer.make_optimizer(trainer.RunSpec(**{**spec.to_dict(), "seq_lens": spec.seq_lens,
-                                                  "phase_fractions": spec.phase_fractions,
-                                                  "num_steps": steps, "peak_lr": lr,
-                                                  "warmup_steps": min(WARMUP, steps - 1)}))
+    # the base run's optimizer structure (its checkpoints restore onto it), this phase's schedule
+    opt = trainer.make_optimizer(dataclasses.replace(spec, num_steps=steps, peak_lr=lr,
+                                                     warmup_steps=min(WARMUP, steps - 1)))
     params = init_params(cfg, seed=spec.seed)
     ckpts = trainer.checkpoint_paths(run_dir)
     if ckpts:
@@ -130,7 +130,7 @@ def finetune(base_run_dir: Path, run_dir: Path, steps: int, *, lr: float, alpha:
     def evaluate(step: int) -> None:
         bpb = run.quick_bpb(params, cfg, run.eval_windows(heldout, T, run.EVAL_TOKENS), byte_lens)
         rate = loop_rate(params, cfg, heldout, eos, decode)
-        run._log(run_dir, {"step": step, "heldout_bpb": round(bpb, 4), "loop_rate": rate, "time": time.time()})
+        run.log_metrics(run_dir, {"step": step, "heldout_bpb": round(bpb, 4), "loop_rate": rate, "time": time.time()})
         print(f"step {step} eval: held-out {bpb:.3f} bits/byte, loop rate {rate:.2f}", flush=True)
 
     step, logs = meta["step"], []
@@ -156,7 +156,7 @@ def finetune(base_run_dir: Path, run_dir: Path, steps: int, *, lr: float, alpha:
         logs.append((mle, ul, marked / mask.size))
         if step % log_every == 0 or step == steps:
             m = np.mean(logs, axis=0)
-            run._log(run_dir, {"step": step, "loss": round(float(m[0]), 4), "ul": round(float(m[1]), 4),
+            run.log_metrics(run_dir, {"step": step, "loss": round(float(m[0]), 4), "ul": round(float(m[1]), 4),
                                "marked": round(float(m[2]), 4), "train_s": round(meta["train_s"], 1),
                                "time": time.time()})
             print(f"step {step}/{steps} mle {m[0]:.3f} ul {m[1]:.3f} marked {m[2]:.1%}", flush=True)

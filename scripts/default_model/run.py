@@ -114,7 +114,7 @@ def quick_bpb(params, cfg, windows: np.ndarray, byte_lens: np.ndarray) -> float:
     return quality_gates.bits_per_byte(nll, windows, byte_lens)
 
 
-def _log(run_dir: Path, record: dict) -> None:
+def log_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -153,7 +153,7 @@ def train(run_dir: Path, data_dir: Path, explicit: dict, stop: dict, *, checkpoi
     def evaluate(step: int) -> None:
         T = spec.seq_len(max(step, 1))
         bpb = quick_bpb(params, cfg, eval_windows(heldout_stream, T, EVAL_TOKENS), byte_lens)
-        _log(run_dir, {"step": step, "train_s": round(meta["train_s"], 1), "cpu_s": round(meta["cpu_s"], 1),
+        log_metrics(run_dir, {"step": step, "train_s": round(meta["train_s"], 1), "cpu_s": round(meta["cpu_s"], 1),
                        "eval_len": T,
                        "heldout_bpb": round(bpb, 4), "time": time.time()})
         print(f"step {step} eval: held-out {bpb:.3f} bits/byte (windows of {T})", flush=True)
@@ -182,7 +182,7 @@ def train(run_dir: Path, data_dir: Path, explicit: dict, stop: dict, *, checkpoi
                    "seq_len": int(batch.shape[1] - 1),
                    "loss": round(float(np.mean(losses)), 4), "tokens_seen": meta["tokens_seen"],
                    "time": time.time()}
-            _log(run_dir, rec)
+            log_metrics(run_dir, rec)
             print(f"step {step}/{spec.num_steps} T={rec['seq_len']} loss {rec['loss']:.3f} "
                   f"{meta['train_s'] / 60:.1f} train-min {meta['cpu_s'] / 60:.1f} cpu-min",
                   flush=True)
